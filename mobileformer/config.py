@@ -1,0 +1,171 @@
+"""Configuration: defaults in code < YAML file (with `_BASE_` inheritance) < command-line overrides.
+
+Every key that exists is read by some builder; a key that does not exist here is rejected with its
+full name and the file it came from, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import yaml
+from yacs.config import CfgNode as CN
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used as written."""
+
+
+_C = CN()
+_C.SEED = 0
+_C.OUTPUT = ''
+
+_C.DATA = CN()
+_C.DATA.DATASET = 'imagenet'
+_C.DATA.DATA_PATH = ''
+_C.DATA.IMAGE_SIZE = 224
+_C.DATA.IN_CHANNELS = 3
+_C.DATA.CROP_PCT = 0.875
+_C.DATA.INTERPOLATION = 'bilinear'
+_C.DATA.MEAN = [0.485, 0.456, 0.406]
+_C.DATA.STD = [0.229, 0.224, 0.225]
+_C.DATA.BATCH_SIZE = 128
+_C.DATA.BATCH_SIZE_EVAL = 128
+_C.DATA.NUM_WORKERS = 2
+
+_C.MODEL = CN()
+_C.MODEL.TYPE = 'mobileformer'
+_C.MODEL.NAME = 'mobileformer_26m'
+_C.MODEL.NUM_CLASSES = 1000
+_C.MODEL.DROPOUT = 0.0
+_C.MODEL.DROPPATH = 0.0
+_C.MODEL.DEPLOY = False
+
+# Mobile-Former (spec: ../shared/specs/mobileformer.md). Each BLOCKS row is
+# [kind, e1, out_channels, stride, e2] with kind in {lite, mf, down}; hidden = in*e1 (and out*e2
+# for the second expansion of a `down` block).
+_C.MODEL.MF = CN()
+_C.MODEL.MF.STEM_CHANNELS = 8
+_C.MODEL.MF.NUM_TOKENS = 3
+_C.MODEL.MF.TOKEN_DIM = 128
+_C.MODEL.MF.HEAD_HIDDEN = 1024
+_C.MODEL.MF.LAST_EXPANSION = 6
+_C.MODEL.MF.GROUPS = 1
+_C.MODEL.MF.BRIDGE_HEADS = 2
+_C.MODEL.MF.FORMER_HEADS = 4
+_C.MODEL.MF.FFN_RATIO = 2
+_C.MODEL.MF.DYRELU_REDUCTION = 4
+_C.MODEL.MF.BLOCKS = []
+
+_C.TRAIN = CN()
+_C.TRAIN.EPOCHS = 300
+_C.TRAIN.BASE_LR = 1e-3
+
+
+_BASE_KEY = '_BASE_'
+
+
+def _load_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist; pass a YAML from configs/") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _resolve_bases(path: str, stack: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """Returns [(file, mapping), ...] in merge order: every base before the file that names it."""
+    path = os.path.abspath(path)
+    if path in stack:
+        chain = ' -> '.join(os.path.relpath(p) for p in stack + (path,))
+        raise ConfigError(f'_BASE_ inheritance cycle: {chain}; remove one of these _BASE_ entries')
+    data = _load_yaml(path)
+    bases = data.pop(_BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _BASE_ must be a path or a list of paths, got {bases!r}")
+    merged = []
+    for base in bases:
+        merged += _resolve_bases(os.path.join(os.path.dirname(path), base), stack + (path,))
+    return merged + [(path, data)]
+
+
+def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
+    """Returns `value` typed like `default`, or raises naming the key and where it came from."""
+    if isinstance(default, bool) or default is None:
+        ok = isinstance(value, bool) if default is not None else True
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+        value = list(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be of type {type(default).__name__} "
+                          f"(like {default!r}), got {type(value).__name__} {value!r}")
+    return value
+
+
+def _unknown_key(key: str, node: CN, prefix: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(node.keys()), n=1)
+    hint = f'; did you mean {prefix}{close[0]}?' if close else f'; known keys under {prefix or "the root"}: {", ".join(sorted(node.keys()))}'
+    return ConfigError(f'{source}: unknown config key {prefix}{key}{hint}')
+
+
+def _merge(node: CN, data: dict, source: str, prefix: str = '') -> None:
+    for key, value in data.items():
+        if key not in node:
+            raise _unknown_key(key, node, prefix, source)
+        full_key = prefix + key
+        if isinstance(node[key], CN):
+            if not isinstance(value, dict):
+                raise ConfigError(f'{source}: {full_key} is a section; give it a mapping of keys, got {value!r}')
+            _merge(node[key], value, source, full_key + '.')
+        else:
+            node[key] = _coerce(value, node[key], full_key, source)
+
+
+def _parse_opt_value(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def merge_opts(config: CN, opts: Sequence[Any]) -> None:
+    """Merges a flat [KEY, VALUE, ...] list (the `-opts` command-line form) into `config`."""
+    if len(opts) % 2:
+        raise ConfigError(f'-opts takes KEY VALUE pairs; got an odd number of items: {list(opts)}')
+    for key, text in zip(opts[0::2], opts[1::2]):
+        *parents, leaf = str(key).split('.')
+        data: dict = {leaf: _parse_opt_value(text)}
+        for parent in reversed(parents):
+            data = {parent: data}
+        _merge(config, data, 'command-line -opts')
+
+
+def get_config(cfg_file: Optional[str] = None, opts: Optional[Iterable[Any]] = None) -> CN:
+    """Returns a frozen config: defaults, then `cfg_file` and its `_BASE_` files, then `opts`."""
+    config = _C.clone()
+    if cfg_file:
+        for path, data in _resolve_bases(cfg_file):
+            _merge(config, data, os.path.relpath(path))
+    if opts:
+        merge_opts(config, list(opts))
+    config.freeze()
+    return config

@@ -1,0 +1,120 @@
+"""Multiply-add counter: conv, linear and every `paddle.matmul` / `paddle.bmm` of one forward,
+plus whatever a model family registers for its own layers (e.g. dynamic ReLU).
+
+`paddle.flops` ignores matmuls (attention, token mixing) and breaks with numpy >= 2.4, so we
+count ourselves: forward post-hooks on layers by type, and a temporary wrapper around
+`paddle.matmul` / `paddle.bmm` (models call those for their matmuls).
+
+    python -m mobileformer.flops -cfg configs/mobileformer_26m.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from typing import Callable, Dict, Iterator, List, Sequence
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+
+MaddsRule = Callable[[nn.Layer, tuple, paddle.Tensor], int]
+_RULES: Dict[type, MaddsRule] = {}
+
+
+def register_madds(layer_type: type) -> Callable[[MaddsRule], MaddsRule]:
+    """Registers `rule(layer, inputs, output) -> MAdds` for layers of `layer_type`."""
+    def wrap(rule: MaddsRule) -> MaddsRule:
+        _RULES[layer_type] = rule
+        return rule
+    return wrap
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return int(np.prod([int(s) for s in shape]))
+
+
+@register_madds(nn.Conv2D)
+def _conv_madds(layer: nn.Conv2D, inputs: tuple, output: paddle.Tensor) -> int:
+    in_channels = layer.weight.shape[1]  # already divided by groups
+    kernel = _numel(layer.weight.shape[2:])
+    return _numel(output.shape) * in_channels * kernel
+
+
+@register_madds(nn.Conv1D)
+def _conv1d_madds(layer: nn.Conv1D, inputs: tuple, output: paddle.Tensor) -> int:
+    return _numel(output.shape) * _numel(layer.weight.shape[1:])
+
+
+@register_madds(nn.Linear)
+def _linear_madds(layer: nn.Linear, inputs: tuple, output: paddle.Tensor) -> int:
+    return _numel(output.shape) * int(layer.weight.shape[0])
+
+
+def _matmul_madds(x: paddle.Tensor, y: paddle.Tensor, transpose_x: bool = False,
+                  transpose_y: bool = False) -> int:
+    x_shape, y_shape = list(x.shape), list(y.shape)
+    inner = x_shape[-2] if transpose_x and len(x_shape) > 1 else x_shape[-1]
+    rows = (x_shape[-1] if transpose_x else x_shape[-2]) if len(x_shape) > 1 else 1
+    cols = (y_shape[-2] if transpose_y else y_shape[-1]) if len(y_shape) > 1 else 1
+    batch = np.broadcast_shapes(tuple(x_shape[:-2]), tuple(y_shape[:-2]))
+    return _numel(batch) * rows * cols * inner
+
+
+@contextlib.contextmanager
+def _counting_matmuls(total: List[int]) -> Iterator[None]:
+    matmul, bmm = paddle.matmul, paddle.bmm
+
+    def counted_matmul(x, y, transpose_x=False, transpose_y=False, name=None):
+        total[0] += _matmul_madds(x, y, transpose_x, transpose_y)
+        return matmul(x, y, transpose_x, transpose_y, name)
+
+    def counted_bmm(x, y, name=None):
+        total[0] += _matmul_madds(x, y)
+        return bmm(x, y, name)
+
+    paddle.matmul, paddle.bmm = counted_matmul, counted_bmm
+    try:
+        yield
+    finally:
+        paddle.matmul, paddle.bmm = matmul, bmm
+
+
+def count_madds(model: nn.Layer, input_shape: Sequence[int]) -> int:
+    """Multiply-adds of one eval-mode forward of `model` on a zero tensor of `input_shape`."""
+    total = [0]
+    hooks = []
+    for layer in model.sublayers(include_self=True):
+        rule = next((r for t, r in _RULES.items() if type(layer) is t), None)
+        if rule is not None:
+            hooks.append(layer.register_forward_post_hook(
+                lambda lyr, inputs, output, rule=rule: total.__setitem__(0, total[0] + rule(lyr, inputs, output))))
+    was_training = model.training
+    model.eval()
+    try:
+        with paddle.no_grad(), _counting_matmuls(total):
+            model(paddle.zeros(list(input_shape), dtype='float32'))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train() if was_training else model.eval()
+    return total[0]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from mobileformer import build_model, get_config
+    from mobileformer.layers import count_trainable
+
+    parser = argparse.ArgumentParser(description='Print parameters and MAdds of a config.')
+    parser.add_argument('-cfg', required=True, help='model YAML, e.g. configs/mobileformer_26m.yaml')
+    parser.add_argument('-image_size', type=int, default=None, help='default: DATA.IMAGE_SIZE')
+    parser.add_argument('-opts', nargs='+', default=None, help='KEY VALUE overrides')
+    args = parser.parse_args(argv)
+    config = get_config(args.cfg, args.opts)
+    size = args.image_size or config.DATA.IMAGE_SIZE
+    model = build_model(config)
+    madds = count_madds(model, [1, config.DATA.IN_CHANNELS, size, size])
+    print(f'{config.MODEL.NAME}: params={count_trainable(model):,} MAdds={madds / 1e6:.1f}M at {size}x{size}')
+
+
+if __name__ == '__main__':
+    main()

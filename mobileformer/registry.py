@@ -1,0 +1,67 @@
+"""Registries that every model family joins: model builders by MODEL.TYPE, and weight converters."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Mapping
+
+import numpy as np
+import paddle.nn as nn
+from yacs.config import CfgNode
+
+Builder = Callable[[CfgNode], nn.Layer]
+StateDict = Mapping[str, np.ndarray]
+
+_BUILDERS: Dict[str, Builder] = {}
+
+
+def register_model(model_type: str) -> Callable[[Builder], Builder]:
+    """Registers `builder(config) -> nn.Layer` for `MODEL.TYPE == model_type`."""
+    def wrap(builder: Builder) -> Builder:
+        if model_type in _BUILDERS:
+            raise ValueError(f'MODEL.TYPE {model_type!r} is registered twice')
+        _BUILDERS[model_type] = builder
+        return builder
+    return wrap
+
+
+def registered_models() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def build_model(config: CfgNode) -> nn.Layer:
+    """Builds the network that `config.MODEL.TYPE` names."""
+    model_type = config.MODEL.TYPE
+    if model_type not in _BUILDERS:
+        raise ValueError(f'unknown MODEL.TYPE {model_type!r}; registered types: {", ".join(registered_models())}')
+    return _BUILDERS[model_type](config)
+
+
+@dataclass(frozen=True)
+class Converter:
+    """Maps a reference state dict (PyTorch names and layouts, numpy values) to ours.
+
+    `detect(keys)` says whether a set of reference keys is in this converter's layout;
+    `convert(state, config)` returns our state dict (numpy), Linear weights already transposed.
+    """
+    name: str
+    model_types: tuple
+    detect: Callable[[Iterable[str]], bool]
+    convert: Callable[[StateDict, CfgNode], Dict[str, np.ndarray]]
+
+
+_CONVERTERS: Dict[str, Converter] = {}
+
+
+def register_converter(name: str, model_types: Iterable[str],
+                       detect: Callable[[Iterable[str]], bool]) -> Callable:
+    """Registers `convert(state, config) -> state` as the `--from name` source format."""
+    def wrap(convert: Callable) -> Callable:
+        if name in _CONVERTERS:
+            raise ValueError(f'converter {name!r} is registered twice')
+        _CONVERTERS[name] = Converter(name, tuple(model_types), detect, convert)
+        return convert
+    return wrap
+
+
+def converters() -> Dict[str, Converter]:
+    return dict(_CONVERTERS)
