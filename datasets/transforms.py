@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance
+from yacs.config import CfgNode
 
 from datasets.augment import RandAugment, RandomErasing
 
@@ -160,7 +161,7 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _check_data(config) -> None:
+def _check_data(config: CfgNode) -> None:
     data = config.DATA
     _require(data.IN_CHANNELS in _MODES, f'DATA.IN_CHANNELS must be 1 (grey) or 3 (RGB), got {data.IN_CHANNELS}')
     for key in ('MEAN', 'STD'):
@@ -179,7 +180,7 @@ def _check_range(name: str, values: Sequence[float], low: float, high: float) ->
              f'{name} must be [min, max] with {low} < min <= max <= {high}, got {list(values)}')
 
 
-def _train_steps(config, interpolation: int) -> list:
+def _train_steps(config: CfgNode, interpolation: int) -> list:
     aug, data = config.AUG, config.DATA
     _check_range('AUG.RRC_SCALE', aug.RRC_SCALE, 0.0, 1.0)
     _check_range('AUG.RRC_RATIO', aug.RRC_RATIO, 0.0, math.inf)
@@ -197,7 +198,7 @@ def _train_steps(config, interpolation: int) -> list:
     return steps
 
 
-def build_transforms(config, mode: str) -> Transform:
+def build_transforms(config: CfgNode, mode: str) -> Transform:
     """Returns the per-sample transform for `mode` ('train' or 'val'): PIL image -> float32 CHW array."""
     _require(mode in ('train', 'val'), f"mode must be 'train' or 'val', got {mode!r}")
     _check_data(config)

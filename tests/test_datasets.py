@@ -232,7 +232,10 @@ def test_list_files_take_precedence(tmp_path):
         build_dataset(config('imagenet', tmp_path), 'train')
 
 
-def test_unknown_dataset_and_empty_path():
+def test_unknown_dataset_empty_path_and_too_few_model_classes():
+    with pytest.raises(ValueError, match="DATA.DATASET 'digits' has 10 classes but MODEL.NUM_CLASSES is 5; set "
+                                         'MODEL.NUM_CLASSES: 10'):
+        build_dataset(config('digits', MODEL__NUM_CLASSES=5), 'train')
     with pytest.raises(ValueError, match="unknown DATA.DATASET 'svhn'; choose one of digits, cifar10"):
         build_dataset(config('svhn'), 'train')
     with pytest.raises(ValueError, match="DATA.DATA_PATH is empty but DATA.DATASET 'cifar10' reads its files"):
