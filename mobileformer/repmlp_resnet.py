@@ -51,8 +51,10 @@ class RepMLP(nn.Layer):
                 ('avg', nn.AvgPool2D((h, w))), ('bn', nn.BatchNorm2D(in_channels)))
         else:
             self.fc1_fc2 = None
+        # Orthogonal init (the release's) only for training: a deploy fc3 is always loaded or folded,
+        # and the QR behind it costs seconds per block on a CPU.
         self.fc3 = nn.Conv2D(in_channels * h * w, out_channels * h * w, 1, groups=groups,
-                             weight_attr=nn.initializer.Orthogonal(),
+                             weight_attr=None if deploy else nn.initializer.Orthogonal(),
                              bias_attr=None if deploy else False)
         self.fc3_bn = None if deploy else nn.BatchNorm1D(out_channels * h * w)
         for k in ([] if deploy else self.kernels):
