@@ -7,6 +7,9 @@ from mobileformer.registry import build_model, register_model, registered_models
 from mobileformer.mobile_former import build_mformer
 from mobileformer.mlp_mixer import build_gmlp, build_mixer, build_resmlp
 from mobileformer.fnet import build_fnet
+from mobileformer.repmlpnet import RepMLPNet, build_repmlpnet
+from mobileformer.repmlp_resnet import RepMLP, RepMLPResNet, build_repmlp_resnet
 
 __all__ = ['ConfigError', 'get_config', 'build_model', 'register_model', 'registered_models',
-           'build_mformer', 'build_mixer', 'build_gmlp', 'build_resmlp', 'build_fnet']
+           'build_mformer', 'build_mixer', 'build_gmlp', 'build_resmlp', 'build_fnet',
+           'RepMLPNet', 'build_repmlpnet', 'RepMLP', 'RepMLPResNet', 'build_repmlp_resnet']
