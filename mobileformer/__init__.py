@@ -1,8 +1,11 @@
 """Efficient vision backbones in PaddlePaddle: Mobile-Former and the MLP family."""
 from mobileformer.config import ConfigError, get_config
 from mobileformer.registry import build_model, register_model, registered_models
+from mobileformer.mlp_mixer import build_gmlp, build_mixer, build_resmlp
+from mobileformer.fnet import build_fnet
 
-__all__ = ['ConfigError', 'get_config', 'build_model', 'register_model', 'registered_models']
+__all__ = ['ConfigError', 'get_config', 'build_model', 'register_model', 'registered_models',
+           'build_mixer', 'build_gmlp', 'build_resmlp', 'build_fnet']
 from mobileformer.mobile_former import build_mformer  # noqa: E402  (registers 'mobileformer')
 
 __all__ += ['build_mformer']

@@ -58,6 +58,24 @@ _C.MODEL.MF.FFN_RATIO = 2
 _C.MODEL.MF.DYRELU_REDUCTION = 4
 _C.MODEL.MF.BLOCKS = []
 
+# MLP-Mixer, gMLP and ResMLP (spec: ../shared/specs/mlp_family.md), one timm-style skeleton whose
+# block type is MODEL.TYPE. TOKEN_MLP_RATIO (Mixer only) sizes the token MLP from EMBED_DIM (timm);
+# MLP_RATIO is the channel MLP (gMLP: fc1 width, half of it gates); LAYERSCALE_INIT is ResMLP's.
+_C.MODEL.MIXER = CN()
+_C.MODEL.MIXER.PATCH_SIZE = 16
+_C.MODEL.MIXER.EMBED_DIM = 512
+_C.MODEL.MIXER.DEPTH = 8
+_C.MODEL.MIXER.TOKEN_MLP_RATIO = 0.5
+_C.MODEL.MIXER.MLP_RATIO = 4.0
+_C.MODEL.MIXER.LAYERSCALE_INIT = 0.1
+
+# FNet image model: patch embedding + learned position embedding, Fourier-mixing post-norm blocks.
+_C.MODEL.FNET = CN()
+_C.MODEL.FNET.PATCH_SIZE = 16
+_C.MODEL.FNET.EMBED_DIM = 512
+_C.MODEL.FNET.DEPTH = 8
+_C.MODEL.FNET.MLP_RATIO = 4.0
+
 _C.TRAIN = CN()
 _C.TRAIN.EPOCHS = 300
 _C.TRAIN.BASE_LR = 1e-3

@@ -1,0 +1,349 @@
+"""MLP-Mixer, gMLP and ResMLP: one patch-token skeleton (timm `MlpMixer`) with three block types.
+
+    image [B, 3, S, S] -> patch conv -> tokens [B, N, C] -> depth x block -> norm -> mean over N
+    -> dropout -> Linear(C, classes)
+
+Spec: ../shared/specs/mlp_family.md. Layer names follow timm's checkpoints, so the timm converter
+only transposes Linear weights; the authors' ResMLP layout (deit repository) is renamed.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Dict, Iterable, List, Sequence
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+from yacs.config import CfgNode
+
+from mobileformer.config import ConfigError, _C
+from mobileformer.layers import DropPath, drop_path_rates
+from mobileformer.registry import build_model, register_converter, register_model
+
+I = nn.initializer
+
+
+class Mlp(nn.Layer):
+    """Linear -> exact GELU -> Linear (timm `Mlp`)."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()  # erf form, as the references
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _over_tokens(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
+    """Applies `layer` (a map on the last axis) along the token axis of x [B, N, C]."""
+    return layer(x.transpose([0, 2, 1])).transpose([0, 2, 1])
+
+
+class MixerBlock(nn.Layer):
+    """x += TokenMLP(LN(x)^T)^T; x += ChannelMLP(LN(x))."""
+
+    def __init__(self, dim: int, num_tokens: int, token_hidden: int, channel_hidden: int,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, epsilon=1e-6)
+        self.mlp_tokens = Mlp(num_tokens, token_hidden)
+        self.norm2 = nn.LayerNorm(dim, epsilon=1e-6)
+        self.mlp_channels = Mlp(dim, channel_hidden)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = x + self.drop_path(_over_tokens(self.mlp_tokens, self.norm1(x)))
+        return x + self.drop_path(self.mlp_channels(self.norm2(x)))
+
+
+class SpatialGatingUnit(nn.Layer):
+    """gMLP's gate: u, v = halves of z; return u * Linear_NxN(LN(v) over tokens)."""
+
+    def __init__(self, hidden: int, num_tokens: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden // 2, epsilon=1e-5)  # PyTorch default, unlike the blocks
+        self.proj = nn.Linear(num_tokens, num_tokens)
+
+    def init_weights(self) -> None:
+        # Near-zero weight and unit bias: the gate starts as identity (u * 1).
+        I.Normal(0.0, 1e-6)(self.proj.weight)
+        I.Constant(1.0)(self.proj.bias)
+
+    def forward(self, z: paddle.Tensor) -> paddle.Tensor:
+        u, v = paddle.split(z, 2, axis=-1)
+        return u * _over_tokens(self.proj, self.norm(v))
+
+
+class GatedMlp(nn.Layer):
+    """fc1 (C -> H) -> GELU -> spatial gate (H -> H/2) -> fc2 (H/2 -> C)."""
+
+    def __init__(self, dim: int, hidden: int, num_tokens: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.gate = SpatialGatingUnit(hidden, num_tokens)
+        self.fc2 = nn.Linear(hidden // 2, dim)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc2(self.gate(self.act(self.fc1(x))))
+
+
+class SpatialGatingBlock(nn.Layer):
+    """gMLP block: x += GatedMlp(LN(x))."""
+
+    def __init__(self, dim: int, num_tokens: int, hidden: int, drop_path: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, epsilon=1e-6)
+        self.mlp_channels = GatedMlp(dim, hidden, num_tokens)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return x + self.drop_path(self.mlp_channels(self.norm(x)))
+
+
+class Affine(nn.Layer):
+    """ResMLP's normalisation replacement: alpha * x + beta per channel (no statistics)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.alpha = self.create_parameter([dim], default_initializer=I.Constant(1.0))
+        self.beta = self.create_parameter([dim], default_initializer=I.Constant(0.0))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.alpha * x + self.beta
+
+
+class ResBlock(nn.Layer):
+    """ResMLP block: x += ls1 * Linear_NxN(Aff(x)^T)^T; x += ls2 * MLP(Aff(x))."""
+
+    def __init__(self, dim: int, num_tokens: int, hidden: int, layerscale_init: float,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = Affine(dim)
+        self.linear_tokens = nn.Linear(num_tokens, num_tokens)
+        self.norm2 = Affine(dim)
+        self.mlp_channels = Mlp(dim, hidden)
+        self.ls1 = self.create_parameter([dim], default_initializer=I.Constant(layerscale_init))
+        self.ls2 = self.create_parameter([dim], default_initializer=I.Constant(layerscale_init))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = x + self.drop_path(self.ls1 * _over_tokens(self.linear_tokens, self.norm1(x)))
+        return x + self.drop_path(self.ls2 * self.mlp_channels(self.norm2(x)))
+
+
+class PatchEmbed(nn.Layer):
+    """Non-overlapping P x P patches -> C channels (conv with bias): [B, 3, S, S] -> [B, N, C]."""
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2D(in_channels, embed_dim, patch_size, stride=patch_size)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.proj(x).flatten(2).transpose([0, 2, 1])
+
+
+class MlpMixer(nn.Layer):
+    """Patch embedding, the given blocks, final norm, token mean, dropout, classifier."""
+
+    def __init__(self, in_channels: int, patch_size: int, embed_dim: int, blocks: Sequence[nn.Layer],
+                 norm: nn.Layer, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.stem = PatchEmbed(in_channels, embed_dim, patch_size)
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = norm
+        self.head_drop = nn.Dropout(dropout)
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def forward_features(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.norm(self.blocks(self.stem(x)))  # [B, N, C]
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.head(self.head_drop(self.forward_features(x).mean(axis=1)))
+
+
+# ---- initialisation -------------------------------------------------------------------------
+
+def _lecun_normal(weight: paddle.Tensor) -> None:
+    """Truncated normal (at 2 std) with std sqrt(1 / fan_in), as timm/JAX `lecun_normal`."""
+    std = math.sqrt(1.0 / int(np.prod(weight.shape[1:])))
+    I.TruncatedNormal(0.0, std / 0.87962566103423978, a=-2 * std, b=2 * std)(weight)
+
+
+def init_timm_mixer(model: MlpMixer) -> None:
+    """timm's Mixer/gMLP init: xavier-uniform Linear with N(0, 1e-6) bias (every block Linear sits
+    in an MLP), zero head (fresh logits are 0), lecun-normal patch conv with zero bias; the
+    spatial gates then re-initialise themselves (timm visits children before parents)."""
+    for name, layer in model.named_sublayers():
+        if isinstance(layer, nn.Linear):
+            head = name == 'head'
+            (I.Constant(0.0) if head else I.XavierUniform())(layer.weight)
+            (I.Constant(0.0) if head else I.Normal(0.0, 1e-6))(layer.bias)
+        elif isinstance(layer, nn.Conv2D):
+            _lecun_normal(layer.weight)
+            I.Constant(0.0)(layer.bias)
+    for layer in model.sublayers():
+        if isinstance(layer, SpatialGatingUnit):
+            layer.init_weights()
+
+
+def init_deit_resmlp(model: MlpMixer) -> None:
+    """The ResMLP authors' init: every Linear (head included) trunc_normal(0.02) with zero bias;
+    the patch conv keeps PyTorch's default, uniform(+-1/sqrt(fan_in)) for weight and bias."""
+    for layer in model.sublayers():
+        if isinstance(layer, nn.Linear):
+            I.TruncatedNormal(0.0, 0.02, a=-2.0, b=2.0)(layer.weight)
+            I.Constant(0.0)(layer.bias)
+        elif isinstance(layer, nn.Conv2D):
+            bound = 1.0 / math.sqrt(int(np.prod(layer.weight.shape[1:])))
+            I.Uniform(-bound, bound)(layer.weight)
+            I.Uniform(-bound, bound)(layer.bias)
+
+
+# ---- builders -------------------------------------------------------------------------------
+
+def num_patches(image_size: int, patch_size: int, patch_key: str) -> int:
+    """Tokens per image; the token-mixing weights are N x N, so N is fixed at build time."""
+    if patch_size <= 0 or image_size % patch_size:
+        raise ConfigError(f'DATA.IMAGE_SIZE {image_size} is not divisible by {patch_key} {patch_size}; '
+                          f'use an image size that is a multiple of the patch size')
+    return (image_size // patch_size) ** 2
+
+
+def _reject_unused(config: CfgNode, keys: Iterable[str]) -> None:
+    """Keys of the shared MODEL.MIXER subtree that this block type has no use for must keep their
+    defaults: a value set there would otherwise be silently ignored."""
+    for key in keys:
+        if config.MODEL.MIXER[key] != _C.MODEL.MIXER[key]:
+            raise ConfigError(f'MODEL.MIXER.{key} does not apply to MODEL.TYPE {config.MODEL.TYPE!r}; '
+                              f'remove it from the config')
+
+
+def _hidden(ratio: float, dim: int, key: str) -> int:
+    hidden = int(ratio * dim)
+    if hidden <= 0:
+        raise ConfigError(f'{key} {ratio} gives an empty hidden layer for EMBED_DIM {dim}; use a ratio > 0')
+    return hidden
+
+
+def _build(config: CfgNode, make_block: Callable[[int, int, float], nn.Layer], norm: nn.Layer,
+           init: Callable[[MlpMixer], None]) -> MlpMixer:
+    """`make_block(dim, num_tokens, drop_path)` -> block; blocks get the linear drop-path ramp."""
+    m = config.MODEL.MIXER
+    tokens = num_patches(config.DATA.IMAGE_SIZE, m.PATCH_SIZE, 'MODEL.MIXER.PATCH_SIZE')
+    blocks = [make_block(m.EMBED_DIM, tokens, rate) for rate in drop_path_rates(config.MODEL.DROPPATH, m.DEPTH)]
+    model = MlpMixer(config.DATA.IN_CHANNELS, m.PATCH_SIZE, m.EMBED_DIM, blocks, norm,
+                     config.MODEL.NUM_CLASSES, config.MODEL.DROPOUT)
+    init(model)
+    return model
+
+
+@register_model('mixer')
+def build_mixer(config: CfgNode) -> MlpMixer:
+    """MLP-Mixer (arXiv 2105.01601)."""
+    _reject_unused(config, ['LAYERSCALE_INIT'])
+    m = config.MODEL.MIXER
+    token_hidden = _hidden(m.TOKEN_MLP_RATIO, m.EMBED_DIM, 'MODEL.MIXER.TOKEN_MLP_RATIO')
+    channel_hidden = _hidden(m.MLP_RATIO, m.EMBED_DIM, 'MODEL.MIXER.MLP_RATIO')
+    return _build(config, lambda dim, n, dp: MixerBlock(dim, n, token_hidden, channel_hidden, dp),
+                  nn.LayerNorm(m.EMBED_DIM, epsilon=1e-6), init_timm_mixer)
+
+
+@register_model('gmlp')
+def build_gmlp(config: CfgNode) -> MlpMixer:
+    """gMLP (arXiv 2105.08050): MLP_RATIO sizes fc1; half of it is the gate."""
+    _reject_unused(config, ['TOKEN_MLP_RATIO', 'LAYERSCALE_INIT'])
+    m = config.MODEL.MIXER
+    hidden = _hidden(m.MLP_RATIO, m.EMBED_DIM, 'MODEL.MIXER.MLP_RATIO')
+    if hidden % 2:
+        raise ConfigError(f'gMLP splits fc1 output in halves, but MODEL.MIXER.MLP_RATIO {m.MLP_RATIO} x '
+                          f'EMBED_DIM {m.EMBED_DIM} = {hidden} is odd; choose values giving an even width')
+    return _build(config, lambda dim, n, dp: SpatialGatingBlock(dim, n, hidden, dp),
+                  nn.LayerNorm(m.EMBED_DIM, epsilon=1e-6), init_timm_mixer)
+
+
+@register_model('resmlp')
+def build_resmlp(config: CfgNode) -> MlpMixer:
+    """ResMLP (arXiv 2105.03404), authors' init; LAYERSCALE_INIT 0.1 / 1e-5 / 1e-6 by depth."""
+    _reject_unused(config, ['TOKEN_MLP_RATIO'])
+    m = config.MODEL.MIXER
+    hidden = _hidden(m.MLP_RATIO, m.EMBED_DIM, 'MODEL.MIXER.MLP_RATIO')
+    return _build(config, lambda dim, n, dp: ResBlock(dim, n, hidden, m.LAYERSCALE_INIT, dp),
+                  Affine(m.EMBED_DIM), init_deit_resmlp)
+
+
+# ---- weight converters ----------------------------------------------------------------------
+
+def expected_state(config: CfgNode) -> Dict[str, tuple]:
+    """Our state-dict names and shapes for `config` (built lazily: no weights are allocated)."""
+    with paddle.LazyGuard():
+        model = build_model(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_state(state: Dict[str, np.ndarray], config: CfgNode, source: str) -> Dict[str, np.ndarray]:
+    """Returns `state` if its names and shapes are exactly the model's; otherwise raises a
+    ValueError listing the missing, unexpected and mis-shaped keys."""
+    expected = expected_state(config)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f'{k} {tuple(state[k].shape)} (model: {expected[k]})'
+             for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(f'{source} checkpoint does not fit {config.MODEL.NAME}: missing {missing}, '
+                         f'unexpected {unexpected}, wrong shape {wrong}; check the config matches the checkpoint')
+    return state
+
+
+def _to_paddle(key: str, value: np.ndarray) -> np.ndarray:
+    """PyTorch layout -> ours: Linear weights [out, in] -> [in, out]; per-channel vectors stored
+    as (1, 1, C) by timm (Affine, LayerScale) -> (C,)."""
+    value = np.asarray(value)
+    if key.endswith('.weight') and value.ndim == 2:
+        return np.ascontiguousarray(value.T)
+    if re.search(r'(alpha|beta|ls[12])$', key):
+        return value.reshape(-1)
+    return value
+
+
+def _is_timm_mixer(keys: Iterable[str]) -> bool:
+    keys = set(keys)
+    return 'stem.proj.weight' in keys and any(k.startswith('blocks.0.mlp_channels.') for k in keys)
+
+
+@register_converter('timm', ['mixer', 'gmlp', 'resmlp'], detect=_is_timm_mixer)
+def convert_timm(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
+    """timm `MlpMixer` checkpoints (mixer_*, gmlp_*, resmlp_*): same names, PyTorch layouts."""
+    return check_state({k: _to_paddle(k, v) for k, v in state.items()}, config, 'timm')
+
+
+# The authors' ResMLP (facebookresearch/deit resmlp_models.py) names -> ours.
+_DEIT_RESMLP_RENAMES = [
+    (r'^patch_embed\.proj\.', 'stem.proj.'),
+    (r'^blocks\.(\d+)\.attn\.', r'blocks.\1.linear_tokens.'),
+    (r'^blocks\.(\d+)\.mlp\.', r'blocks.\1.mlp_channels.'),
+    (r'^blocks\.(\d+)\.gamma_1$', r'blocks.\1.ls1'),
+    (r'^blocks\.(\d+)\.gamma_2$', r'blocks.\1.ls2'),
+]
+
+
+def _is_deit_resmlp(keys: Iterable[str]) -> bool:
+    keys = set(keys)
+    return 'patch_embed.proj.weight' in keys and 'blocks.0.gamma_1' in keys and 'blocks.0.attn.weight' in keys
+
+
+def _deit_name(key: str) -> str:
+    for pattern, replacement in _DEIT_RESMLP_RENAMES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+@register_converter('deit-resmlp', ['resmlp'], detect=_is_deit_resmlp)
+def convert_deit_resmlp(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
+    """The authors' ResMLP checkpoints (resmlp_12/24/36, resmlpB_24; plain or distilled)."""
+    return check_state({_deit_name(k): _to_paddle(_deit_name(k), v) for k, v in state.items()},
+                       config, 'deit-resmlp')
+
