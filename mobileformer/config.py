@@ -76,6 +76,19 @@ _C.MODEL.FNET.EMBED_DIM = 512
 _C.MODEL.FNET.DEPTH = 8
 _C.MODEL.FNET.MLP_RATIO = 4.0
 
+# RepMLPNet (spec: ../shared/specs/mlp_family.md, RepMLPNet). One entry per stage; PARTITIONS lists the
+# partition size h = w per stage, empty = each stage's feature-map size (IMAGE_SIZE / PATCH_SIZE / 2^i),
+# i.e. one partition per map as in all official configurations.
+_C.MODEL.REPMLPNET = CN()
+_C.MODEL.REPMLPNET.PATCH_SIZE = 4
+_C.MODEL.REPMLPNET.CHANNELS = [64, 128, 256, 512]
+_C.MODEL.REPMLPNET.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.REPMLPNET.SHARESETS = [1, 4, 16, 128]
+_C.MODEL.REPMLPNET.PARTITIONS = []
+_C.MODEL.REPMLPNET.REPARAM_KERNELS = [1, 3]
+_C.MODEL.REPMLPNET.GP_REDUCTION = 4
+_C.MODEL.REPMLPNET.FFN_EXPAND = 4
+
 _C.TRAIN = CN()
 _C.TRAIN.EPOCHS = 300
 _C.TRAIN.BASE_LR = 1e-3

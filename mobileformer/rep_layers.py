@@ -1,0 +1,120 @@
+"""Structural re-parameterisation helpers shared by RepMLPNet and RepMLP-ResNet.
+
+Training-time conv + BatchNorm branches fold into plain convs (`ConvBN.fused_kernel_bias`), several
+branches of different kernel sizes merge into one kernel (`merge_conv_bn_branches`), and a conv over
+an h x w partition turns into the equivalent fully-connected layer (`conv_to_fc`).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Sequence, Tuple
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+from yacs.config import CfgNode
+
+from mobileformer.layers import fuse_conv_bn
+
+
+class ConvBN(nn.Layer):
+    """Conv2D without bias + BatchNorm2D (+ ReLU if `relu`). With `deploy=True` the pair is built
+    directly as its folded form, a Conv2D with bias (parameters `conv.weight`, `conv.bias`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, groups: int = 1, relu: bool = False, deploy: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2D(in_channels, out_channels, kernel_size, stride, padding, groups=groups,
+                              bias_attr=None if deploy else False)
+        self.bn = None if deploy else nn.BatchNorm2D(out_channels)
+        self.relu = nn.ReLU() if relu else None
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        return self.relu(x) if self.relu is not None else x
+
+    def fused_kernel_bias(self) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        """(kernel [O, I/g, k, k], bias [O]) of the single conv equal to conv + BN in eval mode."""
+        if self.bn is None:
+            return self.conv.weight, self.conv.bias
+        return fuse_conv_bn(self.conv.weight, self.bn)
+
+
+class FoldableConvBN(ConvBN):
+    """A ConvBN that folds itself into a conv with bias (`re_parameterize()`, PaddleClas convention).
+
+    RepMLP-ResNet folds every pair; RepMLPNet uses plain `ConvBN` in its FFN because the reference
+    deploy model keeps those BatchNorms.
+    """
+
+    @property
+    def is_repped(self) -> bool:
+        return self.bn is None
+
+    def re_parameterize(self) -> None:
+        kernel, bias = self.fused_kernel_bias()
+        old = self.conv
+        self.conv = nn.Conv2D(old._in_channels, old._out_channels, old._kernel_size, old._stride,
+                              old._padding, groups=old._groups)
+        self.conv.weight.set_value(kernel)
+        self.conv.bias.set_value(bias)
+        del self.bn
+        self.bn = None
+
+
+def pad_kernel(kernel: paddle.Tensor, size: int) -> paddle.Tensor:
+    """Zero-pads a centred k x k kernel [O, I, k, k] to size x size (same output with padding size//2)."""
+    pad = (size - kernel.shape[-1]) // 2
+    return F.pad(kernel, [pad] * 4) if pad else kernel
+
+
+def merge_conv_bn_branches(branches: Iterable[ConvBN]) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    """One (kernel, bias) equal to the sum of parallel ConvBN branches with centred odd kernels."""
+    fused = [branch.fused_kernel_bias() for branch in branches]
+    size = max(kernel.shape[-1] for kernel, _ in fused)
+    kernel = paddle.add_n([pad_kernel(k, size) for k, _ in fused])
+    bias = paddle.add_n([b for _, b in fused])
+    return kernel, bias
+
+
+def conv_to_fc(kernel: paddle.Tensor, bias: paddle.Tensor, height: int, width: int,
+               groups: int) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    """The fully-connected layer equal to a conv (padding k//2, `groups`) on one height x width map.
+
+    Feeding an identity batch (one one-hot map per input unit of a group, repeated for every group)
+    through the conv gives each input unit's response; transposed, that is the FC weight in the
+    layout of a grouped 1x1 conv: [O*h*w, C*h*w/groups] (plus [O*h*w] bias, constant per channel).
+    """
+    in_channels = kernel.shape[1] * groups
+    rows = in_channels * height * width // groups
+    identity = paddle.eye(rows, dtype=kernel.dtype).tile([1, groups]).reshape([rows, in_channels, height, width])
+    response = F.conv2d(identity, kernel, padding=kernel.shape[-1] // 2, groups=groups)  # [rows, O, h, w]
+    weight = response.reshape([rows, -1]).t()
+    return weight, paddle.repeat_interleave(bias, height * width)
+
+
+# --------------------------------------------- converting the authors' (PyTorch) checkpoints
+
+def torch_to_paddle_state(state: Dict[str, np.ndarray], linear_weights: Sequence[str]) -> Dict[str, np.ndarray]:
+    """Renames BN statistics, drops `num_batches_tracked`, transposes the named Linear weights."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith('num_batches_tracked'):
+            continue
+        value = np.asarray(value, dtype=np.float32)
+        if key in linear_weights:
+            value = value.T
+        key = key.replace('running_mean', '_mean').replace('running_var', '_variance')
+        out[key] = value
+    return out
+
+
+def check_deploy_layout(state: Dict[str, np.ndarray], config: CfgNode, folded_marker: str) -> None:
+    """Raises if the checkpoint's layout (training or folded) disagrees with MODEL.DEPLOY."""
+    folded = not any(folded_marker in k for k in state)
+    if folded != config.MODEL.DEPLOY:
+        kind = 'folded (deploy)' if folded else 'training'
+        raise ValueError(f'the checkpoint has the {kind} layout but MODEL.DEPLOY is {config.MODEL.DEPLOY}; '
+                         f'set MODEL.DEPLOY {folded}')

@@ -1,0 +1,219 @@
+"""RepMLPNet (Ding et al., arXiv 2112.11081): hierarchical MLP with structural re-parameterisation.
+
+Each RepMLPBlock mixes tokens inside h x w partitions with a grouped fully-connected layer (fc3); during
+training, depthwise conv + BN branches run in parallel and are folded into fc3 for deployment
+(`re_parameterize()`), so the deployed network is a pure MLP with the conv's locality prior built in.
+Spec: ../shared/specs/mlp_family.md (RepMLPNet). Parameter names follow the authors' release so
+their checkpoints convert by renaming BN statistics only.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+from yacs.config import CfgNode
+
+from mobileformer.config import ConfigError
+from mobileformer.layers import fuse_conv_bn
+from mobileformer.registry import register_converter, register_model
+from mobileformer.rep_layers import (ConvBN, check_deploy_layout, conv_to_fc, merge_conv_bn_branches,
+                                     torch_to_paddle_state)
+
+
+class GlobalPerceptron(nn.Layer):
+    """SE-like channel gate: sigmoid(fc2(relu(fc1(avgpool(x))))) -> [N, C, 1, 1]."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Conv2D(channels, hidden, 1)
+        self.fc2 = nn.Conv2D(hidden, channels, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1)
+        return F.sigmoid(self.fc2(F.relu(self.fc1(x))))
+
+
+class RepMLPBlock(nn.Layer):
+    """Global perceptron x (partition-wise fc3 + BN + local conv branches), C channels in and out.
+
+    fc3 is a 1x1 conv with `sharesets` groups over rows of S*h*w values: S independent hw x hw
+    matrices, so S channels share one matrix each. The local branches are depthwise k x k ConvBNs
+    (groups S) over the same S-channel partitions, with zero padding at partition borders.
+    """
+
+    def __init__(self, channels: int, partition: int, sharesets: int, kernels: Sequence[int],
+                 gp_reduction: int, deploy: bool = False):
+        super().__init__()
+        self.channels, self.h, self.w, self.sharesets = channels, partition, partition, sharesets
+        self.kernels = list(kernels)
+        self.gp = GlobalPerceptron(channels, channels // gp_reduction)
+        units = sharesets * partition * partition
+        self.fc3 = nn.Conv2D(units, units, 1, groups=sharesets, bias_attr=None if deploy else False)
+        self.fc3_bn = None if deploy else nn.BatchNorm2D(sharesets)
+        for k in ([] if deploy else self.kernels):
+            setattr(self, f'repconv{k}', ConvBN(sharesets, sharesets, k, padding=k // 2, groups=sharesets))
+
+    @property
+    def is_repped(self) -> bool:
+        return self.fc3_bn is None
+
+    def _branches(self) -> list:
+        return [getattr(self, f'repconv{k}') for k in self.kernels]
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        c, (s, h, w) = self.channels, (self.sharesets, self.h, self.w)
+        height, width = x.shape[2], x.shape[3]
+        hp, wp = height // h, width // w
+        gate = self.gp(x)
+        parts = x.reshape([-1, c, hp, h, wp, w]).transpose([0, 2, 4, 1, 3, 5])  # [N, hp, wp, C, h, w]
+        out = self.fc3(parts.reshape([-1, s * h * w, 1, 1])).reshape([-1, s, h, w])
+        if not self.is_repped:
+            out = self.fc3_bn(out)
+            local = parts.reshape([-1, s, h, w])
+            out = out + paddle.add_n([branch(local) for branch in self._branches()])
+        # The release reads the rows (N, hp, wp, C/S) back as (N, C/S, hp, wp): the same thing when
+        # hp = wp = 1 or C = S, a fixed shuffle otherwise; kept so released weights work at any size.
+        out = out.reshape([-1, hp, wp, s, h, w]).transpose([0, 3, 1, 4, 2, 5])
+        return out.reshape([-1, c, height, width]) * gate
+
+    def re_parameterize(self) -> None:
+        """Folds fc3's BN and the conv branches into fc3 (which gains a bias)."""
+        s, hw = self.sharesets, self.h * self.w
+        # fc3's BN has one statistic per share-set: fold it over [S, hw*hw] views of the weight.
+        weight, bias = fuse_conv_bn(self.fc3.weight.reshape([s, -1]), self.fc3_bn)
+        weight, bias = weight.reshape(self.fc3.weight.shape), paddle.repeat_interleave(bias, hw)
+        if self.kernels:
+            kernel, conv_bias = merge_conv_bn_branches(self._branches())
+            fc_weight, fc_bias = conv_to_fc(kernel, conv_bias, self.h, self.w, s)
+            weight, bias = weight + fc_weight.reshape(weight.shape), bias + fc_bias
+        units = s * hw
+        self.fc3 = nn.Conv2D(units, units, 1, groups=s)
+        self.fc3.weight.set_value(weight)
+        self.fc3.bias.set_value(bias)
+        for k in self.kernels:
+            delattr(self, f'repconv{k}')
+        del self.fc3_bn
+        self.fc3_bn = None
+
+
+class FFN(nn.Layer):
+    """1x1 ConvBN (C -> hidden), GELU, 1x1 ConvBN (hidden -> C); the BNs stay at deploy time."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.ffn_fc1 = ConvBN(channels, hidden, 1)
+        self.ffn_fc2 = ConvBN(hidden, channels, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.ffn_fc2(F.gelu(self.ffn_fc1(x)))
+
+
+class RepMLPNetUnit(nn.Layer):
+    """y = x + RepMLPBlock(BN(x)); z = y + FFN(BN(y))."""
+
+    def __init__(self, channels: int, partition: int, sharesets: int, kernels: Sequence[int],
+                 gp_reduction: int, ffn_expand: int, deploy: bool = False):
+        super().__init__()
+        self.repmlp_block = RepMLPBlock(channels, partition, sharesets, kernels, gp_reduction, deploy)
+        self.ffn_block = FFN(channels, channels * ffn_expand)
+        self.prebn1 = nn.BatchNorm2D(channels)
+        self.prebn2 = nn.BatchNorm2D(channels)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = x + self.repmlp_block(self.prebn1(x))
+        return x + self.ffn_block(self.prebn2(x))
+
+
+class RepMLPNet(nn.Layer):
+    """Stem (patch ConvBN + ReLU), four stages of RepMLPNetUnits joined by 2x2 stride-2 ConvBN + ReLU,
+    head BN -> global average pool -> Linear."""
+
+    def __init__(self, channels: Sequence[int], depths: Sequence[int], partitions: Sequence[int],
+                 sharesets: Sequence[int], kernels: Sequence[int], gp_reduction: int = 4,
+                 ffn_expand: int = 4, patch_size: int = 4, in_channels: int = 3,
+                 num_classes: int = 1000, deploy: bool = False):
+        super().__init__()
+        self.conv_embedding = ConvBN(in_channels, channels[0], patch_size, stride=patch_size, relu=True)
+        self.stages = nn.LayerList([
+            nn.LayerList([RepMLPNetUnit(channels[i], partitions[i], sharesets[i], kernels, gp_reduction,
+                                        ffn_expand, deploy) for _ in range(depths[i])])
+            for i in range(len(depths))])
+        self.embeds = nn.LayerList([ConvBN(channels[i], channels[i + 1], 2, stride=2, relu=True)
+                                    for i in range(len(depths) - 1)])
+        self.head_norm = nn.BatchNorm2D(channels[-1])
+        self.head = nn.Linear(channels[-1], num_classes)
+
+    def forward_features(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.conv_embedding(x)
+        for i, stage in enumerate(self.stages):
+            for unit in stage:
+                x = unit(x)
+            if i < len(self.embeds):
+                x = self.embeds[i](x)
+        return F.adaptive_avg_pool2d(self.head_norm(x), 1).flatten(1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def _stage_partitions(config: CfgNode) -> list:
+    """Partition size per stage: MODEL.REPMLPNET.PARTITIONS, or (if empty) each stage's feature-map
+    size, i.e. one partition per map as in every official configuration."""
+    cfg, size = config.MODEL.REPMLPNET, config.DATA.IMAGE_SIZE
+    stages = len(cfg.DEPTHS)
+    for name in ('CHANNELS', 'SHARESETS') + (('PARTITIONS',) if cfg.PARTITIONS else ()):
+        if len(cfg[name]) != stages:
+            raise ConfigError(f'MODEL.REPMLPNET.{name} has {len(cfg[name])} entries but DEPTHS has {stages}; '
+                              'give one value per stage')
+    stride = cfg.PATCH_SIZE * 2 ** (stages - 1)
+    if size % stride:
+        raise ConfigError(f'DATA.IMAGE_SIZE {size} must be divisible by {stride} (patch size '
+                          f'{cfg.PATCH_SIZE} x 2^{stages - 1} downsamplings) for RepMLPNet')
+    maps = [size // cfg.PATCH_SIZE // 2 ** i for i in range(stages)]
+    partitions = list(cfg.PARTITIONS) or maps
+    for i, (feature, part) in enumerate(zip(maps, partitions)):
+        if part <= 0 or feature % part:
+            raise ConfigError(f'stage {i} feature map {feature}x{feature} (DATA.IMAGE_SIZE {size}) is not '
+                              f'divisible by partition size {part}; change MODEL.REPMLPNET.PARTITIONS '
+                              'or DATA.IMAGE_SIZE (an empty PARTITIONS uses the feature-map sizes)')
+    return partitions
+
+
+def _check_config(config: CfgNode) -> None:
+    cfg = config.MODEL.REPMLPNET
+    for channels, sets in zip(cfg.CHANNELS, cfg.SHARESETS):
+        if channels % sets:
+            raise ConfigError(f'MODEL.REPMLPNET.SHARESETS {sets} must divide the stage width {channels}')
+    if any(k % 2 == 0 or k <= 0 for k in cfg.REPARAM_KERNELS):
+        raise ConfigError(f'MODEL.REPMLPNET.REPARAM_KERNELS must be positive odd sizes, got {cfg.REPARAM_KERNELS}')
+    if config.MODEL.DROPOUT or config.MODEL.DROPPATH:
+        raise ConfigError('RepMLPNet has no dropout or stochastic depth; set MODEL.DROPOUT and '
+                          'MODEL.DROPPATH to 0')
+
+
+@register_model('repmlpnet')
+def build_repmlpnet(config: CfgNode) -> RepMLPNet:
+    """RepMLPNet from MODEL.REPMLPNET; MODEL.DEPLOY builds the folded structure directly."""
+    partitions = _stage_partitions(config)
+    _check_config(config)
+    cfg = config.MODEL.REPMLPNET
+    return RepMLPNet(cfg.CHANNELS, cfg.DEPTHS, partitions, cfg.SHARESETS, cfg.REPARAM_KERNELS,
+                     cfg.GP_REDUCTION, cfg.FFN_EXPAND, cfg.PATCH_SIZE, config.DATA.IN_CHANNELS,
+                     config.MODEL.NUM_CLASSES, config.MODEL.DEPLOY)
+
+
+# ----------------------------------------------------------------------------- weight conversion
+
+def _is_official_repmlpnet(keys) -> bool:
+    keys = set(keys)
+    return 'conv_embedding.conv.weight' in keys and any('.repmlp_block.fc3.weight' in k for k in keys)
+
+
+@register_converter('official-repmlpnet', ['repmlpnet'], detect=_is_official_repmlpnet)
+def convert_official_repmlpnet(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
+    """The authors' RepMLPNet state dict (training or folded) -> ours; only `head` is a Linear."""
+    check_deploy_layout(state, config, 'fc3_bn.')
+    return torch_to_paddle_state(state, linear_weights=['head.weight'])
