@@ -303,7 +303,7 @@ def _to_paddle(key: str, value: np.ndarray) -> np.ndarray:
     as (1, 1, C) by timm (Affine, LayerScale) -> (C,)."""
     value = np.asarray(value)
     if key.endswith('.weight') and value.ndim == 2:
-        return np.ascontiguousarray(value.T)
+        return value.T  # a view; loading copies it
     if re.search(r'(alpha|beta|ls[12])$', key):
         return value.reshape(-1)
     return value
