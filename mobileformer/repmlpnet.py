@@ -72,8 +72,9 @@ class RepMLPBlock(nn.Layer):
         out = self.fc3(parts.reshape([-1, s * h * w, 1, 1])).reshape([-1, s, h, w])
         if not self.is_repped:
             out = self.fc3_bn(out)
-            local = parts.reshape([-1, s, h, w])
-            out = out + paddle.add_n([branch(local) for branch in self._branches()])
+            if self.kernels:
+                local = parts.reshape([-1, s, h, w])
+                out = out + paddle.add_n([branch(local) for branch in self._branches()])
         # The release reads the rows (N, hp, wp, C/S) back as (N, C/S, hp, wp): the same thing when
         # hp = wp = 1 or C = S, a fixed shuffle otherwise; kept so released weights work at any size.
         out = out.reshape([-1, hp, wp, s, h, w]).transpose([0, 3, 1, 4, 2, 5])
