@@ -3,9 +3,10 @@
     python predict.py -cfg configs/mobileformer_26m.yaml -pretrained mobileformer_26m.pdparams cat.jpg dog.png
     python predict.py -cfg configs/mobileformer_26m.yaml -model export/mf26m cat.jpg     # exported model
 
-Preprocessing is the evaluation one of the config: resize to IMAGE_SIZE / CROP_PCT, center crop,
-normalise with MEAN / STD. Class names: ImageNet-1k names for `imagenet`, 0..9 for `digits`, else the
-folder names of DATA.DATA_PATH/train (folder datasets), else the class index.
+Preprocessing is the config's evaluation transform (datasets.build_transforms 'val': resize to
+IMAGE_SIZE / CROP_PCT, center crop, normalise). Class names: the built-in ImageNet-1k names for
+`imagenet` with 1000 classes, else the dataset's own (`datasets.build_dataset(config, 'val').classes`:
+0..9 for digits, folder names for folder datasets), else the class index.
 """
 from __future__ import annotations
 
@@ -17,13 +18,12 @@ import numpy as np
 from PIL import Image
 from yacs.config import CfgNode
 
+from datasets import build_dataset, build_transforms
 from mobileformer import get_config
 from mobileformer.deploy import InferenceModel, build_for_inference, dygraph_logits
 
 TOP_K = 5
 IMAGENET_NAMES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mobileformer', 'imagenet_classes.txt')
-_RESAMPLE = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC, 'nearest': Image.NEAREST,
-             'lanczos': Image.LANCZOS, 'box': Image.BOX, 'hamming': Image.HAMMING}
 
 
 def class_names(config: CfgNode) -> List[str]:
@@ -32,36 +32,21 @@ def class_names(config: CfgNode) -> List[str]:
     if config.DATA.DATASET == 'imagenet' and count == 1000:
         with open(IMAGENET_NAMES, encoding='utf-8') as f:
             return [line.rstrip('\n') for line in f if not line.startswith('#')]
-    if config.DATA.DATASET == 'digits':
-        return [str(i) for i in range(count)]
-    train = os.path.join(config.DATA.DATA_PATH, 'train')
-    if config.DATA.DATA_PATH and os.path.isdir(train):
-        folders = sorted(e.name for e in os.scandir(train) if e.is_dir())
-        if len(folders) == count:
-            return folders
-    return [f'class {i}' for i in range(count)]
-
-
-def load_image(path: str, config: CfgNode) -> np.ndarray:
-    """[C, S, S] float32: resize the short side to S / CROP_PCT, center crop S, normalise."""
     try:
-        image = Image.open(path)
-        image = image.convert('L' if config.DATA.IN_CHANNELS == 1 else 'RGB')
+        names = build_dataset(config, 'val').classes
+    except ValueError as e:
+        print(f'notice: no class names ({e}); printing class indices')
+        names = []
+    return names if len(names) == count else [f'class {i}' for i in range(count)]
+
+
+def load_image(path: str, transform: Callable) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            image.load()
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image '{path}': {e}") from None
-    size = config.DATA.IMAGE_SIZE
-    short = int(size / config.DATA.CROP_PCT)
-    width, height = image.size
-    scale = short / min(width, height)
-    image = image.resize((round(width * scale), round(height * scale)), _RESAMPLE[config.DATA.INTERPOLATION])
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
-    pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-    pixels = pixels.reshape(size, size, -1).transpose(2, 0, 1)
-    mean = np.asarray(config.DATA.MEAN, np.float32).reshape(-1, 1, 1)
-    std = np.asarray(config.DATA.STD, np.float32).reshape(-1, 1, 1)
-    if len(mean) != len(pixels) or len(std) != len(pixels):
-        raise ValueError(f'DATA.MEAN and DATA.STD need one value per input channel ({len(pixels)})')
-    return (pixels - mean) / std
+    return transform(image)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -72,9 +57,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def predict(run: Callable[[np.ndarray], np.ndarray], images: Sequence[str], config: CfgNode,
             batch_size: int) -> List[List[tuple]]:
     """[(probability, class index), ...] top-5 per image."""
+    transform = build_transforms(config, 'val')
     results = []
     for start in range(0, len(images), batch_size):
-        batch = np.stack([load_image(p, config) for p in images[start:start + batch_size]])
+        batch = np.stack([load_image(p, transform) for p in images[start:start + batch_size]])
         probabilities = softmax(run(batch).astype(np.float64))
         for row in probabilities:
             best = np.argsort(-row)[:TOP_K]

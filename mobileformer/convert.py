@@ -14,12 +14,15 @@ import argparse
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import paddle
 from yacs.config import CfgNode
 
 from mobileformer import build_model, get_config
 from mobileformer.registry import Converter, converters
 from mobileformer.torch_io import load_state_dict
 from mobileformer.weights import cast_like, check_state, mismatches, save_atomic, state_shapes
+
+_CLASS_RETRIES = 3  # class counts tried when a converter rejects a checkpoint's classifier
 
 
 def _names(items: Iterable[str]) -> str:
@@ -73,17 +76,55 @@ def head_keys(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple],
     return list(wrong), source_classes.pop()
 
 
+def _lazy_model(config: CfgNode):
+    """The model of `config` with shapes and dtypes but no allocated weights."""
+    with paddle.LazyGuard():
+        return build_model(config)
+
+
+def _with_classes(config: CfgNode, num_classes: int) -> CfgNode:
+    config = config.clone()
+    config.defrost()
+    config.MODEL.NUM_CLASSES = num_classes
+    config.freeze()
+    return config
+
+
+def _class_count_candidates(reference: Mapping[str, np.ndarray], model) -> list:
+    """Class counts the checkpoint's classifier may have: sizes of its 1-D tensors that no 1-D
+    tensor of our model has (the same architecture shares every other vector size)."""
+    ours = {v.shape[0] for v in model.state_dict().values() if len(v.shape) == 1}
+    return sorted({v.shape[0] for v in reference.values() if v.ndim == 1} - ours)
+
+
+def run_converter(converter: Converter, reference: Mapping[str, np.ndarray], config: CfgNode,
+                  model) -> Dict[str, np.ndarray]:
+    """`converter` on `reference` for `config`. Converters that check shapes against the config
+    reject a checkpoint whose classifier has another class count, so on failure the conversion is
+    retried with the checkpoint's class count (at most _CLASS_RETRIES guesses); the caller drops
+    the classifier afterwards."""
+    try:
+        return converter.convert(reference, config)
+    except (ValueError, KeyError) as first_error:
+        candidates = _class_count_candidates(reference, model)
+        for classes in candidates[:_CLASS_RETRIES]:
+            try:
+                return converter.convert(reference, _with_classes(config, classes))
+            except (ValueError, KeyError):
+                continue
+        if isinstance(first_error, KeyError):
+            raise ValueError(f'converter {converter.name!r} needs key {first_error} that the checkpoint lacks; '
+                             f'is it a checkpoint of {config.MODEL.NAME}?') from None
+        raise
+
+
 def convert_checkpoint(src: str, config: CfgNode, out: str, source: Optional[str] = None,
                        key: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, np.ndarray]:
     """Reads `src`, converts and checks it against the model of `config`, writes `out`; returns our state."""
     reference = load_state_dict(src, key)
     converter = pick_converter(reference, config.MODEL.TYPE, source, source=f"'{src}'")
-    try:
-        state = converter.convert(reference, config)
-    except KeyError as e:
-        raise ValueError(f"converter {converter.name!r} needs key {e} that '{src}' lacks; is it a checkpoint "
-                         f"of {config.MODEL.NAME}?") from None
-    model = build_model(config)
+    model = _lazy_model(config)
+    state = run_converter(converter, reference, config, model)
     expected = state_shapes(model)
     dropped, source_classes = head_keys(state, expected, config.MODEL.NUM_CLASSES)
     if dropped:

@@ -108,7 +108,9 @@ class OnnxModel:
             import onnxruntime
         except ImportError:
             raise ValueError('running ONNX needs onnxruntime: pip install onnxruntime') from None
-        self.session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # errors only: paddle2onnx leaves unused initialisers it warns about
+        self.session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         name = self.session.get_inputs()[0].name
