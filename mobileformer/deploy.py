@@ -43,8 +43,9 @@ def export_inference(model: nn.Layer, config: CfgNode, out_dir: str) -> str:
     """Saves `model` as a static inference model in `out_dir`; returns the path prefix."""
     os.makedirs(out_dir, exist_ok=True)
     prefix = os.path.join(out_dir, INFERENCE_PREFIX)
-    static = paddle.jit.to_static(model, input_spec=[input_spec(config)], full_graph=True)
-    paddle.jit.save(static, prefix)
+    # saving the dygraph layer traces a full-graph copy of forward and leaves `model` in dygraph
+    # (to_static on the model itself would re-trace it at every new batch size afterwards)
+    paddle.jit.save(model, prefix, input_spec=[input_spec(config)])
     return prefix
 
 
