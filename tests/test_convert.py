@@ -183,3 +183,24 @@ def test_unreadable_source_is_one_sentence(tmp_path, capsys):
     assert code == 2
     assert stderr.startswith('error: ') and 'legacy (non-zip) torch checkpoint' in stderr
     assert stderr.count('\n') == 1
+
+
+def test_deit_resmlp_layout_is_detected_and_converted(tmp_path, capsys):
+    """The authors' ResMLP names (spec: `patch_embed`, `attn` = token linear, `mlp`, `gamma_1/2`,
+    Affine vectors of shape (C,)), written from the timm fixture inside {'model': ...} as DeiT saves."""
+    renames = [('stem.proj.', 'patch_embed.proj.'), ('.linear_tokens.', '.attn.'), ('.mlp_channels.', '.mlp.'),
+               ('.ls1', '.gamma_1'), ('.ls2', '.gamma_2')]
+    authors = {}
+    for name, value in load_state_dict(fixture('timm_resmlp_tiny.pth')).items():
+        for timm_part, authors_part in renames:
+            name = name.replace(timm_part, authors_part)
+        authors[name] = value.reshape(-1) if name.endswith(('alpha', 'beta')) else value
+    source = tmp_path / 'resmlp_authors.pth'
+    tw.save_state_dict(str(source), authors, wrap_key='model')
+    out = tmp_path / 'resmlp.pdparams'
+    code, stdout, stderr = run_convert(capsys, source, '-cfg', fixture('timm_resmlp_tiny.yaml'), '-o', out)
+    assert code == 0, stderr
+    assert "format 'deit-resmlp'" in stdout
+    io = np.load(fixture('timm_resmlp_tiny_io.npz'))
+    ours = logits(get_config(fixture('timm_resmlp_tiny.yaml')), str(out), io['input'])
+    np.testing.assert_allclose(ours, io['logits'], rtol=0, atol=1e-4)
