@@ -108,6 +108,19 @@ _C.MODEL.REPMLPNET.REPARAM_KERNELS = [1, 3]
 _C.MODEL.REPMLPNET.GP_REDUCTION = 4
 _C.MODEL.REPMLPNET.FFN_EXPAND = 4
 
+# RepMLP-ResNet-50 (spec: mlp_family.md, RepMLP v1). BLOCK: light | bottleneck | plain (the ResNet-50
+# baseline: the RepMLP keys below then have no effect). RepMLP blocks replace the stride-1 blocks of
+# stages 2 and 3 with PARTITION x PARTITION partitions; BOTTLENECK_R is the bottleneck flavour's extra
+# channel reduction r in stage 2 and stage 3.
+_C.MODEL.REPMLP_RESNET = CN()
+_C.MODEL.REPMLP_RESNET.BLOCK = 'light'
+_C.MODEL.REPMLP_RESNET.DEPTHS = [3, 4, 6, 3]
+_C.MODEL.REPMLP_RESNET.PARTITION = 7
+_C.MODEL.REPMLP_RESNET.REPARAM_KERNELS = [1, 3, 5]
+_C.MODEL.REPMLP_RESNET.FC1_FC2_REDUCTION = 1
+_C.MODEL.REPMLP_RESNET.FC3_GROUPS = 4
+_C.MODEL.REPMLP_RESNET.BOTTLENECK_R = [2, 4]
+
 _C.TRAIN = CN()
 _C.TRAIN.EPOCHS = 300
 _C.TRAIN.BASE_LR = 1e-3

@@ -1,0 +1,248 @@
+"""RepMLP v1 (Ding et al., arXiv 2105.01883 v1): the RepMLP block and RepMLP-ResNet-50.
+
+The RepMLP block mixes each h x w partition of a feature map with one fully-connected layer (fc3),
+adds a global perceptron across partitions, and trains with parallel conv + BN branches that fold
+into fc3 for deployment. RepMLP-ResNet-50 puts it into the stride-1 bottlenecks of stages 2 and 3
+(`light` or `bottleneck` flavour); `plain` is the ResNet-50 baseline of the same release. At deploy
+time every ConvBN pair is folded too, so the deployed network holds no BatchNorm.
+Spec: ../shared/specs/mlp_family.md (RepMLP v1). Parameter names follow the authors' release.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+from yacs.config import CfgNode
+
+from mobileformer.config import ConfigError
+from mobileformer.layers import fuse_conv_bn
+from mobileformer.registry import register_converter, register_model
+from mobileformer.rep_layers import (ConvBN, FoldableConvBN, check_deploy_layout, conv_to_fc,
+                                     merge_conv_bn_branches, torch_to_paddle_state)
+
+BLOCK_TYPES = ('light', 'bottleneck', 'plain')
+
+
+class RepMLP(nn.Layer):
+    """RepMLP block: [N, C, H, W] -> [N, O, H, W] through h x w partitions.
+
+    Global perceptron (only with several partitions): AvgPool(h x w) -> BN -> Linear -> ReLU ->
+    Linear gives one value per channel and partition, added to that partition. Partition perceptron:
+    fc3, a 1x1 conv with `groups` over rows of C*h*w values, then BatchNorm1D over O*h*w. Local
+    perceptron: Conv(k, groups) + BN branches on the partitions, summed into fc3's output.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, height: int, width: int, h: int, w: int,
+                 kernels: Sequence[int] = (), fc1_fc2_reduction: int = 1, groups: int = 1,
+                 deploy: bool = False):
+        super().__init__()
+        self.C, self.O, self.H, self.W, self.h, self.w = in_channels, out_channels, height, width, h, w
+        self.hp, self.wp = height // h, width // w
+        self.kernels = list(kernels)
+        self.groups = groups
+        if (height, width) != (h, w):
+            cells = in_channels * self.hp * self.wp
+            self.fc1_fc2 = nn.Sequential(('fc1', nn.Linear(cells, cells // fc1_fc2_reduction)), ('relu', nn.ReLU()),
+                                         ('fc2', nn.Linear(cells // fc1_fc2_reduction, cells)))
+            self.avg = nn.AvgPool2D((h, w)) if deploy else nn.Sequential(
+                ('avg', nn.AvgPool2D((h, w))), ('bn', nn.BatchNorm2D(in_channels)))
+        else:
+            self.fc1_fc2 = None
+        self.fc3 = nn.Conv2D(in_channels * h * w, out_channels * h * w, 1, groups=groups,
+                             weight_attr=nn.initializer.Orthogonal(),
+                             bias_attr=None if deploy else False)
+        self.fc3_bn = None if deploy else nn.BatchNorm1D(out_channels * h * w)
+        for k in ([] if deploy else self.kernels):
+            setattr(self, f'repconv{k}', ConvBN(in_channels, out_channels, k, padding=k // 2, groups=groups))
+
+    @property
+    def is_repped(self) -> bool:
+        return self.fc3_bn is None
+
+    def _branches(self) -> list:
+        return [getattr(self, f'repconv{k}') for k in self.kernels]
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        c, o, h, w, hp, wp = self.C, self.O, self.h, self.w, self.hp, self.wp
+        parts = x.reshape([-1, c, hp, h, wp, w])
+        if self.fc1_fc2 is not None:
+            cells = self.fc1_fc2(self.avg(x).reshape([-1, c * hp * wp]))
+            parts = parts + cells.reshape([-1, c, hp, 1, wp, 1])
+        parts = parts.transpose([0, 2, 4, 1, 3, 5])  # [N, hp, wp, C, h, w]
+        out = self.fc3(parts.reshape([-1, c * h * w, 1, 1])).reshape([-1, o * h * w])
+        if not self.is_repped:
+            out = self.fc3_bn(out)
+            if self.kernels:
+                local = parts.reshape([-1, c, h, w])
+                out = out + paddle.add_n([branch(local) for branch in self._branches()]).reshape([-1, o * h * w])
+        out = out.reshape([-1, hp, wp, o, h, w]).transpose([0, 3, 1, 4, 2, 5])  # [N, O, hp, h, wp, w]
+        return out.reshape([-1, o, self.H, self.W])
+
+    def re_parameterize(self) -> None:
+        """Folds fc3's BN and the conv branches into fc3 (which gains a bias) and the BN after the
+        average pool into fc1."""
+        weight, bias = fuse_conv_bn(self.fc3.weight, self.fc3_bn)
+        if self.kernels:
+            kernel, conv_bias = merge_conv_bn_branches(self._branches())
+            fc_weight, fc_bias = conv_to_fc(kernel, conv_bias, self.h, self.w, self.groups)
+            weight, bias = weight + fc_weight.reshape(weight.shape), bias + fc_bias
+        fc3 = self.fc3
+        self.fc3 = nn.Conv2D(fc3._in_channels, fc3._out_channels, 1, groups=self.groups)
+        self.fc3.weight.set_value(weight)
+        self.fc3.bias.set_value(bias)
+        if self.fc1_fc2 is not None:
+            self._fold_pool_bn_into_fc1()
+        for k in self.kernels:
+            delattr(self, f'repconv{k}')
+        del self.fc3_bn
+        self.fc3_bn = None
+
+    def _fold_pool_bn_into_fc1(self) -> None:
+        # The BN is y = scale * x + shift per channel (fuse_conv_bn of a unit weight); fc1's inputs
+        # are channel-major (C, hp, wp), so each channel's factors repeat over its hp*wp cells.
+        scale, shift = fuse_conv_bn(paddle.ones([self.C]), self.avg.bn)
+        scale = paddle.repeat_interleave(scale, self.hp * self.wp)
+        shift = paddle.repeat_interleave(shift, self.hp * self.wp)
+        fc1 = self.fc1_fc2.fc1  # Paddle Linear weight: [in, out]
+        fc1.bias.set_value(fc1.bias + paddle.matmul(shift, fc1.weight))
+        fc1.weight.set_value(fc1.weight * scale.unsqueeze(1))
+        self.avg = nn.AvgPool2D((self.h, self.w))
+
+
+class ResNetBottleneck(nn.Layer):
+    """1x1 -> 3x3 (stride) -> 1x1 bottleneck with a projection ConvBN when the shape changes."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, stride: int = 1,
+                 deploy: bool = False):
+        super().__init__()
+        self.shortcut = (FoldableConvBN(in_channels, out_channels, 1, stride, deploy=deploy)
+                         if stride != 1 or in_channels != out_channels else nn.Identity())
+        self.conv1 = FoldableConvBN(in_channels, mid_channels, 1, relu=True, deploy=deploy)
+        self.conv2 = FoldableConvBN(mid_channels, mid_channels, 3, stride, 1, relu=True, deploy=deploy)
+        self.conv3 = FoldableConvBN(mid_channels, out_channels, 1, deploy=deploy)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return F.relu(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x))
+
+
+class RepMLPLightBlock(nn.Layer):
+    """1x1 ConvBNReLU (-> mid) -> RepMLP -> ReLU -> 1x1 ConvBN (-> out) + identity -> ReLU."""
+
+    def __init__(self, channels: int, mid_channels: int, repmlp: dict, deploy: bool = False):
+        super().__init__()
+        self.light_conv1 = FoldableConvBN(channels, mid_channels, 1, relu=True, deploy=deploy)
+        self.light_repmlp = RepMLP(mid_channels, mid_channels, deploy=deploy, **repmlp)
+        self.light_conv3 = FoldableConvBN(mid_channels, channels, 1, deploy=deploy)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = F.relu(self.light_repmlp(self.light_conv1(x)))
+        return F.relu(self.light_conv3(y) + x)
+
+
+class RepMLPBottleneckBlock(nn.Layer):
+    """1x1 ConvBNReLU (-> mid) -> 3x3 ConvBNReLU (-> mid/r) -> RepMLP -> ReLU -> 3x3 ConvBNReLU
+    (-> mid) -> 1x1 ConvBN (-> out) + identity -> ReLU."""
+
+    def __init__(self, channels: int, mid_channels: int, r: int, repmlp: dict, deploy: bool = False):
+        super().__init__()
+        narrow = mid_channels // r
+        self.btnk_conv1 = FoldableConvBN(channels, mid_channels, 1, relu=True, deploy=deploy)
+        self.btnk_conv2 = FoldableConvBN(mid_channels, narrow, 3, padding=1, relu=True, deploy=deploy)
+        self.btnk_repmlp = RepMLP(narrow, narrow, deploy=deploy, **repmlp)
+        self.btnk_conv4 = FoldableConvBN(narrow, mid_channels, 3, padding=1, relu=True, deploy=deploy)
+        self.btnk_conv5 = FoldableConvBN(mid_channels, channels, 1, deploy=deploy)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = F.relu(self.btnk_repmlp(self.btnk_conv2(self.btnk_conv1(x))))
+        return F.relu(self.btnk_conv5(self.btnk_conv4(y)) + x)
+
+
+class RepMLPResNet(nn.Layer):
+    """ResNet-50 layout (stem conv7x7/2 + maxpool, widths 256..2048) whose stride-1 blocks in
+    stages 2 and 3 are RepMLP blocks (`light` / `bottleneck`), or none of them (`plain`)."""
+
+    WIDTHS = (256, 512, 1024, 2048)
+
+    def __init__(self, depths: Sequence[int], block_type: str, image_size: int, partition: int,
+                 kernels: Sequence[int], fc1_fc2_reduction: int, groups: int, bottleneck_r: Sequence[int],
+                 in_channels: int = 3, num_classes: int = 1000, deploy: bool = False):
+        super().__init__()
+        self.stage0 = nn.Sequential(FoldableConvBN(in_channels, 64, 7, 2, 3, relu=True, deploy=deploy),
+                                    nn.MaxPool2D(3, 2, 1))
+        channels = 64
+        for i, (width, depth) in enumerate(zip(self.WIDTHS, depths)):
+            blocks = []
+            for j in range(depth):
+                stride = 2 if i > 0 and j == 0 else 1
+                feature = image_size // (4 * 2 ** i)
+                if block_type != 'plain' and stride == 1 and i in (1, 2):
+                    repmlp = dict(height=feature, width=feature, h=partition, w=partition, kernels=kernels,
+                                  fc1_fc2_reduction=fc1_fc2_reduction, groups=groups)
+                    blocks.append(RepMLPLightBlock(channels, width // 8, repmlp, deploy) if block_type == 'light'
+                                  else RepMLPBottleneckBlock(channels, width // 4, bottleneck_r[i - 1], repmlp, deploy))
+                else:
+                    blocks.append(ResNetBottleneck(channels, width // 4, width, stride, deploy))
+                channels = width
+            setattr(self, f'stage{i + 1}', nn.Sequential(*blocks))
+        self.linear = nn.Linear(channels, num_classes)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.stage0(x)
+        for i in range(1, 5):
+            x = getattr(self, f'stage{i}')(x)
+        return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _check_config(config: CfgNode) -> None:
+    cfg, size = config.MODEL.REPMLP_RESNET, config.DATA.IMAGE_SIZE
+    if cfg.BLOCK not in BLOCK_TYPES:
+        raise ConfigError(f'MODEL.REPMLP_RESNET.BLOCK must be one of {BLOCK_TYPES}, got {cfg.BLOCK!r}')
+    if len(cfg.DEPTHS) != 4 or len(cfg.BOTTLENECK_R) != 2:
+        raise ConfigError('MODEL.REPMLP_RESNET.DEPTHS needs 4 entries and BOTTLENECK_R 2 (stages 2 and 3), '
+                          f'got {cfg.DEPTHS} and {cfg.BOTTLENECK_R}')
+    if size % 32:
+        raise ConfigError(f'DATA.IMAGE_SIZE {size} must be divisible by 32 for RepMLP-ResNet')
+    for feature in (size // 8, size // 16):
+        if cfg.BLOCK != 'plain' and feature % cfg.PARTITION:
+            raise ConfigError(f'the {feature}x{feature} feature map of DATA.IMAGE_SIZE {size} is not divisible '
+                              f'by MODEL.REPMLP_RESNET.PARTITION {cfg.PARTITION}; change one of them')
+    if any(k % 2 == 0 or k <= 0 for k in cfg.REPARAM_KERNELS):
+        raise ConfigError(f'MODEL.REPMLP_RESNET.REPARAM_KERNELS must be positive odd sizes, got {cfg.REPARAM_KERNELS}')
+    if config.MODEL.DROPOUT or config.MODEL.DROPPATH:
+        raise ConfigError('RepMLP-ResNet has no dropout or stochastic depth; set MODEL.DROPOUT and '
+                          'MODEL.DROPPATH to 0')
+
+
+@register_model('repmlp_resnet')
+def build_repmlp_resnet(config: CfgNode) -> RepMLPResNet:
+    """RepMLP-ResNet-50 (light / bottleneck) or the plain ResNet-50 baseline from MODEL.REPMLP_RESNET;
+    MODEL.DEPLOY builds the folded structure directly."""
+    _check_config(config)
+    cfg = config.MODEL.REPMLP_RESNET
+    return RepMLPResNet(cfg.DEPTHS, cfg.BLOCK, config.DATA.IMAGE_SIZE, cfg.PARTITION, cfg.REPARAM_KERNELS,
+                        cfg.FC1_FC2_REDUCTION, cfg.FC3_GROUPS, cfg.BOTTLENECK_R, config.DATA.IN_CHANNELS,
+                        config.MODEL.NUM_CLASSES, config.MODEL.DEPLOY)
+
+
+# ----------------------------------------------------------------------------- weight conversion
+
+def official_repmlp_to_paddle(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Renames a state of the original release (a whole network or one RepMLP block) to ours: its
+    Linear layers are the classifier `linear` and the global perceptron's fc1/fc2."""
+    linear = [k for k in state if k == 'linear.weight' or k.endswith(('fc1_fc2.fc1.weight', 'fc1_fc2.fc2.weight'))]
+    return torch_to_paddle_state(state, linear_weights=linear)
+
+
+def _is_official_repmlp_resnet(keys) -> bool:
+    keys = set(keys)
+    return 'stage0.0.conv.weight' in keys and 'linear.weight' in keys
+
+
+@register_converter('official-repmlp', ['repmlp_resnet'], detect=_is_official_repmlp_resnet)
+def convert_official_repmlp(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
+    """The original RepMLP-ResNet release (training or folded checkpoint) -> ours."""
+    check_deploy_layout(state, config, 'bn.')
+    return official_repmlp_to_paddle(state)
