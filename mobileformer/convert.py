@@ -1,0 +1,162 @@
+"""Converts released PyTorch weights into a Paddle `.pdparams` for one of our configs.
+
+    python -m mobileformer.convert SRC -cfg FILE -o OUT.pdparams [--from NAME] [--key ENTRY] [-opts KEY VALUE ...]
+
+SRC is a torch zip checkpoint (.pth / .pth.tar / .bin) or a .safetensors file, read without torch
+(mobileformer.torch_io). The source format is detected from its keys unless `--from` names it. Every
+converted key and shape is checked against the model the config builds; when MODEL.NUM_CLASSES
+differs from the checkpoint's classifier (fine-tuning 1000 -> 10 classes), the classifier is left
+out with a notice and keeps the model's fresh initialisation. OUT is written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import paddle
+from yacs.config import CfgNode
+
+from mobileformer import build_model, get_config
+from mobileformer.registry import Converter, converters
+from mobileformer.torch_io import load_state_dict
+from mobileformer.weights import cast_like, check_state, mismatches, save_atomic, state_shapes
+
+_CLASS_RETRIES = 3  # class counts tried when a converter rejects a checkpoint's classifier
+
+
+def _names(items: Iterable[str]) -> str:
+    return ', '.join(sorted(items)) or '(none registered)'
+
+
+def pick_converter(keys: Iterable[str], model_type: str, name: Optional[str] = None,
+                   source: str = 'the checkpoint') -> Converter:
+    """The converter `name`, else the one whose `detect` accepts `keys` and that feeds `model_type`."""
+    registry = converters()
+    if name is not None:
+        if name not in registry:
+            raise ValueError(f'unknown converter --from {name!r}; available: {_names(registry)}')
+        chosen = registry[name]
+        if model_type not in chosen.model_types:
+            raise ValueError(f"converter {name!r} produces MODEL.TYPE {_names(chosen.model_types)}, but the config "
+                             f"builds {model_type!r}; use a config of that family")
+        return chosen
+    keys = frozenset(keys)
+    detected = [c for c in registry.values() if c.detect(keys)]
+    fitting = [c for c in detected if model_type in c.model_types]
+    if len(fitting) == 1:
+        return fitting[0]
+    if len(fitting) > 1:
+        raise ValueError(f'{source} matches several converters ({_names(c.name for c in fitting)}); '
+                         f'choose one with --from')
+    if detected:
+        raise ValueError(f"{source} is a checkpoint for converter {_names(c.name for c in detected)} "
+                         f"(MODEL.TYPE {_names(t for c in detected for t in c.model_types)}), but the config "
+                         f"builds MODEL.TYPE {model_type!r}; use a config of the checkpoint's model")
+    raise ValueError(f"no converter recognises the keys of {source} (first keys: {_names(sorted(keys)[:3])}); "
+                     f"pass --from with one of: {_names(registry)}")
+
+
+def head_keys(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple],
+              num_classes: int) -> Tuple[list, Optional[int]]:
+    """The classifier keys to drop when only the number of classes differs: every mis-shaped key
+    differs in exactly one axis, where the model has `num_classes` and the checkpoint one other
+    count. Returns (keys, checkpoint classes) or ([], None)."""
+    wrong = mismatches(state, expected)
+    source_classes = set()
+    for given, ours in wrong.values():
+        if len(given) != len(ours):
+            return [], None
+        axes = [i for i, (a, b) in enumerate(zip(given, ours)) if a != b]
+        if len(axes) != 1 or ours[axes[0]] != num_classes:
+            return [], None
+        source_classes.add(given[axes[0]])
+    if len(source_classes) != 1:
+        return [], None
+    return list(wrong), source_classes.pop()
+
+
+def _lazy_model(config: CfgNode):
+    """The model of `config` with shapes and dtypes but no allocated weights."""
+    with paddle.LazyGuard():
+        return build_model(config)
+
+
+def _with_classes(config: CfgNode, num_classes: int) -> CfgNode:
+    config = config.clone()
+    config.defrost()
+    config.MODEL.NUM_CLASSES = num_classes
+    config.freeze()
+    return config
+
+
+def _class_count_candidates(reference: Mapping[str, np.ndarray], model) -> list:
+    """Class counts the checkpoint's classifier may have: sizes of its 1-D tensors that no 1-D
+    tensor of our model has (the same architecture shares every other vector size)."""
+    ours = {v.shape[0] for v in model.state_dict().values() if len(v.shape) == 1}
+    return sorted({v.shape[0] for v in reference.values() if v.ndim == 1} - ours)
+
+
+def run_converter(converter: Converter, reference: Mapping[str, np.ndarray], config: CfgNode,
+                  model) -> Dict[str, np.ndarray]:
+    """`converter` on `reference` for `config`. Converters that check shapes against the config
+    reject a checkpoint whose classifier has another class count, so on failure the conversion is
+    retried with the checkpoint's class count (at most _CLASS_RETRIES guesses); the caller drops
+    the classifier afterwards."""
+    try:
+        return converter.convert(reference, config)
+    except (ValueError, KeyError) as first_error:
+        candidates = _class_count_candidates(reference, model)
+        for classes in candidates[:_CLASS_RETRIES]:
+            try:
+                return converter.convert(reference, _with_classes(config, classes))
+            except (ValueError, KeyError):
+                continue
+        if isinstance(first_error, KeyError):
+            raise ValueError(f'converter {converter.name!r} needs key {first_error} that the checkpoint lacks; '
+                             f'is it a checkpoint of {config.MODEL.NAME}?') from None
+        raise
+
+
+def convert_checkpoint(src: str, config: CfgNode, out: str, source: Optional[str] = None,
+                       key: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, np.ndarray]:
+    """Reads `src`, converts and checks it against the model of `config`, writes `out`; returns our state."""
+    reference = load_state_dict(src, key)
+    converter = pick_converter(reference, config.MODEL.TYPE, source, source=f"'{src}'")
+    model = _lazy_model(config)
+    state = run_converter(converter, reference, config, model)
+    expected = state_shapes(model)
+    dropped, source_classes = head_keys(state, expected, config.MODEL.NUM_CLASSES)
+    if dropped:
+        log(f'notice: classifier ({", ".join(dropped)}) left out: the checkpoint has {source_classes} classes, '
+            f'MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}; it keeps its fresh initialisation')
+        state = {k: v for k, v in state.items() if k not in dropped}
+    check_state(state, model, f"'{src}' converted by {converter.name!r}", allow_missing=dropped)
+    state = cast_like(state, model)
+    save_atomic(state, out)
+    count = sum(int(v.size) for v in state.values())
+    log(f"converted '{src}' ({len(reference)} tensors, format {converter.name!r}) -> '{out}': "
+        f'{len(state)} tensors, {count:,} values for {config.MODEL.NAME} ({config.MODEL.TYPE})')
+    return state
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog='python -m mobileformer.convert', description=__doc__.split('\n')[0])
+    parser.add_argument('src', help='PyTorch checkpoint: .pth / .pth.tar / .bin (zip format) or .safetensors')
+    parser.add_argument('-cfg', required=True, help='config YAML of the target model')
+    parser.add_argument('-o', '--output', required=True, help='output .pdparams')
+    parser.add_argument('--from', dest='source', default=None,
+                        help=f'source format (default: detected from the keys): {_names(converters())}')
+    parser.add_argument('--key', default=None, help='checkpoint entry holding the weights '
+                                                     '(default: state_dict, state_dict_ema, model)')
+    parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
+    args = parser.parse_args(argv)
+    try:
+        config = get_config(args.cfg, args.opts)
+        convert_checkpoint(args.src, config, args.output, args.source, args.key)
+    except ValueError as e:
+        parser.exit(2, f'error: {e}\n')
+
+
+if __name__ == '__main__':
+    main()

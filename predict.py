@@ -1,0 +1,97 @@
+"""Classifies images: the top-5 classes with their probabilities.
+
+    python predict.py -cfg configs/mobileformer_26m.yaml -pretrained mobileformer_26m.pdparams cat.jpg dog.png
+    python predict.py -cfg configs/mobileformer_26m.yaml -model export/mf26m cat.jpg     # exported model
+
+Preprocessing is the config's evaluation transform (datasets.build_transforms 'val': resize to
+IMAGE_SIZE / CROP_PCT, center crop, normalise). Class names: the built-in ImageNet-1k names for
+`imagenet` with 1000 classes, else the dataset's own (`datasets.build_dataset(config, 'val').classes`:
+0..9 for digits, folder names for folder datasets), else the class index.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+from yacs.config import CfgNode
+
+from datasets import build_dataset, build_transforms
+from mobileformer import get_config
+from mobileformer.deploy import InferenceModel, build_for_inference, dygraph_logits
+
+TOP_K = 5
+IMAGENET_NAMES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mobileformer', 'imagenet_classes.txt')
+
+
+def class_names(config: CfgNode) -> List[str]:
+    """One name per output class (see the module docstring for where they come from)."""
+    count = config.MODEL.NUM_CLASSES
+    if config.DATA.DATASET == 'imagenet' and count == 1000:
+        with open(IMAGENET_NAMES, encoding='utf-8') as f:
+            return [line.rstrip('\n') for line in f if not line.startswith('#')]
+    try:
+        names = build_dataset(config, 'val').classes
+    except ValueError as e:
+        print(f'notice: no class names ({e}); printing class indices')
+        names = []
+    return names if len(names) == count else [f'class {i}' for i in range(count)]
+
+
+def load_image(path: str, transform: Callable) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image '{path}': {e}") from None
+    return transform(image)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def predict(run: Callable[[np.ndarray], np.ndarray], images: Sequence[str], config: CfgNode,
+            batch_size: int) -> List[List[tuple]]:
+    """[(probability, class index), ...] top-5 per image."""
+    transform = build_transforms(config, 'val')
+    results = []
+    for start in range(0, len(images), batch_size):
+        batch = np.stack([load_image(p, transform) for p in images[start:start + batch_size]])
+        probabilities = softmax(run(batch).astype(np.float64))
+        for row in probabilities:
+            best = np.argsort(-row)[:TOP_K]
+            results.append([(float(row[i]), int(i)) for i in best])
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('-cfg', required=True, help='model config YAML (preprocessing, classes)')
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('-pretrained', help='weights (.pdparams), run in dygraph')
+    source.add_argument('-model', help='folder written by export.py, run by paddle.inference')
+    parser.add_argument('images', nargs='+')
+    parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
+    args = parser.parse_args(argv)
+    try:
+        config = get_config(args.cfg, args.opts)
+        if args.model:
+            run = InferenceModel(args.model)
+        else:
+            model = build_for_inference(config, args.pretrained)
+            run = lambda batch: dygraph_logits(model, batch)  # noqa: E731
+        names = class_names(config)
+        for path, top in zip(args.images, predict(run, args.images, config, config.DATA.BATCH_SIZE_EVAL)):
+            print(f'{path}:')
+            for probability, index in top:
+                print(f'  {probability:.4f}  {names[index]} ({index})')
+    except ValueError as e:
+        parser.exit(2, f'error: {e}\n')
+
+
+if __name__ == '__main__':
+    main()
