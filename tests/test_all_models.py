@@ -24,6 +24,10 @@ REDUCE = {
     'gmlp': _MIXER_REDUCED,
     'resmlp': _MIXER_REDUCED,
     'fnet': ['DATA.IMAGE_SIZE', SMALL_IMAGE, 'MODEL.FNET.DEPTH', 2, 'MODEL.FNET.EMBED_DIM', 64],
+    'repmlpnet': ['DATA.IMAGE_SIZE', SMALL_IMAGE, 'MODEL.REPMLPNET.DEPTHS', [1, 1, 1, 1]],
+    # 4x4 partitions on 64 px: stage 2 (8x8) keeps the global perceptron, stage 3 (4x4) has one partition
+    'repmlp_resnet': ['DATA.IMAGE_SIZE', SMALL_IMAGE, 'MODEL.REPMLP_RESNET.DEPTHS', [1, 2, 2, 1],
+                      'MODEL.REPMLP_RESNET.PARTITION', 4],
 }
 
 
