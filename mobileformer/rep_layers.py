@@ -6,7 +6,7 @@ an h x w partition turns into the equivalent fully-connected layer (`conv_to_fc`
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -111,10 +111,13 @@ def torch_to_paddle_state(state: Dict[str, np.ndarray], linear_weights: Sequence
     return out
 
 
-def check_deploy_layout(state: Dict[str, np.ndarray], config: CfgNode, folded_marker: str) -> None:
-    """Raises if the checkpoint's layout (training or folded) disagrees with MODEL.DEPLOY."""
-    folded = not any(folded_marker in k for k in state)
-    if folded != config.MODEL.DEPLOY:
+def deploy_layout_hint(training_marker: str) -> Callable[[Iterable[str], CfgNode], Optional[str]]:
+    """A converter hint: a checkpoint holds the training layout iff a key contains
+    `training_marker` (a BN that folding removes); says so when that disagrees with MODEL.DEPLOY."""
+    def hint(keys: Iterable[str], config: CfgNode) -> Optional[str]:
+        folded = not any(training_marker in k for k in keys)
+        if folded == config.MODEL.DEPLOY:
+            return None
         kind = 'folded (deploy)' if folded else 'training'
-        raise ValueError(f'the checkpoint has the {kind} layout but MODEL.DEPLOY is {config.MODEL.DEPLOY}; '
-                         f'set MODEL.DEPLOY {folded}')
+        return f'the checkpoint has the {kind} layout but MODEL.DEPLOY is {config.MODEL.DEPLOY}; set MODEL.DEPLOY {folded}'
+    return hint

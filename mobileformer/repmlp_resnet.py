@@ -20,7 +20,7 @@ from yacs.config import CfgNode
 from mobileformer.config import ConfigError
 from mobileformer.layers import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
-from mobileformer.rep_layers import (ConvBN, FoldableConvBN, check_deploy_layout, conv_to_fc,
+from mobileformer.rep_layers import (ConvBN, FoldableConvBN, conv_to_fc, deploy_layout_hint,
                                      merge_conv_bn_branches, torch_to_paddle_state)
 
 BLOCK_TYPES = ('light', 'bottleneck', 'plain')
@@ -243,8 +243,8 @@ def _is_official_repmlp_resnet(keys) -> bool:
     return 'stage0.0.conv.weight' in keys and 'linear.weight' in keys
 
 
-@register_converter('official-repmlp', ['repmlp_resnet'], detect=_is_official_repmlp_resnet)
+@register_converter('official-repmlp', ['repmlp_resnet'], detect=_is_official_repmlp_resnet,
+                    hint=deploy_layout_hint('bn.'))
 def convert_official_repmlp(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
     """The original RepMLP-ResNet release (training or folded checkpoint) -> ours."""
-    check_deploy_layout(state, config, 'bn.')
     return official_repmlp_to_paddle(state)

@@ -19,7 +19,7 @@ from yacs.config import CfgNode
 from mobileformer.config import ConfigError
 from mobileformer.layers import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
-from mobileformer.rep_layers import (ConvBN, check_deploy_layout, conv_to_fc, merge_conv_bn_branches,
+from mobileformer.rep_layers import (ConvBN, conv_to_fc, deploy_layout_hint, merge_conv_bn_branches,
                                      torch_to_paddle_state)
 
 
@@ -213,8 +213,8 @@ def _is_official_repmlpnet(keys) -> bool:
     return 'conv_embedding.conv.weight' in keys and any('.repmlp_block.fc3.weight' in k for k in keys)
 
 
-@register_converter('official-repmlpnet', ['repmlpnet'], detect=_is_official_repmlpnet)
+@register_converter('official-repmlpnet', ['repmlpnet'], detect=_is_official_repmlpnet,
+                    hint=deploy_layout_hint('fc3_bn.'))
 def convert_official_repmlpnet(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
     """The authors' RepMLPNet state dict (training or folded) -> ours; only `head` is a Linear."""
-    check_deploy_layout(state, config, 'fc3_bn.')
     return torch_to_paddle_state(state, linear_weights=['head.weight'])
