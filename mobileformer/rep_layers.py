@@ -2,7 +2,8 @@
 
 Training-time conv + BatchNorm branches fold into plain convs (`ConvBN.fused_kernel_bias`), several
 branches of different kernel sizes merge into one kernel (`merge_conv_bn_branches`), and a conv over
-an h x w partition turns into the equivalent fully-connected layer (`conv_to_fc`).
+an h x w partition turns into the equivalent fully-connected layer (`conv_to_fc`); `PartitionFC3` is
+the fold both RepMLP blocks share.
 """
 from __future__ import annotations
 
@@ -95,6 +96,43 @@ def conv_to_fc(kernel: paddle.Tensor, bias: paddle.Tensor, height: int, width: i
     return weight, paddle.repeat_interleave(bias, height * width)
 
 
+class PartitionFC3(nn.Layer):
+    """Base of the RepMLP blocks (RepMLPNet's and RepMLP v1's): a partition-wise fc3 (a grouped 1x1
+    conv over rows of h*w values per channel) that trains with a BN `fc3_bn` and parallel ConvBN
+    branches `repconv{k}` (the local perceptron), all folded into fc3 by `re_parameterize()`.
+
+    A subclass sets `h`, `w`, `kernels`, `fc3` and `fc3_bn` (None when deploying), then calls
+    `_add_branches`; its `re_parameterize` folds `fc3_bn` into fc3 and hands the result to `_fold_fc3`.
+    """
+
+    def _add_branches(self, in_channels: int, out_channels: int, groups: int, deploy: bool) -> None:
+        for k in ([] if deploy else self.kernels):
+            setattr(self, f'repconv{k}', ConvBN(in_channels, out_channels, k, padding=k // 2, groups=groups))
+
+    @property
+    def is_repped(self) -> bool:
+        return self.fc3_bn is None
+
+    def _branches(self) -> list:
+        return [getattr(self, f'repconv{k}') for k in self.kernels]
+
+    def _fold_fc3(self, weight: paddle.Tensor, bias: paddle.Tensor) -> None:
+        """Adds the branches, as an FC, to fc3's BN-folded (weight, bias), makes that fc3 (with a
+        bias) and removes `fc3_bn` and the branches."""
+        groups = self.fc3._groups
+        if self.kernels:
+            kernel, conv_bias = merge_conv_bn_branches(self._branches())
+            fc_weight, fc_bias = conv_to_fc(kernel, conv_bias, self.h, self.w, groups)
+            weight, bias = weight + fc_weight.reshape(weight.shape), bias + fc_bias
+        self.fc3 = nn.Conv2D(self.fc3._in_channels, self.fc3._out_channels, 1, groups=groups)
+        self.fc3.weight.set_value(weight)
+        self.fc3.bias.set_value(bias)
+        for k in self.kernels:
+            delattr(self, f'repconv{k}')
+        del self.fc3_bn
+        self.fc3_bn = None
+
+
 # --------------------------------------------- converting the authors' (PyTorch) checkpoints
 
 def torch_to_paddle_state(state: Dict[str, np.ndarray], linear_weights: Sequence[str]) -> Dict[str, np.ndarray]:
@@ -119,5 +157,6 @@ def deploy_layout_hint(training_marker: str) -> Callable[[Iterable[str], CfgNode
         if folded == config.MODEL.DEPLOY:
             return None
         kind = 'folded (deploy)' if folded else 'training'
-        return f'the checkpoint has the {kind} layout but MODEL.DEPLOY is {config.MODEL.DEPLOY}; set MODEL.DEPLOY {folded}'
+        return (f'the checkpoint has the {kind} layout but MODEL.DEPLOY is {config.MODEL.DEPLOY}; '
+                f'set MODEL.DEPLOY {folded}')
     return hint

@@ -19,8 +19,7 @@ from yacs.config import CfgNode
 from mobileformer.config import ConfigError
 from mobileformer.layers import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
-from mobileformer.rep_layers import (ConvBN, conv_to_fc, deploy_layout_hint, merge_conv_bn_branches,
-                                     torch_to_paddle_state)
+from mobileformer.rep_layers import ConvBN, PartitionFC3, deploy_layout_hint, torch_to_paddle_state
 
 
 class GlobalPerceptron(nn.Layer):
@@ -36,7 +35,7 @@ class GlobalPerceptron(nn.Layer):
         return F.sigmoid(self.fc2(F.relu(self.fc1(x))))
 
 
-class RepMLPBlock(nn.Layer):
+class RepMLPBlock(PartitionFC3):
     """Global perceptron x (partition-wise fc3 + BN + local conv branches), C channels in and out.
 
     fc3 is a 1x1 conv with `sharesets` groups over rows of S*h*w values: S independent hw x hw
@@ -53,15 +52,7 @@ class RepMLPBlock(nn.Layer):
         units = sharesets * partition * partition
         self.fc3 = nn.Conv2D(units, units, 1, groups=sharesets, bias_attr=None if deploy else False)
         self.fc3_bn = None if deploy else nn.BatchNorm2D(sharesets)
-        for k in ([] if deploy else self.kernels):
-            setattr(self, f'repconv{k}', ConvBN(sharesets, sharesets, k, padding=k // 2, groups=sharesets))
-
-    @property
-    def is_repped(self) -> bool:
-        return self.fc3_bn is None
-
-    def _branches(self) -> list:
-        return [getattr(self, f'repconv{k}') for k in self.kernels]
+        self._add_branches(sharesets, sharesets, sharesets, deploy)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         c, (s, h, w) = self.channels, (self.sharesets, self.h, self.w)
@@ -85,19 +76,7 @@ class RepMLPBlock(nn.Layer):
         s, hw = self.sharesets, self.h * self.w
         # fc3's BN has one statistic per share-set: fold it over [S, hw*hw] views of the weight.
         weight, bias = fuse_conv_bn(self.fc3.weight.reshape([s, -1]), self.fc3_bn)
-        weight, bias = weight.reshape(self.fc3.weight.shape), paddle.repeat_interleave(bias, hw)
-        if self.kernels:
-            kernel, conv_bias = merge_conv_bn_branches(self._branches())
-            fc_weight, fc_bias = conv_to_fc(kernel, conv_bias, self.h, self.w, s)
-            weight, bias = weight + fc_weight.reshape(weight.shape), bias + fc_bias
-        units = s * hw
-        self.fc3 = nn.Conv2D(units, units, 1, groups=s)
-        self.fc3.weight.set_value(weight)
-        self.fc3.bias.set_value(bias)
-        for k in self.kernels:
-            delattr(self, f'repconv{k}')
-        del self.fc3_bn
-        self.fc3_bn = None
+        self._fold_fc3(weight.reshape(self.fc3.weight.shape), paddle.repeat_interleave(bias, hw))
 
 
 class FFN(nn.Layer):
