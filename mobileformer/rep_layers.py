@@ -15,6 +15,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from yacs.config import CfgNode
 
+from mobileformer.config import ConfigError
 from mobileformer.layers import fuse_conv_bn
 
 
@@ -131,6 +132,16 @@ class PartitionFC3(nn.Layer):
             delattr(self, f'repconv{k}')
         del self.fc3_bn
         self.fc3_bn = None
+
+
+def check_rep_config(config: CfgNode, subtree: str, family: str) -> None:
+    """The config checks both Rep families share: odd positive branch kernels (centred, so they
+    merge), and no dropout or stochastic depth (neither model has any)."""
+    kernels = config.MODEL[subtree].REPARAM_KERNELS
+    if any(k % 2 == 0 or k <= 0 for k in kernels):
+        raise ConfigError(f'MODEL.{subtree}.REPARAM_KERNELS must be positive odd sizes, got {kernels}')
+    if config.MODEL.DROPOUT or config.MODEL.DROPPATH:
+        raise ConfigError(f'{family} has no dropout or stochastic depth; set MODEL.DROPOUT and MODEL.DROPPATH to 0')
 
 
 # --------------------------------------------- converting the authors' (PyTorch) checkpoints

@@ -20,7 +20,8 @@ from yacs.config import CfgNode
 from mobileformer.config import ConfigError
 from mobileformer.layers import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
-from mobileformer.rep_layers import FoldableConvBN, PartitionFC3, deploy_layout_hint, torch_to_paddle_state
+from mobileformer.rep_layers import (FoldableConvBN, PartitionFC3, check_rep_config, deploy_layout_hint,
+                                     torch_to_paddle_state)
 
 BLOCK_TYPES = ('light', 'bottleneck', 'plain')
 
@@ -189,11 +190,7 @@ def _check_config(config: CfgNode) -> None:
         if cfg.BLOCK != 'plain' and feature % cfg.PARTITION:
             raise ConfigError(f'the {feature}x{feature} feature map of DATA.IMAGE_SIZE {size} is not divisible '
                               f'by MODEL.REPMLP_RESNET.PARTITION {cfg.PARTITION}; change one of them')
-    if any(k % 2 == 0 or k <= 0 for k in cfg.REPARAM_KERNELS):
-        raise ConfigError(f'MODEL.REPMLP_RESNET.REPARAM_KERNELS must be positive odd sizes, got {cfg.REPARAM_KERNELS}')
-    if config.MODEL.DROPOUT or config.MODEL.DROPPATH:
-        raise ConfigError('RepMLP-ResNet has no dropout or stochastic depth; set MODEL.DROPOUT and '
-                          'MODEL.DROPPATH to 0')
+    check_rep_config(config, 'REPMLP_RESNET', 'RepMLP-ResNet')
 
 
 @register_model('repmlp_resnet')

@@ -19,7 +19,8 @@ from yacs.config import CfgNode
 from mobileformer.config import ConfigError
 from mobileformer.layers import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
-from mobileformer.rep_layers import ConvBN, PartitionFC3, deploy_layout_hint, torch_to_paddle_state
+from mobileformer.rep_layers import (ConvBN, PartitionFC3, check_rep_config, deploy_layout_hint,
+                                     torch_to_paddle_state)
 
 
 class GlobalPerceptron(nn.Layer):
@@ -167,11 +168,7 @@ def _check_config(config: CfgNode) -> None:
     for channels, sets in zip(cfg.CHANNELS, cfg.SHARESETS):
         if channels % sets:
             raise ConfigError(f'MODEL.REPMLPNET.SHARESETS {sets} must divide the stage width {channels}')
-    if any(k % 2 == 0 or k <= 0 for k in cfg.REPARAM_KERNELS):
-        raise ConfigError(f'MODEL.REPMLPNET.REPARAM_KERNELS must be positive odd sizes, got {cfg.REPARAM_KERNELS}')
-    if config.MODEL.DROPOUT or config.MODEL.DROPPATH:
-        raise ConfigError('RepMLPNet has no dropout or stochastic depth; set MODEL.DROPOUT and '
-                          'MODEL.DROPPATH to 0')
+    check_rep_config(config, 'REPMLPNET', 'RepMLPNet')
 
 
 @register_model('repmlpnet')

@@ -13,8 +13,8 @@ from mobileformer.registry import converters
 from mobileformer.reparam import reparameterize_checkpoint
 from mobileformer.repmlp_resnet import RepMLP, official_repmlp_to_paddle
 from mobileformer.weights import check_state
-from rep_utils import (constant_init, load_fixture, randomise_batchnorms, reference_keys, relative_error, state_shapes,
-                       synthetic_state)
+from rep_utils import (constant_init, eval_output, lazy_model, load_fixture, randomise_batchnorms, reference_keys,
+                       relative_error, state_shapes, synthetic_state)
 
 # config: (params training, params folded, GMACs training, GMACs folded) from the spec
 FLAVOURS = {
@@ -28,17 +28,6 @@ SMALL = ['DATA.IMAGE_SIZE', 64, 'MODEL.REPMLP_RESNET.PARTITION', 4, 'MODEL.REPML
 
 def config_of(name, deploy=False, opts=()):
     return get_config(os.path.join(CONFIGS, f'{name}.yaml'), ['MODEL.DEPLOY', deploy, *opts])
-
-
-def lazy_model(config):
-    with paddle.LazyGuard():  # shapes only: counting needs no initialised weights
-        return build_model(config)
-
-
-def eval_output(model, x):
-    model.eval()
-    with paddle.no_grad():
-        return model(paddle.to_tensor(x)).numpy()
 
 
 def fixture_block(deploy):
@@ -129,6 +118,10 @@ def test_bad_sizes_are_build_errors():
         build_model(config_of('repmlp_res50_light_224', opts=['DATA.IMAGE_SIZE', 256]))
     with pytest.raises(ConfigError, match='BLOCK must be one of'):
         build_model(config_of('repmlp_res50_light_224', opts=['MODEL.REPMLP_RESNET.BLOCK', 'heavy']))
+    with pytest.raises(ConfigError, match=r'^MODEL.REPMLP_RESNET.REPARAM_KERNELS must be positive odd sizes, got \[1, 4\]$'):
+        build_model(config_of('repmlp_res50_light_224', opts=['MODEL.REPMLP_RESNET.REPARAM_KERNELS', [1, 4]]))
+    with pytest.raises(ConfigError, match='^RepMLP-ResNet has no dropout or stochastic depth; set MODEL.DROPOUT and '):
+        build_model(config_of('repmlp_res50_light_224', opts=['MODEL.DROPPATH', 0.1]))
 
 
 def test_reparam_command_folds_repmlp_resnet(tmp_path):
