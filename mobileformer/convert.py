@@ -22,8 +22,6 @@ from mobileformer.registry import Converter, converters
 from mobileformer.torch_io import load_state_dict
 from mobileformer.weights import cast_like, check_state, mismatches, save_atomic, state_shapes
 
-_CLASS_RETRIES = 3  # class counts tried when a converter rejects a checkpoint's classifier
-
 
 def _names(items: Iterable[str]) -> str:
     return ', '.join(sorted(items)) or '(none registered)'
@@ -82,40 +80,21 @@ def _lazy_model(config: CfgNode):
         return build_model(config)
 
 
-def _with_classes(config: CfgNode, num_classes: int) -> CfgNode:
-    config = config.clone()
-    config.defrost()
-    config.MODEL.NUM_CLASSES = num_classes
-    config.freeze()
-    return config
-
-
-def _class_count_candidates(reference: Mapping[str, np.ndarray], model) -> list:
-    """Class counts the checkpoint's classifier may have: sizes of its 1-D tensors that no 1-D
-    tensor of our model has (the same architecture shares every other vector size)."""
-    ours = {v.shape[0] for v in model.state_dict().values() if len(v.shape) == 1}
-    return sorted({v.shape[0] for v in reference.values() if v.ndim == 1} - ours)
-
-
-def run_converter(converter: Converter, reference: Mapping[str, np.ndarray], config: CfgNode,
-                  model) -> Dict[str, np.ndarray]:
-    """`converter` on `reference` for `config`. Converters that check shapes against the config
-    reject a checkpoint whose classifier has another class count, so on failure the conversion is
-    retried with the checkpoint's class count (at most _CLASS_RETRIES guesses); the caller drops
-    the classifier afterwards."""
-    try:
-        return converter.convert(reference, config)
-    except (ValueError, KeyError) as first_error:
-        candidates = _class_count_candidates(reference, model)
-        for classes in candidates[:_CLASS_RETRIES]:
-            try:
-                return converter.convert(reference, _with_classes(config, classes))
-            except (ValueError, KeyError):
-                continue
-        if isinstance(first_error, KeyError):
-            raise ValueError(f'converter {converter.name!r} needs key {first_error} that the checkpoint lacks; '
-                             f'is it a checkpoint of {config.MODEL.NAME}?') from None
-        raise
+def convert_state(reference: Mapping[str, np.ndarray], config: CfgNode, converter: Converter,
+                  what: str = 'the checkpoint', log: Callable[[str], None] = print) -> Dict[str, np.ndarray]:
+    """`reference` mapped by `converter` and checked against the model of `config` (every key and
+    shape); a classifier for another class count is left out with a notice. Returns our state in
+    the model's dtypes."""
+    state = converter.convert(reference, config)
+    model = _lazy_model(config)
+    dropped, source_classes = head_keys(state, state_shapes(model), config.MODEL.NUM_CLASSES)
+    if dropped:
+        log(f'notice: classifier ({", ".join(dropped)}) left out: the checkpoint has {source_classes} classes, '
+            f'MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}; it keeps its fresh initialisation')
+        state = {k: v for k, v in state.items() if k not in dropped}
+    hint = converter.hint(reference.keys(), config) if converter.hint else None
+    check_state(state, model, f'{what} converted by {converter.name!r}', allow_missing=dropped, hint=hint)
+    return cast_like(state, model)
 
 
 def convert_checkpoint(src: str, config: CfgNode, out: str, source: Optional[str] = None,
@@ -123,16 +102,7 @@ def convert_checkpoint(src: str, config: CfgNode, out: str, source: Optional[str
     """Reads `src`, converts and checks it against the model of `config`, writes `out`; returns our state."""
     reference = load_state_dict(src, key)
     converter = pick_converter(reference, config.MODEL.TYPE, source, source=f"'{src}'")
-    model = _lazy_model(config)
-    state = run_converter(converter, reference, config, model)
-    expected = state_shapes(model)
-    dropped, source_classes = head_keys(state, expected, config.MODEL.NUM_CLASSES)
-    if dropped:
-        log(f'notice: classifier ({", ".join(dropped)}) left out: the checkpoint has {source_classes} classes, '
-            f'MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}; it keeps its fresh initialisation')
-        state = {k: v for k, v in state.items() if k not in dropped}
-    check_state(state, model, f"'{src}' converted by {converter.name!r}", allow_missing=dropped)
-    state = cast_like(state, model)
+    state = convert_state(reference, config, converter, f"'{src}'", log)
     save_atomic(state, out)
     count = sum(int(v.size) for v in state.values())
     log(f"converted '{src}' ({len(reference)} tensors, format {converter.name!r}) -> '{out}': "

@@ -19,7 +19,7 @@ from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError, _C
 from mobileformer.layers import DropPath, drop_path_rates
-from mobileformer.registry import build_model, register_converter, register_model
+from mobileformer.registry import register_converter, register_model
 
 I = nn.initializer
 
@@ -277,27 +277,6 @@ def build_resmlp(config: CfgNode) -> MlpMixer:
 
 # ---- weight converters ----------------------------------------------------------------------
 
-def expected_state(config: CfgNode) -> Dict[str, tuple]:
-    """Our state-dict names and shapes for `config` (built lazily: no weights are allocated)."""
-    with paddle.LazyGuard():
-        model = build_model(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def check_state(state: Dict[str, np.ndarray], config: CfgNode, source: str) -> Dict[str, np.ndarray]:
-    """Returns `state` if its names and shapes are exactly the model's; otherwise raises a
-    ValueError listing the missing, unexpected and mis-shaped keys."""
-    expected = expected_state(config)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f'{k} {tuple(state[k].shape)} (model: {expected[k]})'
-             for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        raise ValueError(f'{source} checkpoint does not fit {config.MODEL.NAME}: missing {missing}, '
-                         f'unexpected {unexpected}, wrong shape {wrong}; check the config matches the checkpoint')
-    return state
-
-
 def _to_paddle(key: str, value: np.ndarray) -> np.ndarray:
     """PyTorch layout -> ours: Linear weights [out, in] -> [in, out]; per-channel vectors stored
     as (1, 1, C) by timm (Affine, LayerScale) -> (C,)."""
@@ -317,7 +296,7 @@ def _is_timm_mixer(keys: Iterable[str]) -> bool:
 @register_converter('timm', ['mixer', 'gmlp', 'resmlp'], detect=_is_timm_mixer)
 def convert_timm(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
     """timm `MlpMixer` checkpoints (mixer_*, gmlp_*, resmlp_*): same names, PyTorch layouts."""
-    return check_state({k: _to_paddle(k, v) for k, v in state.items()}, config, 'timm')
+    return {k: _to_paddle(k, v) for k, v in state.items()}
 
 
 # The authors' ResMLP (facebookresearch/deit resmlp_models.py) names -> ours.
@@ -344,6 +323,5 @@ def _deit_name(key: str) -> str:
 @register_converter('deit-resmlp', ['resmlp'], detect=_is_deit_resmlp)
 def convert_deit_resmlp(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
     """The authors' ResMLP checkpoints (resmlp_12/24/36, resmlpB_24; plain or distilled)."""
-    return check_state({_deit_name(k): _to_paddle(_deit_name(k), v) for k, v in state.items()},
-                       config, 'deit-resmlp')
+    return {_deit_name(k): _to_paddle(_deit_name(k), v) for k, v in state.items()}
 

@@ -28,6 +28,7 @@ from mobileformer.config import ConfigError
 from mobileformer.flops import register_madds
 from mobileformer.layers import DropPath, drop_path_rates
 from mobileformer.registry import register_converter, register_model
+from mobileformer.weights import list_names
 
 BLOCK_KINDS = ('lite', 'mf', 'down')
 _STRIDES = {'lite': (1, 2), 'mf': (1,), 'down': (2,)}
@@ -472,46 +473,28 @@ def _detect_official(keys: Iterable[str]) -> bool:
     return {'tokens.weight', 'local_global.q.weight', 'classifier.classifier.1.weight'} <= keys
 
 
-def _summary(names: Sequence[str], limit: int = 8) -> str:
-    names = sorted(names)
-    more = f' (+{len(names) - limit} more)' if len(names) > limit else ''
-    return ', '.join(names[:limit]) + more
-
-
 @register_converter('official-mobileformer', ['mobileformer'], detect=_detect_official)
 def convert_official(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
-    """Release state dict (PyTorch names/layouts) -> ours for the model `config` describes.
+    """Release state dict (PyTorch names/layouts) -> ours for the block kinds `config` describes.
 
     Linear weights are transposed to Paddle's [in, out]; BN running stats become `_mean` /
-    `_variance`; `num_batches_tracked` is dropped. Raises ValueError listing missing and
-    unexpected keys and shape mismatches."""
+    `_variance`; `num_batches_tracked` is dropped. Raises ValueError listing the release keys that
+    have no place in the model; keys and shapes are checked by `weights.check_state`."""
     kinds = [row[0] for row in validate_config(config)]
-    expected = {k: tuple(v.shape) for k, v in build_mformer(config).state_dict().items()}
-    converted, unexpected, mismatched, seen = {}, [], [], set()
+    converted, unplaced = {}, []
     for name, value in state.items():
         if name.endswith('num_batches_tracked'):
             continue
         ours = _map_key(name, kinds)
-        if ours is None or ours not in expected:
-            unexpected.append(name)
+        if ours is None:
+            unplaced.append(name)
             continue
-        seen.add(ours)
         value = np.asarray(value, dtype=np.float32)
         if value.ndim == 2 and ours != 'tokens':  # Linear [out, in] -> [in, out]
             value = value.T
-        if tuple(value.shape) != expected[ours]:
-            mismatched.append(f'{name} {tuple(value.shape)} vs {ours} {expected[ours]}')
-            continue
         converted[ours] = np.ascontiguousarray(value)
-    missing = [k for k in expected if k not in seen]
-    problems = []
-    if missing:
-        problems.append(f'missing {len(missing)} keys: {_summary(missing)}')
-    if unexpected:
-        problems.append(f'unexpected {len(unexpected)} keys: {_summary(unexpected)}')
-    if mismatched:
-        problems.append(f'{len(mismatched)} shape mismatches: {_summary(mismatched)}')
-    if problems:
-        raise ValueError(f'checkpoint does not fit {config.MODEL.NAME} (official-mobileformer layout): '
-                         + '; '.join(problems) + '; check that -cfg matches the checkpoint')
+    if unplaced:
+        raise ValueError(f'{len(unplaced)} keys of the checkpoint have no place in {config.MODEL.NAME} '
+                         f'(official-mobileformer layout): {list_names(sorted(unplaced))}; '
+                         f'check that -cfg matches the checkpoint')
     return converted

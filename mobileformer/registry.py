@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Mapping
+from typing import Callable, Dict, Iterable, Mapping, Optional
 
 import numpy as np
 import paddle.nn as nn
@@ -41,24 +41,29 @@ class Converter:
     """Maps a reference state dict (PyTorch names and layouts, numpy values) to ours.
 
     `detect(keys)` says whether a set of reference keys is in this converter's layout;
-    `convert(state, config)` returns our state dict (numpy), Linear weights already transposed.
+    `convert(state, config)` returns our state dict (numpy), Linear weights already transposed. It
+    is a pure mapping: it raises only for keys it cannot place, and leaves checking the result
+    against the model to `mobileformer.weights.check_state`. `hint(keys, config)`, if given, says
+    why the reference may not fit the model of `config` (e.g. a folded checkpoint for a training
+    config), or None; it ends the check's error message.
     """
     name: str
     model_types: tuple
     detect: Callable[[Iterable[str]], bool]
     convert: Callable[[StateDict, CfgNode], Dict[str, np.ndarray]]
+    hint: Optional[Callable[[Iterable[str], CfgNode], Optional[str]]] = None
 
 
 _CONVERTERS: Dict[str, Converter] = {}
 
 
-def register_converter(name: str, model_types: Iterable[str],
-                       detect: Callable[[Iterable[str]], bool]) -> Callable:
+def register_converter(name: str, model_types: Iterable[str], detect: Callable[[Iterable[str]], bool],
+                       hint: Optional[Callable[[Iterable[str], CfgNode], Optional[str]]] = None) -> Callable:
     """Registers `convert(state, config) -> state` as the `--from name` source format."""
     def wrap(convert: Callable) -> Callable:
         if name in _CONVERTERS:
             raise ValueError(f'converter {name!r} is registered twice')
-        _CONVERTERS[name] = Converter(name, tuple(model_types), detect, convert)
+        _CONVERTERS[name] = Converter(name, tuple(model_types), detect, convert, hint)
         return convert
     return wrap
 

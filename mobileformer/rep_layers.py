@@ -2,11 +2,12 @@
 
 Training-time conv + BatchNorm branches fold into plain convs (`ConvBN.fused_kernel_bias`), several
 branches of different kernel sizes merge into one kernel (`merge_conv_bn_branches`), and a conv over
-an h x w partition turns into the equivalent fully-connected layer (`conv_to_fc`).
+an h x w partition turns into the equivalent fully-connected layer (`conv_to_fc`); `PartitionFC3` is
+the fold both RepMLP blocks share.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -14,6 +15,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from yacs.config import CfgNode
 
+from mobileformer.config import ConfigError
 from mobileformer.layers import fuse_conv_bn
 
 
@@ -95,6 +97,53 @@ def conv_to_fc(kernel: paddle.Tensor, bias: paddle.Tensor, height: int, width: i
     return weight, paddle.repeat_interleave(bias, height * width)
 
 
+class PartitionFC3(nn.Layer):
+    """Base of the RepMLP blocks (RepMLPNet's and RepMLP v1's): a partition-wise fc3 (a grouped 1x1
+    conv over rows of h*w values per channel) that trains with a BN `fc3_bn` and parallel ConvBN
+    branches `repconv{k}` (the local perceptron), all folded into fc3 by `re_parameterize()`.
+
+    A subclass sets `h`, `w`, `kernels`, `fc3` and `fc3_bn` (None when deploying), then calls
+    `_add_branches`; its `re_parameterize` folds `fc3_bn` into fc3 and hands the result to `_fold_fc3`.
+    """
+
+    def _add_branches(self, in_channels: int, out_channels: int, groups: int, deploy: bool) -> None:
+        for k in ([] if deploy else self.kernels):
+            setattr(self, f'repconv{k}', ConvBN(in_channels, out_channels, k, padding=k // 2, groups=groups))
+
+    @property
+    def is_repped(self) -> bool:
+        return self.fc3_bn is None
+
+    def _branches(self) -> list:
+        return [getattr(self, f'repconv{k}') for k in self.kernels]
+
+    def _fold_fc3(self, weight: paddle.Tensor, bias: paddle.Tensor) -> None:
+        """Adds the branches, as an FC, to fc3's BN-folded (weight, bias), makes that fc3 (with a
+        bias) and removes `fc3_bn` and the branches."""
+        groups = self.fc3._groups
+        if self.kernels:
+            kernel, conv_bias = merge_conv_bn_branches(self._branches())
+            fc_weight, fc_bias = conv_to_fc(kernel, conv_bias, self.h, self.w, groups)
+            weight, bias = weight + fc_weight.reshape(weight.shape), bias + fc_bias
+        self.fc3 = nn.Conv2D(self.fc3._in_channels, self.fc3._out_channels, 1, groups=groups)
+        self.fc3.weight.set_value(weight)
+        self.fc3.bias.set_value(bias)
+        for k in self.kernels:
+            delattr(self, f'repconv{k}')
+        del self.fc3_bn
+        self.fc3_bn = None
+
+
+def check_rep_config(config: CfgNode, subtree: str, family: str) -> None:
+    """The config checks both Rep families share: odd positive branch kernels (centred, so they
+    merge), and no dropout or stochastic depth (neither model has any)."""
+    kernels = config.MODEL[subtree].REPARAM_KERNELS
+    if any(k % 2 == 0 or k <= 0 for k in kernels):
+        raise ConfigError(f'MODEL.{subtree}.REPARAM_KERNELS must be positive odd sizes, got {kernels}')
+    if config.MODEL.DROPOUT or config.MODEL.DROPPATH:
+        raise ConfigError(f'{family} has no dropout or stochastic depth; set MODEL.DROPOUT and MODEL.DROPPATH to 0')
+
+
 # --------------------------------------------- converting the authors' (PyTorch) checkpoints
 
 def torch_to_paddle_state(state: Dict[str, np.ndarray], linear_weights: Sequence[str]) -> Dict[str, np.ndarray]:
@@ -111,10 +160,14 @@ def torch_to_paddle_state(state: Dict[str, np.ndarray], linear_weights: Sequence
     return out
 
 
-def check_deploy_layout(state: Dict[str, np.ndarray], config: CfgNode, folded_marker: str) -> None:
-    """Raises if the checkpoint's layout (training or folded) disagrees with MODEL.DEPLOY."""
-    folded = not any(folded_marker in k for k in state)
-    if folded != config.MODEL.DEPLOY:
+def deploy_layout_hint(training_marker: str) -> Callable[[Iterable[str], CfgNode], Optional[str]]:
+    """A converter hint: a checkpoint holds the training layout iff a key contains
+    `training_marker` (a BN that folding removes); says so when that disagrees with MODEL.DEPLOY."""
+    def hint(keys: Iterable[str], config: CfgNode) -> Optional[str]:
+        folded = not any(training_marker in k for k in keys)
+        if folded == config.MODEL.DEPLOY:
+            return None
         kind = 'folded (deploy)' if folded else 'training'
-        raise ValueError(f'the checkpoint has the {kind} layout but MODEL.DEPLOY is {config.MODEL.DEPLOY}; '
-                         f'set MODEL.DEPLOY {folded}')
+        return (f'the checkpoint has the {kind} layout but MODEL.DEPLOY is {config.MODEL.DEPLOY}; '
+                f'set MODEL.DEPLOY {folded}')
+    return hint

@@ -20,13 +20,13 @@ from yacs.config import CfgNode
 from mobileformer.config import ConfigError
 from mobileformer.layers import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
-from mobileformer.rep_layers import (ConvBN, FoldableConvBN, check_deploy_layout, conv_to_fc,
-                                     merge_conv_bn_branches, torch_to_paddle_state)
+from mobileformer.rep_layers import (FoldableConvBN, PartitionFC3, check_rep_config, deploy_layout_hint,
+                                     torch_to_paddle_state)
 
 BLOCK_TYPES = ('light', 'bottleneck', 'plain')
 
 
-class RepMLP(nn.Layer):
+class RepMLP(PartitionFC3):
     """RepMLP block: [N, C, H, W] -> [N, O, H, W] through h x w partitions.
 
     Global perceptron (only with several partitions): AvgPool(h x w) -> BN -> Linear -> ReLU ->
@@ -42,7 +42,6 @@ class RepMLP(nn.Layer):
         self.C, self.O, self.H, self.W, self.h, self.w = in_channels, out_channels, height, width, h, w
         self.hp, self.wp = height // h, width // w
         self.kernels = list(kernels)
-        self.groups = groups
         if (height, width) != (h, w):
             cells = in_channels * self.hp * self.wp
             self.fc1_fc2 = nn.Sequential(('fc1', nn.Linear(cells, cells // fc1_fc2_reduction)), ('relu', nn.ReLU()),
@@ -57,15 +56,7 @@ class RepMLP(nn.Layer):
                              weight_attr=None if deploy else nn.initializer.Orthogonal(),
                              bias_attr=None if deploy else False)
         self.fc3_bn = None if deploy else nn.BatchNorm1D(out_channels * h * w)
-        for k in ([] if deploy else self.kernels):
-            setattr(self, f'repconv{k}', ConvBN(in_channels, out_channels, k, padding=k // 2, groups=groups))
-
-    @property
-    def is_repped(self) -> bool:
-        return self.fc3_bn is None
-
-    def _branches(self) -> list:
-        return [getattr(self, f'repconv{k}') for k in self.kernels]
+        self._add_branches(in_channels, out_channels, groups, deploy)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         c, o, h, w, hp, wp = self.C, self.O, self.h, self.w, self.hp, self.wp
@@ -86,21 +77,9 @@ class RepMLP(nn.Layer):
     def re_parameterize(self) -> None:
         """Folds fc3's BN and the conv branches into fc3 (which gains a bias) and the BN after the
         average pool into fc1."""
-        weight, bias = fuse_conv_bn(self.fc3.weight, self.fc3_bn)
-        if self.kernels:
-            kernel, conv_bias = merge_conv_bn_branches(self._branches())
-            fc_weight, fc_bias = conv_to_fc(kernel, conv_bias, self.h, self.w, self.groups)
-            weight, bias = weight + fc_weight.reshape(weight.shape), bias + fc_bias
-        fc3 = self.fc3
-        self.fc3 = nn.Conv2D(fc3._in_channels, fc3._out_channels, 1, groups=self.groups)
-        self.fc3.weight.set_value(weight)
-        self.fc3.bias.set_value(bias)
+        self._fold_fc3(*fuse_conv_bn(self.fc3.weight, self.fc3_bn))
         if self.fc1_fc2 is not None:
             self._fold_pool_bn_into_fc1()
-        for k in self.kernels:
-            delattr(self, f'repconv{k}')
-        del self.fc3_bn
-        self.fc3_bn = None
 
     def _fold_pool_bn_into_fc1(self) -> None:
         # The BN is y = scale * x + shift per channel (fuse_conv_bn of a unit weight); fc1's inputs
@@ -211,11 +190,7 @@ def _check_config(config: CfgNode) -> None:
         if cfg.BLOCK != 'plain' and feature % cfg.PARTITION:
             raise ConfigError(f'the {feature}x{feature} feature map of DATA.IMAGE_SIZE {size} is not divisible '
                               f'by MODEL.REPMLP_RESNET.PARTITION {cfg.PARTITION}; change one of them')
-    if any(k % 2 == 0 or k <= 0 for k in cfg.REPARAM_KERNELS):
-        raise ConfigError(f'MODEL.REPMLP_RESNET.REPARAM_KERNELS must be positive odd sizes, got {cfg.REPARAM_KERNELS}')
-    if config.MODEL.DROPOUT or config.MODEL.DROPPATH:
-        raise ConfigError('RepMLP-ResNet has no dropout or stochastic depth; set MODEL.DROPOUT and '
-                          'MODEL.DROPPATH to 0')
+    check_rep_config(config, 'REPMLP_RESNET', 'RepMLP-ResNet')
 
 
 @register_model('repmlp_resnet')
@@ -243,8 +218,8 @@ def _is_official_repmlp_resnet(keys) -> bool:
     return 'stage0.0.conv.weight' in keys and 'linear.weight' in keys
 
 
-@register_converter('official-repmlp', ['repmlp_resnet'], detect=_is_official_repmlp_resnet)
+@register_converter('official-repmlp', ['repmlp_resnet'], detect=_is_official_repmlp_resnet,
+                    hint=deploy_layout_hint('bn.'))
 def convert_official_repmlp(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
     """The original RepMLP-ResNet release (training or folded checkpoint) -> ours."""
-    check_deploy_layout(state, config, 'bn.')
     return official_repmlp_to_paddle(state)

@@ -19,7 +19,7 @@ from yacs.config import CfgNode
 from mobileformer.config import ConfigError
 from mobileformer.layers import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
-from mobileformer.rep_layers import (ConvBN, check_deploy_layout, conv_to_fc, merge_conv_bn_branches,
+from mobileformer.rep_layers import (ConvBN, PartitionFC3, check_rep_config, deploy_layout_hint,
                                      torch_to_paddle_state)
 
 
@@ -36,7 +36,7 @@ class GlobalPerceptron(nn.Layer):
         return F.sigmoid(self.fc2(F.relu(self.fc1(x))))
 
 
-class RepMLPBlock(nn.Layer):
+class RepMLPBlock(PartitionFC3):
     """Global perceptron x (partition-wise fc3 + BN + local conv branches), C channels in and out.
 
     fc3 is a 1x1 conv with `sharesets` groups over rows of S*h*w values: S independent hw x hw
@@ -53,15 +53,7 @@ class RepMLPBlock(nn.Layer):
         units = sharesets * partition * partition
         self.fc3 = nn.Conv2D(units, units, 1, groups=sharesets, bias_attr=None if deploy else False)
         self.fc3_bn = None if deploy else nn.BatchNorm2D(sharesets)
-        for k in ([] if deploy else self.kernels):
-            setattr(self, f'repconv{k}', ConvBN(sharesets, sharesets, k, padding=k // 2, groups=sharesets))
-
-    @property
-    def is_repped(self) -> bool:
-        return self.fc3_bn is None
-
-    def _branches(self) -> list:
-        return [getattr(self, f'repconv{k}') for k in self.kernels]
+        self._add_branches(sharesets, sharesets, sharesets, deploy)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         c, (s, h, w) = self.channels, (self.sharesets, self.h, self.w)
@@ -85,19 +77,7 @@ class RepMLPBlock(nn.Layer):
         s, hw = self.sharesets, self.h * self.w
         # fc3's BN has one statistic per share-set: fold it over [S, hw*hw] views of the weight.
         weight, bias = fuse_conv_bn(self.fc3.weight.reshape([s, -1]), self.fc3_bn)
-        weight, bias = weight.reshape(self.fc3.weight.shape), paddle.repeat_interleave(bias, hw)
-        if self.kernels:
-            kernel, conv_bias = merge_conv_bn_branches(self._branches())
-            fc_weight, fc_bias = conv_to_fc(kernel, conv_bias, self.h, self.w, s)
-            weight, bias = weight + fc_weight.reshape(weight.shape), bias + fc_bias
-        units = s * hw
-        self.fc3 = nn.Conv2D(units, units, 1, groups=s)
-        self.fc3.weight.set_value(weight)
-        self.fc3.bias.set_value(bias)
-        for k in self.kernels:
-            delattr(self, f'repconv{k}')
-        del self.fc3_bn
-        self.fc3_bn = None
+        self._fold_fc3(weight.reshape(self.fc3.weight.shape), paddle.repeat_interleave(bias, hw))
 
 
 class FFN(nn.Layer):
@@ -188,11 +168,7 @@ def _check_config(config: CfgNode) -> None:
     for channels, sets in zip(cfg.CHANNELS, cfg.SHARESETS):
         if channels % sets:
             raise ConfigError(f'MODEL.REPMLPNET.SHARESETS {sets} must divide the stage width {channels}')
-    if any(k % 2 == 0 or k <= 0 for k in cfg.REPARAM_KERNELS):
-        raise ConfigError(f'MODEL.REPMLPNET.REPARAM_KERNELS must be positive odd sizes, got {cfg.REPARAM_KERNELS}')
-    if config.MODEL.DROPOUT or config.MODEL.DROPPATH:
-        raise ConfigError('RepMLPNet has no dropout or stochastic depth; set MODEL.DROPOUT and '
-                          'MODEL.DROPPATH to 0')
+    check_rep_config(config, 'REPMLPNET', 'RepMLPNet')
 
 
 @register_model('repmlpnet')
@@ -213,8 +189,8 @@ def _is_official_repmlpnet(keys) -> bool:
     return 'conv_embedding.conv.weight' in keys and any('.repmlp_block.fc3.weight' in k for k in keys)
 
 
-@register_converter('official-repmlpnet', ['repmlpnet'], detect=_is_official_repmlpnet)
+@register_converter('official-repmlpnet', ['repmlpnet'], detect=_is_official_repmlpnet,
+                    hint=deploy_layout_hint('fc3_bn.'))
 def convert_official_repmlpnet(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
     """The authors' RepMLPNet state dict (training or folded) -> ours; only `head` is a Linear."""
-    check_deploy_layout(state, config, 'fc3_bn.')
     return torch_to_paddle_state(state, linear_weights=['head.weight'])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Mapping
+from typing import Dict, Iterable, Mapping, Optional
 
 import numpy as np
 import paddle
@@ -11,7 +11,8 @@ import paddle.nn as nn
 _LISTED = 8  # keys named per kind of problem before "... and N more"
 
 
-def _names(keys, limit: int = _LISTED) -> str:
+def list_names(keys: Iterable[str], limit: int = _LISTED) -> str:
+    """The first `limit` names, comma-separated, then "... and N more"."""
     keys = list(keys)
     more = f' ... and {len(keys) - limit} more' if len(keys) > limit else ''
     return ', '.join(keys[:limit]) + more
@@ -27,24 +28,25 @@ def mismatches(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple]) -
             if k in expected and tuple(state[k].shape) != expected[k]}
 
 
-def check_state(state: Mapping[str, np.ndarray], model: nn.Layer, what: str, allow_missing=()) -> None:
+def check_state(state: Mapping[str, np.ndarray], model: nn.Layer, what: str, allow_missing=(),
+                hint: Optional[str] = None) -> None:
     """Raises one ValueError listing every missing (beyond `allow_missing`), unexpected and
-    mis-shaped key of `state`."""
+    mis-shaped key of `state`, ending with `hint` (default: check that the config matches)."""
     expected = state_shapes(model)
     missing = [k for k in expected if k not in state and k not in allow_missing]
     unexpected = [k for k in state if k not in expected]
     wrong = mismatches(state, expected)
     problems = []
     if missing:
-        problems.append(f'{len(missing)} missing ({_names(missing)})')
+        problems.append(f'{len(missing)} missing ({list_names(missing)})')
     if unexpected:
-        problems.append(f'{len(unexpected)} unexpected ({_names(unexpected)})')
+        problems.append(f'{len(unexpected)} unexpected ({list_names(unexpected)})')
     if wrong:
         problems.append(f'{len(wrong)} with a wrong shape ('
-                        + _names(f'{k}: {list(a)} vs model {list(b)}' for k, (a, b) in wrong.items()) + ')')
+                        + list_names(f'{k}: {list(a)} vs model {list(b)}' for k, (a, b) in wrong.items()) + ')')
     if problems:
         raise ValueError(f'{what} does not fit the model: ' + '; '.join(problems)
-                         + '; check that the config matches the weights')
+                         + '; ' + (hint or 'check that the config matches the weights'))
 
 
 def to_numpy(state: Mapping) -> Dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ import paddle
 import paddle.nn as nn
 
 from conftest import FIXTURES
+from mobileformer import build_model
 
 
 def randomise_batchnorms(model: nn.Layer, seed: int = 0) -> None:
@@ -49,6 +50,18 @@ def synthetic_state(keys: dict) -> dict:
     """A reference-layout state with exactly `keys` (zeros: calloc'd lazily, so cheap at full size)."""
     return {k: np.zeros(shape, dtype='int64' if k.endswith('num_batches_tracked') else 'float32')
             for k, shape in keys.items()}
+
+
+def lazy_model(config):
+    """The model of `config` with shapes only: counting and key checks need no initialised weights."""
+    with paddle.LazyGuard():
+        return build_model(config)
+
+
+def eval_output(model: nn.Layer, x: np.ndarray) -> np.ndarray:
+    model.eval()
+    with paddle.no_grad():
+        return model(paddle.to_tensor(x)).numpy()
 
 
 def state_shapes(model: nn.Layer) -> dict:

@@ -7,15 +7,16 @@ import sys
 import numpy as np
 import paddle
 import pytest
-from conftest import FIXTURES, ROOT
+from conftest import CONFIGS, FIXTURES, ROOT
 
 import torch_writer as tw
 from mobileformer import build_model, get_config
 from mobileformer import convert as convert_module
-from mobileformer.convert import main, pick_converter
-from mobileformer.registry import Converter
+from mobileformer.convert import convert_state, main, pick_converter
+from mobileformer.registry import Converter, converters
 from mobileformer.torch_io import load_state_dict
 from mobileformer.weights import load_weights, read_pdparams
+from rep_utils import reference_keys, synthetic_state
 
 # (tag, checkpoint file, converter it is detected as, tolerance relative to the largest logit?)
 CASES = [
@@ -125,7 +126,8 @@ def test_wrong_config_for_the_checkpoint_lists_the_keys(tmp_path, capsys):
     code, _, stderr = run_convert(capsys, fixture('official_mobile_former_tiny_g1.pth.tar'),
                                   '-cfg', fixture('official_mobile_former_tiny_g4.yaml'), '-o', out)
     assert code == 2
-    assert '12 shape mismatches' in stderr and 'vs blocks.3.mobile.project.conv.weight (24, 16, 1, 1)' in stderr
+    assert 'does not fit the model: 12 with a wrong shape' in stderr
+    assert 'blocks.3.mobile.project.conv.weight: [24, 64, 1, 1] vs model [24, 16, 1, 1]' in stderr
     assert not out.exists()
 
 
@@ -139,7 +141,8 @@ def test_checkpoint_of_another_model_is_named(tmp_path, capsys):
     code, _, stderr = run_convert(capsys, fixture('official_repmlpnet_tiny_train.pth'), '--from', 'official-mobileformer',
                                   '-cfg', fixture('official_mobile_former_tiny_g1.yaml'), '-o', out)
     assert code == 2
-    assert 'missing 282 keys: blocks.0.dw.bn._mean' in stderr and 'unexpected 174 keys: conv_embedding.bn.bias' in stderr
+    assert ('174 keys of the checkpoint have no place in official_mobile_former_tiny_g1 (official-mobileformer '
+            'layout): conv_embedding.bn.bias, ') in stderr
     code, _, stderr = run_convert(capsys, fixture('timm_mixer_tiny.pth'), '--from', 'timm',
                                   '-cfg', fixture('official_mobile_former_tiny_g1.yaml'), '-o', out)
     assert "converter 'timm' produces MODEL.TYPE gmlp, mixer, resmlp, but the config builds 'mobileformer'" in stderr
@@ -147,6 +150,53 @@ def test_checkpoint_of_another_model_is_named(tmp_path, capsys):
                                   '-cfg', fixture('timm_mixer_tiny.yaml'), '-o', out)
     assert "unknown converter --from 'tim'; available: deit-resmlp, official-mobileformer" in stderr
     assert not out.exists()
+
+
+def test_missing_and_unexpected_keys_are_listed(capsys):
+    state = load_state_dict(fixture('timm_mixer_tiny.pth'))
+    del state['head.bias']
+    state['head.extra'] = np.zeros(3, 'float32')
+    with pytest.raises(ValueError) as err:
+        convert_state(state, get_config(fixture('timm_mixer_tiny.yaml')), converters()['timm'])
+    assert str(err.value) == ("the checkpoint converted by 'timm' does not fit the model: 1 missing (head.bias); "
+                              "1 unexpected (head.extra); check that the config matches the weights")
+    assert capsys.readouterr().out == ''  # no classifier notice: the head is not a class-count change
+
+
+def test_mobileformer_release_that_does_not_fit_is_listed():
+    config = get_config(fixture('official_mobile_former_tiny_g1.yaml'))
+    release = dict(np.load(fixture('official_mobile_former_tiny_g1_state.npz')))
+    del release['features.2.hyper2.hyper.0.bias']
+    release['features.5.global_block.q.weight'] = np.zeros((32, 31), 'float32')
+    with pytest.raises(ValueError) as err:
+        convert_state(release, config, converters()['official-mobileformer'])
+    assert (" does not fit the model: 1 missing (blocks.2.mobile.act2.fc1.bias); 1 with a wrong shape "
+            "(blocks.5.former.q.weight: [31, 32] vs model [32, 32]); ") in str(err.value)
+    release['features.2.extra.weight'] = np.zeros(3, 'float32')
+    with pytest.raises(ValueError, match=r'^1 keys of the checkpoint have no place in official_mobile_former_tiny_g1 '
+                                         r'\(official-mobileformer layout\): features\.2\.extra\.weight; '):
+        convert_state(release, config, converters()['official-mobileformer'])
+
+
+def test_rep_layout_that_disagrees_with_deploy_flag_is_named(tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'never.pdparams'
+    code, _, stderr = run_convert(capsys, fixture('official_repmlpnet_tiny_deploy.pth'),
+                                  '-cfg', fixture('official_repmlpnet_tiny_train.yaml'), '-o', out)
+    assert code == 2 and '56 missing (stages.0.0.repmlp_block.fc3_bn.weight, ' in stderr
+    assert stderr.endswith('; the checkpoint has the folded (deploy) layout but MODEL.DEPLOY is False; '
+                           'set MODEL.DEPLOY True\n')
+    code, _, stderr = run_convert(capsys, fixture('official_repmlpnet_tiny_train.pth'),
+                                  '-cfg', fixture('official_repmlpnet_tiny_deploy.yaml'), '-o', out)
+    assert code == 2 and stderr.endswith('; the checkpoint has the training layout but MODEL.DEPLOY is True; '
+                                         'set MODEL.DEPLOY False\n')
+    assert not out.exists()
+    # RepMLP-ResNet at full size (no small release exists): fc3's orthogonal init is a slow QR per block.
+    monkeypatch.setattr(paddle.nn.initializer, 'Orthogonal', lambda: paddle.nn.initializer.Constant(0.01))
+    release = synthetic_state(reference_keys('official_repmlp_res50_light_224_deploy'))
+    config = get_config(os.path.join(CONFIGS, 'repmlp_res50_light_224.yaml'), ['MODEL.DEPLOY', False])
+    with pytest.raises(ValueError, match='the checkpoint has the folded \\(deploy\\) layout but MODEL.DEPLOY is False; '
+                                         'set MODEL.DEPLOY True$'):
+        convert_state(release, config, converters()['official-repmlp'])
 
 
 def test_no_or_several_detected_converters(monkeypatch):

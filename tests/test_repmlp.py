@@ -12,8 +12,9 @@ from mobileformer.layers import count_trainable, re_parameterize_model
 from mobileformer.registry import converters
 from mobileformer.reparam import reparameterize_checkpoint
 from mobileformer.repmlp_resnet import RepMLP, official_repmlp_to_paddle
-from rep_utils import (constant_init, load_fixture, randomise_batchnorms, reference_keys, relative_error, state_shapes,
-                       synthetic_state)
+from mobileformer.weights import check_state
+from rep_utils import (constant_init, eval_output, lazy_model, load_fixture, randomise_batchnorms, reference_keys,
+                       relative_error, state_shapes, synthetic_state)
 
 # config: (params training, params folded, GMACs training, GMACs folded) from the spec
 FLAVOURS = {
@@ -27,17 +28,6 @@ SMALL = ['DATA.IMAGE_SIZE', 64, 'MODEL.REPMLP_RESNET.PARTITION', 4, 'MODEL.REPML
 
 def config_of(name, deploy=False, opts=()):
     return get_config(os.path.join(CONFIGS, f'{name}.yaml'), ['MODEL.DEPLOY', deploy, *opts])
-
-
-def lazy_model(config):
-    with paddle.LazyGuard():  # shapes only: counting needs no initialised weights
-        return build_model(config)
-
-
-def eval_output(model, x):
-    model.eval()
-    with paddle.no_grad():
-        return model(paddle.to_tensor(x)).numpy()
 
 
 def fixture_block(deploy):
@@ -78,8 +68,9 @@ def test_madds_match_spec(name):
 def test_block_parity_with_official_release(tag):
     state, io = load_fixture(f'official_repmlp_v1_block_{tag}')
     block = fixture_block(deploy=tag == 'deploy')
-    missing, unexpected = block.set_state_dict(official_repmlp_to_paddle(state))
-    assert (missing, unexpected) == ([], [])
+    converted = official_repmlp_to_paddle(state)
+    check_state(converted, block, f'the {tag} block')  # no missing or extra key, every shape right
+    block.set_state_dict(converted)
     assert relative_error(eval_output(block, io['input']), io['logits']) < 1e-4
 
 
@@ -119,13 +110,7 @@ def test_full_size_reference_keys_convert_exactly(flavour, layout):
     assert converter.detect(keys) and not converters()['official-repmlpnet'].detect(keys)
     config = config_of(f'repmlp_res50_{flavour}_224', deploy=layout == 'deploy')
     converted = converter.convert(synthetic_state(keys), config)
-    assert {k: v.shape for k, v in converted.items()} == state_shapes(lazy_model(config))
-
-
-def test_converter_refuses_layout_that_disagrees_with_deploy_flag():
-    keys = reference_keys('official_repmlp_res50_light_224_deploy')
-    with pytest.raises(ValueError, match='set MODEL.DEPLOY True'):
-        converters()['official-repmlp'].convert(synthetic_state(keys), config_of('repmlp_res50_light_224'))
+    check_state(converted, lazy_model(config), f'the {flavour} {layout} key list')
 
 
 def test_bad_sizes_are_build_errors():
@@ -133,6 +118,10 @@ def test_bad_sizes_are_build_errors():
         build_model(config_of('repmlp_res50_light_224', opts=['DATA.IMAGE_SIZE', 256]))
     with pytest.raises(ConfigError, match='BLOCK must be one of'):
         build_model(config_of('repmlp_res50_light_224', opts=['MODEL.REPMLP_RESNET.BLOCK', 'heavy']))
+    with pytest.raises(ConfigError, match=r'^MODEL.REPMLP_RESNET.REPARAM_KERNELS must be positive odd sizes, got \[1, 4\]$'):
+        build_model(config_of('repmlp_res50_light_224', opts=['MODEL.REPMLP_RESNET.REPARAM_KERNELS', [1, 4]]))
+    with pytest.raises(ConfigError, match='^RepMLP-ResNet has no dropout or stochastic depth; set MODEL.DROPOUT and '):
+        build_model(config_of('repmlp_res50_light_224', opts=['MODEL.DROPPATH', 0.1]))
 
 
 def test_reparam_command_folds_repmlp_resnet(tmp_path):

@@ -14,8 +14,9 @@ from mobileformer.reparam import main as reparam_main
 from mobileformer.reparam import reparameterize_checkpoint
 from mobileformer.registry import converters
 from mobileformer.repmlpnet import RepMLPBlock
-from rep_utils import (constant_init, load_fixture, randomise_batchnorms, reference_keys, relative_error,
-                       state_shapes, synthetic_state)
+from mobileformer.weights import check_state
+from rep_utils import (constant_init, eval_output, lazy_model, load_fixture, randomise_batchnorms, reference_keys,
+                       relative_error, state_shapes, synthetic_state)
 
 # name: (params training, params deploy, spec GMACs)
 SIZES = {
@@ -34,17 +35,6 @@ MULTI_PARTITION = ['DATA.IMAGE_SIZE', 64, 'MODEL.REPMLPNET.SHARESETS', [2, 4, 8,
 
 def config_of(name, deploy=False):
     return get_config(os.path.join(CONFIGS, f'repmlpnet_{name}.yaml'), ['MODEL.DEPLOY', deploy])
-
-
-def lazy_model(config):
-    with paddle.LazyGuard():  # shapes only: counting needs no initialised weights
-        return build_model(config)
-
-
-def eval_logits(model, x):
-    model.eval()
-    with paddle.no_grad():
-        return model(paddle.to_tensor(x)).numpy()
 
 
 @pytest.mark.parametrize('name', sorted(SIZES))
@@ -70,15 +60,15 @@ def test_fold_preserves_eval_outputs_and_loads_into_deploy_model(opts):
     randomise_batchnorms(model)
     size = 64 if opts else 32
     x = np.random.randn(2, 3, size, size).astype('float32')
-    before = eval_logits(model, x)
+    before = eval_output(model, x)
     re_parameterize_model(model)
     assert all(block.is_repped for block in model.sublayers() if isinstance(block, RepMLPBlock))
-    assert relative_error(eval_logits(model, x), before) < 1e-5
+    assert relative_error(eval_output(model, x), before) < 1e-5
 
     deployed = build_model(get_config(TINY_DEPLOY, opts))
     assert state_shapes(deployed) == state_shapes(model)
     deployed.set_state_dict(model.state_dict())
-    assert relative_error(eval_logits(deployed, x), before) < 1e-5
+    assert relative_error(eval_output(deployed, x), before) < 1e-5
 
 
 def test_partition_order_follows_the_release():
@@ -109,9 +99,10 @@ def test_parity_with_official_release(tag):
     converter = converters()['official-repmlpnet']
     assert converter.detect(state.keys())
     model = build_model(config)
-    missing, unexpected = model.set_state_dict(converter.convert(state, config))
-    assert (missing, unexpected) == ([], [])
-    assert relative_error(eval_logits(model, io['input']), io['logits']) < 1e-4
+    converted = converter.convert(state, config)
+    check_state(converted, model, f'the {tag} release')  # no missing or extra key, every shape right
+    model.set_state_dict(converted)
+    assert relative_error(eval_output(model, io['input']), io['logits']) < 1e-4
 
 
 def test_our_fold_reproduces_official_deploy_model():
@@ -121,13 +112,7 @@ def test_our_fold_reproduces_official_deploy_model():
     model = build_model(config)
     model.set_state_dict(converters()['official-repmlpnet'].convert(state, config))
     re_parameterize_model(model)
-    assert relative_error(eval_logits(model, deploy_io['input']), deploy_io['logits']) < 1e-4
-
-
-def test_converter_refuses_layout_that_disagrees_with_deploy_flag():
-    state, _ = load_fixture('official_repmlpnet_tiny_deploy')
-    with pytest.raises(ValueError, match='set MODEL.DEPLOY True'):
-        converters()['official-repmlpnet'].convert(state, get_config(TINY_TRAIN))
+    assert relative_error(eval_output(model, deploy_io['input']), deploy_io['logits']) < 1e-4
 
 
 @pytest.mark.parametrize('name', sorted(SIZES))
@@ -138,7 +123,14 @@ def test_full_size_reference_keys_convert_exactly(name, layout):
     assert converter.detect(keys)
     config = config_of(name, deploy=layout == 'deploy')
     converted = converter.convert(synthetic_state(keys), config)
-    assert {k: v.shape for k, v in converted.items()} == state_shapes(lazy_model(config))
+    check_state(converted, lazy_model(config), f'the {name} {layout} key list')
+
+
+def test_branch_kernels_and_dropout_are_build_errors():
+    with pytest.raises(ConfigError, match=r'^MODEL.REPMLPNET.REPARAM_KERNELS must be positive odd sizes, got \[0, 3\]$'):
+        build_model(get_config(TINY_TRAIN, ['MODEL.REPMLPNET.REPARAM_KERNELS', [0, 3]]))
+    with pytest.raises(ConfigError, match='^RepMLPNet has no dropout or stochastic depth; set MODEL.DROPOUT and '):
+        build_model(get_config(TINY_TRAIN, ['MODEL.DROPOUT', 0.1]))
 
 
 def test_image_size_incompatible_with_partitions_is_a_build_error():
@@ -165,7 +157,7 @@ def test_reparam_command_end_to_end(tmp_path):
     missing, unexpected = deployed.set_state_dict(paddle.load(str(folded)))
     assert (missing, unexpected) == ([], [])
     x = np.random.randn(2, 3, 32, 32).astype('float32')
-    assert relative_error(eval_logits(deployed, x), eval_logits(model, x)) < 1e-5
+    assert relative_error(eval_output(deployed, x), eval_output(model, x)) < 1e-5
 
 
 def test_reparam_command_errors(tmp_path, capsys):
