@@ -117,4 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    # `python -m` runs a second copy of this module as __main__; model files register their MAdds
+    # rules (e.g. dynamic ReLU) in the package's copy, so run that one.
+    from mobileformer.flops import main as package_main
+    package_main()

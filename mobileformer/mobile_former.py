@@ -1,0 +1,515 @@
+"""Mobile-Former (Chen et al., CVPR 2022), as released by the authors (spec: specs/mobileformer.md).
+
+A MobileNet-style branch (feature map, NCHW) and a tiny Transformer (M learnable tokens of width d)
+run in parallel and talk through two light cross-attention bridges in every block:
+
+    z = MobileToFormer(x, z)        tokens read the map (2 heads, no projection on the map side)
+    z = Former(z)                   4-head self-attention + FFN on the tokens (post-norm)
+    h = mobile(x, z[:, 0])          convs whose dynamic ReLUs are generated from token 0
+    h = h + x                       identity skip (stride 1, same width)
+    x = FormerToMobile(h, z)        the map reads the tokens (2 heads)
+
+Tokens are kept batch-first, [B, M, d]. Every attention batches all heads in one `paddle.matmul`
+on [B, heads, ...] views; heads are contiguous channel chunks, so the feature map is only ever
+reshaped, never transposed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+from yacs.config import CfgNode
+
+from mobileformer.config import ConfigError
+from mobileformer.flops import register_madds
+from mobileformer.layers import DropPath, drop_path_rates
+from mobileformer.registry import register_converter, register_model
+
+BLOCK_KINDS = ('lite', 'mf', 'down')
+_STRIDES = {'lite': (1, 2), 'mf': (1,), 'down': (2,)}
+
+
+def hard_sigmoid(x: paddle.Tensor) -> paddle.Tensor:
+    """relu6(x + 3) / 6, written out: Paddle's hardsigmoid rounds its slope to 0.1666667."""
+    return F.relu6(x + 3.0) / 6.0
+
+
+def _linear(in_features: int, out_features: int) -> nn.Linear:
+    """Linear with the release's init: weight N(0, 0.01), bias 0."""
+    return nn.Linear(in_features, out_features,
+                     weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, 0.01)),
+                     bias_attr=paddle.ParamAttr(initializer=nn.initializer.Constant(0.0)))
+
+
+class ConvBN(nn.Layer):
+    """Bias-free conv -> BatchNorm -> [channel shuffle]. Conv init N(0, sqrt(2 / (k*k*out)))."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
+                 groups: int = 1, shuffle_groups: int = 1):
+        super().__init__()
+        std = math.sqrt(2.0 / (kernel_size * kernel_size * out_channels))
+        self.conv = nn.Conv2D(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
+                              groups=groups, bias_attr=False,
+                              weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, std)))
+        self.bn = nn.BatchNorm2D(out_channels, momentum=0.9, epsilon=1e-5)
+        self.shuffle_groups = shuffle_groups
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.bn(self.conv(x))
+        if self.shuffle_groups > 1:
+            x = F.channel_shuffle(x, self.shuffle_groups)
+        return x
+
+
+class DynamicReLU(nn.Layer):
+    """y = max(a1 * x, a2 * x) per channel, slopes generated from the first token.
+
+    theta = hard_sigmoid(fc2(relu(fc1(token)))) is [B, 2C], split [first C | last C]:
+    a1 = 2 (theta1 - 0.5) + 1, a2 = 2 (theta2 - 0.5). Near init theta ~ 0.5, i.e. a plain ReLU.
+    """
+
+    def __init__(self, channels: int, token_dim: int, reduction: int):
+        super().__init__()
+        self.channels = channels
+        self.fc1 = _linear(token_dim, token_dim // reduction)
+        self.fc2 = _linear(token_dim // reduction, 2 * channels)
+
+    def forward(self, x: paddle.Tensor, token: paddle.Tensor) -> paddle.Tensor:
+        theta = hard_sigmoid(self.fc2(F.relu(self.fc1(token))))          # [B, 2C]
+        slopes = ((theta - 0.5) * 2.0).reshape([-1, 2 * self.channels, 1, 1])
+        slope1, slope2 = paddle.split(slopes, 2, axis=1)                  # [B, C, 1, 1] each
+        return paddle.maximum(x * (slope1 + 1.0), x * slope2)
+
+
+@register_madds(DynamicReLU)
+def _dynamic_relu_madds(layer: DynamicReLU, inputs: tuple, output: paddle.Tensor) -> int:
+    """Two multiplies per element of the activated map (its generator Linears are counted apart)."""
+    return 2 * int(np.prod([int(s) for s in inputs[0].shape]))
+
+
+def _split_heads(tokens: paddle.Tensor, heads: int) -> paddle.Tensor:
+    """[B, M, C] -> [B, heads, M, C/heads]."""
+    return tokens.reshape([0, 0, heads, -1]).transpose([0, 2, 1, 3])
+
+
+def _merge_heads(tokens: paddle.Tensor) -> paddle.Tensor:
+    """[B, heads, M, C/heads] -> [B, M, C]."""
+    return tokens.transpose([0, 2, 1, 3]).flatten(2)
+
+
+class MobileToFormer(nn.Layer):
+    """Tokens query the raw feature map (k = v = map), gated per channel, then proj + post-norm."""
+
+    def __init__(self, channels: int, token_dim: int, heads: int, drop_path: float):
+        super().__init__()
+        self.heads = heads
+        self.scale = (channels // heads) ** -0.5
+        self.gate = _linear(token_dim, channels)
+        self.q = _linear(token_dim, channels)
+        self.proj = _linear(channels, token_dim)
+        self.norm = nn.LayerNorm(token_dim, epsilon=1e-5)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: paddle.Tensor, tokens: paddle.Tensor) -> paddle.Tensor:
+        q = _split_heads(self.q(tokens), self.heads)                     # [B, h, M, C/h]
+        kv = x.reshape([0, self.heads, x.shape[1] // self.heads, -1])    # [B, h, C/h, HW]
+        attn = F.softmax(paddle.matmul(q, kv) * self.scale, axis=-1)     # [B, h, M, HW]
+        out = _merge_heads(paddle.matmul(attn, kv, transpose_y=True))    # [B, M, C]
+        out = out * (2.0 * hard_sigmoid(self.gate(tokens)))
+        return self.norm(tokens + self.drop_path(self.proj(out)))
+
+
+class Former(nn.Layer):
+    """Post-norm Transformer block on the tokens; only q is projected (k = v = tokens)."""
+
+    def __init__(self, token_dim: int, heads: int, ffn_ratio: int, drop_path: float):
+        super().__init__()
+        self.heads = heads
+        self.scale = (token_dim // heads) ** -0.5
+        self.q = _linear(token_dim, token_dim)
+        self.proj = _linear(token_dim, token_dim)
+        self.norm1 = nn.LayerNorm(token_dim, epsilon=1e-5)
+        self.fc1 = _linear(token_dim, token_dim * ffn_ratio)
+        self.fc2 = _linear(token_dim * ffn_ratio, token_dim)
+        self.norm2 = nn.LayerNorm(token_dim, epsilon=1e-5)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, tokens: paddle.Tensor) -> paddle.Tensor:
+        q = _split_heads(self.q(tokens), self.heads)                     # [B, h, M, d/h]
+        kv = _split_heads(tokens, self.heads)
+        attn = F.softmax(paddle.matmul(q, kv, transpose_y=True) * self.scale, axis=-1)  # [B, h, M, M]
+        out = _merge_heads(paddle.matmul(attn, kv))
+        tokens = self.norm1(tokens + self.drop_path(self.proj(out)))
+        return self.norm2(tokens + self.fc2(F.gelu(self.fc1(tokens))))
+
+
+class FormerToMobile(nn.Layer):
+    """The raw feature map queries the tokens (separate k and v projections); added to the map."""
+
+    def __init__(self, channels: int, token_dim: int, heads: int, drop_path: float):
+        super().__init__()
+        self.heads = heads
+        self.scale = (channels // heads) ** -0.5
+        self.k = _linear(token_dim, channels)
+        self.v = _linear(token_dim, channels)
+        self.drop_path = DropPath(drop_path)
+
+    def _per_head(self, tokens: paddle.Tensor) -> paddle.Tensor:
+        """[B, M, C] -> [B, h, C/h, M]: channels first, like the map."""
+        return tokens.transpose([0, 2, 1]).reshape([0, self.heads, -1, tokens.shape[1]])
+
+    def forward(self, x: paddle.Tensor, tokens: paddle.Tensor) -> paddle.Tensor:
+        q = x.reshape([0, self.heads, x.shape[1] // self.heads, -1])     # [B, h, C/h, HW]
+        k, v = self._per_head(self.k(tokens)), self._per_head(self.v(tokens))
+        # Attention kept as [B, h, M, HW] (softmax over the tokens) so the output comes out
+        # channels-first, [B, h, C/h, HW], and reshapes straight back to the map.
+        attn = F.softmax(paddle.matmul(k, q, transpose_x=True) * self.scale, axis=2)
+        out = paddle.matmul(v, attn).reshape([0, x.shape[1], x.shape[2], x.shape[3]])
+        return x + self.drop_path(out)
+
+
+class LiteBlock(nn.Layer):
+    """Conv-only bottleneck: expanding dw3x3 -> ReLU6 -> [shuffle] -> pw; no tokens."""
+
+    def __init__(self, in_channels: int, e1: int, out_channels: int, stride: int, groups: int,
+                 drop_path: float):
+        super().__init__()
+        hidden = in_channels * e1
+        self.dw = ConvBN(in_channels, hidden, 3, stride, groups=in_channels,
+                         shuffle_groups=in_channels if groups > 1 else 1)
+        self.pw = ConvBN(hidden, out_channels, groups=groups)
+        self.use_skip = stride == 1 and in_channels == out_channels
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: paddle.Tensor, tokens: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        # The shuffle sits after ReLU6 in the release; a channel permutation commutes with it.
+        h = self.pw(F.relu6(self.dw(x)))
+        return (x + self.drop_path(h) if self.use_skip else h), tokens
+
+
+class InvertedBottleneck(nn.Layer):
+    """Mobile branch of a stride-1 block: pw expand -> dyReLU -> dw3x3 -> dyReLU -> pw project."""
+
+    def __init__(self, in_channels: int, e1: int, out_channels: int, groups: int, token_dim: int,
+                 reduction: int):
+        super().__init__()
+        hidden = in_channels * e1
+        self.expand = ConvBN(in_channels, hidden, groups=groups, shuffle_groups=groups)
+        self.act1 = DynamicReLU(hidden, token_dim, reduction)
+        self.dw = ConvBN(hidden, hidden, 3, groups=hidden)
+        self.act2 = DynamicReLU(hidden, token_dim, reduction)
+        self.project = ConvBN(hidden, out_channels, groups=groups, shuffle_groups=groups)
+
+    def forward(self, x: paddle.Tensor, token: paddle.Tensor) -> paddle.Tensor:
+        h = self.act1(self.expand(x), token)
+        h = self.act2(self.dw(h), token)
+        return self.project(h)
+
+
+class DownsampleBottleneck(nn.Layer):
+    """Mobile branch of a stride-2 block: expanding dw3x3/2 -> dyReLU -> pw, then an inner
+    residual around expanding dw3x3 -> dyReLU -> pw."""
+
+    def __init__(self, in_channels: int, e1: int, out_channels: int, e2: int, groups: int,
+                 token_dim: int, reduction: int, drop_path: float):
+        super().__init__()
+        hidden1, hidden2 = in_channels * e1, out_channels * e2
+        shuffle = groups > 1
+        self.dw1 = ConvBN(in_channels, hidden1, 3, 2, groups=in_channels,
+                          shuffle_groups=in_channels if shuffle else 1)
+        self.act1 = DynamicReLU(hidden1, token_dim, reduction)
+        self.pw1 = ConvBN(hidden1, out_channels, groups=groups)
+        self.dw2 = ConvBN(out_channels, hidden2, 3, groups=out_channels,
+                          shuffle_groups=out_channels if shuffle else 1)
+        self.act2 = DynamicReLU(hidden2, token_dim, reduction)
+        self.pw2 = ConvBN(hidden2, out_channels, groups=groups)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: paddle.Tensor, token: paddle.Tensor) -> paddle.Tensor:
+        h = self.pw1(self.act1(self.dw1(x), token))
+        return h + self.drop_path(self.pw2(self.act2(self.dw2(h), token)))
+
+
+class MobileFormerBlock(nn.Layer):
+    """Mobile->Former bridge, Former, mobile branch, identity skip, Former->Mobile bridge."""
+
+    def __init__(self, kind: str, in_channels: int, e1: int, out_channels: int, e2: int,
+                 mf: CfgNode, drop_path: float):
+        super().__init__()
+        d, groups = mf.TOKEN_DIM, mf.GROUPS
+        self.mobile_to_former = MobileToFormer(in_channels, d, mf.BRIDGE_HEADS, drop_path)
+        self.former = Former(d, mf.FORMER_HEADS, mf.FFN_RATIO, drop_path)
+        if kind == 'mf':
+            self.mobile = InvertedBottleneck(in_channels, e1, out_channels, groups, d, mf.DYRELU_REDUCTION)
+        else:
+            self.mobile = DownsampleBottleneck(in_channels, e1, out_channels, e2, groups, d,
+                                               mf.DYRELU_REDUCTION, drop_path)
+        self.former_to_mobile = FormerToMobile(out_channels, d, mf.BRIDGE_HEADS, drop_path)
+        self.use_skip = kind == 'mf' and in_channels == out_channels
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: paddle.Tensor, tokens: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        tokens = self.former(self.mobile_to_former(x, tokens))
+        h = self.mobile(x, tokens[:, 0])
+        if self.use_skip:
+            h = x + self.drop_path(h)
+        return self.former_to_mobile(h, tokens), tokens
+
+
+class ClassifierHead(nn.Layer):
+    """[shuffle] -> conv1x1 (C -> e*C) -> ReLU6 -> GAP -> h-swish, concat token 0 -> FC -> BN1D
+    -> h-swish -> dropout -> FC. Returns logits (softmax belongs to prediction code)."""
+
+    def __init__(self, channels: int, expansion: int, token_dim: int, hidden: int, groups: int,
+                 dropout: float, num_classes: int):
+        super().__init__()
+        self.shuffle_groups = groups
+        self.conv = ConvBN(channels, channels * expansion, groups=groups)
+        self.fc = _linear(channels * expansion + token_dim, hidden)
+        self.norm = nn.BatchNorm1D(hidden, momentum=0.9, epsilon=1e-5)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = _linear(hidden, num_classes)
+
+    def forward(self, x: paddle.Tensor, token: paddle.Tensor) -> paddle.Tensor:
+        if self.shuffle_groups > 1:
+            x = F.channel_shuffle(x, self.shuffle_groups)
+        x = F.hardswish(F.adaptive_avg_pool2d(F.relu6(self.conv(x)), 1)).flatten(1)
+        x = F.hardswish(self.norm(self.fc(paddle.concat([x, token], axis=1))))
+        return self.classifier(self.dropout(x))
+
+
+class MobileFormer(nn.Layer):
+    def __init__(self, config: CfgNode):
+        super().__init__()
+        mf = config.MODEL.MF
+        rows = validate_config(config)
+        self.tokens = self.create_parameter([mf.NUM_TOKENS, mf.TOKEN_DIM],
+                                            default_initializer=nn.initializer.Normal(0.0, 1.0))
+        self.stem = ConvBN(config.DATA.IN_CHANNELS, mf.STEM_CHANNELS, 3, 2)
+        rates = drop_path_rates(config.MODEL.DROPPATH, len(rows))
+        blocks, channels = [], mf.STEM_CHANNELS
+        for (kind, e1, out, stride, e2), rate in zip(rows, rates):
+            if kind == 'lite':
+                blocks.append(LiteBlock(channels, e1, out, stride, mf.GROUPS, rate))
+            else:
+                blocks.append(MobileFormerBlock(kind, channels, e1, out, e2, mf, rate))
+            channels = out
+        self.blocks = nn.LayerList(blocks)
+        self.final_bridge = MobileToFormer(channels, mf.TOKEN_DIM, mf.BRIDGE_HEADS, config.MODEL.DROPPATH)
+        self.head = ClassifierHead(channels, mf.LAST_EXPANSION, mf.TOKEN_DIM, mf.HEAD_HIDDEN,
+                                   mf.GROUPS, config.MODEL.DROPOUT, config.MODEL.NUM_CLASSES)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        tokens = self.tokens.unsqueeze(0).expand([x.shape[0], -1, -1])  # [B, M, d], shared table
+        x = F.relu6(self.stem(x))
+        for block in self.blocks:
+            x, tokens = block(x, tokens)
+        tokens = self.final_bridge(x, tokens)
+        return self.head(x, tokens[:, 0])
+
+
+# ----------------------------------------------------------------------------- configuration
+
+Row = Tuple[str, int, int, int, int]
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f'{what} must be a positive integer, got {value!r}')
+    return value
+
+
+def _parse_row(i: int, row) -> Row:
+    where = f'MODEL.MF.BLOCKS[{i}]'
+    if not isinstance(row, (list, tuple)) or len(row) != 5:
+        raise ConfigError(f'{where} must be a row [kind, e1, out, stride, e2], got {row!r}')
+    kind, e1, out, stride, e2 = row
+    if kind not in BLOCK_KINDS:
+        raise ConfigError(f'{where} has unknown block kind {kind!r}; use one of {", ".join(BLOCK_KINDS)}')
+    _positive_int(e1, f'{where} expansion e1')
+    _positive_int(out, f'{where} output channels')
+    if stride not in _STRIDES[kind]:
+        raise ConfigError(f'{where}: a {kind} block takes stride {" or ".join(map(str, _STRIDES[kind]))}, '
+                          f'got {stride!r}')
+    if kind == 'down':
+        _positive_int(e2, f'{where} second expansion e2 of a down block')
+    elif e2 != 0:
+        raise ConfigError(f'{where}: a {kind} block has a single expansion, so e2 must be 0, got {e2!r}')
+    return kind, e1, out, stride, e2
+
+
+def _check_divisible(channels: int, divisor: int, what: str, key: str) -> None:
+    if channels % divisor:
+        raise ConfigError(f'{what} has {channels} channels, not divisible by {key}={divisor}; '
+                          f'change the block table or {key}')
+
+
+def _check_block_channels(i: int, row: Row, in_channels: int, mf: CfgNode) -> None:
+    kind, e1, out, _, e2 = row
+    where = f'MODEL.MF.BLOCKS[{i}] ({kind})'
+    pointwise = {'lite': (in_channels * e1, out), 'mf': (in_channels, in_channels * e1, out),
+                 'down': (in_channels * e1, out, out * e2)}[kind]
+    for channels in pointwise:
+        _check_divisible(channels, mf.GROUPS, f'a 1x1 conv of {where}', 'MODEL.MF.GROUPS')
+    if kind != 'lite':
+        for channels in (in_channels, out):
+            _check_divisible(channels, mf.BRIDGE_HEADS, f'a bridge of {where}', 'MODEL.MF.BRIDGE_HEADS')
+
+
+def validate_config(config: CfgNode) -> List[Row]:
+    """Checks MODEL / MODEL.MF for a buildable Mobile-Former; returns the parsed block rows."""
+    model, mf = config.MODEL, config.MODEL.MF
+    for key in ('STEM_CHANNELS', 'NUM_TOKENS', 'TOKEN_DIM', 'HEAD_HIDDEN', 'LAST_EXPANSION', 'GROUPS',
+                'BRIDGE_HEADS', 'FORMER_HEADS', 'FFN_RATIO', 'DYRELU_REDUCTION'):
+        _positive_int(mf[key], f'MODEL.MF.{key}')
+    _positive_int(model.NUM_CLASSES, 'MODEL.NUM_CLASSES')
+    _positive_int(config.DATA.IN_CHANNELS, 'DATA.IN_CHANNELS')
+    for key in ('DROPOUT', 'DROPPATH'):
+        if not 0.0 <= model[key] < 1.0:
+            raise ConfigError(f'MODEL.{key} is a probability in [0, 1), got {model[key]!r}')
+    if mf.TOKEN_DIM % mf.FORMER_HEADS:
+        raise ConfigError(f'MODEL.MF.TOKEN_DIM={mf.TOKEN_DIM} is not divisible by '
+                          f'MODEL.MF.FORMER_HEADS={mf.FORMER_HEADS}; change one of them')
+    if mf.TOKEN_DIM % mf.DYRELU_REDUCTION:
+        raise ConfigError(f'MODEL.MF.TOKEN_DIM={mf.TOKEN_DIM} is not divisible by '
+                          f'MODEL.MF.DYRELU_REDUCTION={mf.DYRELU_REDUCTION}; change one of them')
+    if not mf.BLOCKS:
+        raise ConfigError('MODEL.MF.BLOCKS is empty; give at least one [kind, e1, out, stride, e2] row '
+                          '(see configs/mobileformer_26m.yaml)')
+    rows = [_parse_row(i, row) for i, row in enumerate(mf.BLOCKS)]
+    channels = mf.STEM_CHANNELS
+    for i, row in enumerate(rows):
+        _check_block_channels(i, row, channels, mf)
+        channels = row[2]
+    _check_divisible(channels, mf.BRIDGE_HEADS, 'the final bridge', 'MODEL.MF.BRIDGE_HEADS')
+    for width in (channels, channels * mf.LAST_EXPANSION):
+        _check_divisible(width, mf.GROUPS, 'the head 1x1 conv', 'MODEL.MF.GROUPS')
+    return rows
+
+
+@register_model('mobileformer')
+def build_mformer(config: CfgNode) -> MobileFormer:
+    """Mobile-Former from `config.MODEL` (MF subtree, NUM_CLASSES, DROPOUT, DROPPATH) and DATA.IN_CHANNELS."""
+    return MobileFormer(config)
+
+
+# ----------------------------------------------------------------------------- weight converter
+
+# Release sub-layer name -> ours, per block kind (BN and conv keep their `.0` / `.1` slots).
+_CONV_BN = {'0': 'conv', '1': 'bn'}
+_LITE = {'conv.0': 'dw.conv', 'conv.1': 'dw.bn', 'conv.4': 'pw.conv', 'conv.5': 'pw.bn'}
+_MOBILE = {
+    'mf': {'conv1': 'mobile.expand', 'hyper1': 'mobile.act1', 'conv2': 'mobile.dw',
+           'hyper2': 'mobile.act2', 'conv3': 'mobile.project'},
+    'down': {'conv1': 'mobile.dw1', 'hyper1': 'mobile.act1', 'conv2': 'mobile.pw1',
+             'conv3': 'mobile.dw2', 'hyper3': 'mobile.act2', 'conv4': 'mobile.pw2'},
+}
+_HYPER = {'hyper.0': 'fc1', 'hyper.2': 'fc2'}
+_MOBILE_TO_FORMER = {'alpha.0': 'gate', 'q': 'q', 'proj': 'proj', 'layer_norm': 'norm'}
+_FORMER = {'q': 'q', 'channel_mlp': 'proj', 'layer_norm': 'norm1', 'ffn.0': 'fc1', 'ffn.2': 'fc2',
+           'ffn_norm': 'norm2'}
+_FORMER_TO_MOBILE = {'k': 'k', 'proj': 'v'}
+_HEAD = {'classifier.conv.1': 'head.conv.conv', 'classifier.conv.2': 'head.conv.bn',
+         'classifier.fc.0': 'head.fc', 'classifier.fc.1': 'head.norm',
+         'classifier.classifier.1': 'head.classifier', 'stem.0': 'stem.conv', 'stem.1': 'stem.bn'}
+_BN_STATS = {'running_mean': '_mean', 'running_var': '_variance'}
+
+
+def _lookup(table: Dict[str, str], name: str) -> Tuple[str, str] | None:
+    """Longest table entry that prefixes `name` (up to a dot): (our prefix, rest)."""
+    for prefix in sorted(table, key=len, reverse=True):
+        if name.startswith(prefix + '.'):
+            return table[prefix], name[len(prefix) + 1:]
+    return None
+
+
+def _map_block_key(kind: str, name: str) -> str | None:
+    if kind == 'lite':
+        hit = _lookup(_LITE, name)
+        return hit and f'{hit[0]}.{hit[1]}'
+    bridges = {'local_global': ('mobile_to_former', _MOBILE_TO_FORMER),
+               'global_block': ('former', _FORMER), 'global_local': ('former_to_mobile', _FORMER_TO_MOBILE)}
+    part, _, rest = name.partition('.')
+    if part in bridges:
+        ours, table = bridges[part]
+        hit = _lookup(table, rest)
+        return hit and f'{ours}.{hit[0]}.{hit[1]}'
+    hit = _lookup(_MOBILE[kind], name)
+    if hit is None:
+        return None
+    sub = _lookup(_HYPER if hit[0].split('.')[-1].startswith('act') else _CONV_BN, hit[1])
+    return sub and f'{hit[0]}.{sub[0]}.{sub[1]}'
+
+
+def _map_key(name: str, kinds: Sequence[str]) -> str | None:
+    """Our parameter name for a release key, None when it has no place in our model."""
+    *parent, leaf = name.split('.')
+    leaf = _BN_STATS.get(leaf, leaf)
+    name = '.'.join(parent + [leaf])
+    if name == 'tokens.weight':
+        return 'tokens'
+    if name.startswith('features.'):
+        _, index, rest = name.split('.', 2)
+        if not index.isdigit() or int(index) >= len(kinds):
+            return None
+        mapped = _map_block_key(kinds[int(index)], rest)
+        return mapped and f'blocks.{index}.{mapped}'
+    if name.startswith('local_global.'):
+        hit = _lookup(_MOBILE_TO_FORMER, name[len('local_global.'):])
+        return hit and f'final_bridge.{hit[0]}.{hit[1]}'
+    hit = _lookup(_HEAD, name)
+    return hit and f'{hit[0]}.{hit[1]}'
+
+
+def _detect_official(keys: Iterable[str]) -> bool:
+    keys = set(keys)
+    return {'tokens.weight', 'local_global.q.weight', 'classifier.classifier.1.weight'} <= keys
+
+
+def _summary(names: Sequence[str], limit: int = 8) -> str:
+    names = sorted(names)
+    more = f' (+{len(names) - limit} more)' if len(names) > limit else ''
+    return ', '.join(names[:limit]) + more
+
+
+@register_converter('official-mobileformer', ['mobileformer'], detect=_detect_official)
+def convert_official(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
+    """Release state dict (PyTorch names/layouts) -> ours for the model `config` describes.
+
+    Linear weights are transposed to Paddle's [in, out]; BN running stats become `_mean` /
+    `_variance`; `num_batches_tracked` is dropped. Raises ValueError listing missing and
+    unexpected keys and shape mismatches."""
+    kinds = [row[0] for row in validate_config(config)]
+    expected = {k: tuple(v.shape) for k, v in build_mformer(config).state_dict().items()}
+    converted, unexpected, mismatched, seen = {}, [], [], set()
+    for name, value in state.items():
+        if name.endswith('num_batches_tracked'):
+            continue
+        ours = _map_key(name, kinds)
+        if ours is None or ours not in expected:
+            unexpected.append(name)
+            continue
+        seen.add(ours)
+        value = np.asarray(value, dtype=np.float32)
+        if value.ndim == 2 and ours != 'tokens':  # Linear [out, in] -> [in, out]
+            value = value.T
+        if tuple(value.shape) != expected[ours]:
+            mismatched.append(f'{name} {tuple(value.shape)} vs {ours} {expected[ours]}')
+            continue
+        converted[ours] = np.ascontiguousarray(value)
+    missing = [k for k in expected if k not in seen]
+    problems = []
+    if missing:
+        problems.append(f'missing {len(missing)} keys: {_summary(missing)}')
+    if unexpected:
+        problems.append(f'unexpected {len(unexpected)} keys: {_summary(unexpected)}')
+    if mismatched:
+        problems.append(f'{len(mismatched)} shape mismatches: {_summary(mismatched)}')
+    if problems:
+        raise ValueError(f'checkpoint does not fit {config.MODEL.NAME} (official-mobileformer layout): '
+                         + '; '.join(problems) + '; check that -cfg matches the checkpoint')
+    return converted
