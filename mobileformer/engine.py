@@ -75,13 +75,11 @@ def build_optimizer(config: CfgNode, model: nn.Layer,
             parameters=params, weight_decay=train.WEIGHT_DECAY, grad_clip=grad_clip,
             apply_decay_param_fun=lambda tensor_name: structured[tensor_name] not in skip)
     if train.OPTIMIZER == 'momentum':
-        decay = [p for name, p in model.named_parameters() if not p.stop_gradient and name not in skip]
-        no_decay = [p for name, p in model.named_parameters() if name in skip]
-        groups = [{'params': decay, 'weight_decay': train.WEIGHT_DECAY},
-                  {'params': no_decay, 'weight_decay': 0.0}]
+        # paddle.Model calls minimize(), which rejects parameter groups: decay is set per tensor
+        for name, p in model.named_parameters():
+            p.regularizer = None if name in skip else paddle.regularizer.L2Decay(train.WEIGHT_DECAY)
         return paddle.optimizer.Momentum(learning_rate=learning_rate, momentum=train.MOMENTUM,
-                                         parameters=[g for g in groups if g['params']],
-                                         grad_clip=grad_clip)
+                                         parameters=params, grad_clip=grad_clip)
     raise ValueError(f"TRAIN.OPTIMIZER must be 'adamw' or 'momentum', got {train.OPTIMIZER!r}")
 
 
