@@ -1,1 +1,12 @@
-"""Datasets and augmentation for training and evaluation."""
+"""Datasets and augmentation for training and evaluation.
+
+- `build_dataset(config, mode)`: a paddle.io.Dataset of (float32 CHW numpy image, int64 numpy label)
+  with `classes` and `num_classes`.
+- `build_transforms(config, mode)`: PIL image -> float32 CHW numpy array.
+- `build_mixup(config)`: None, or a batch callable (images, labels) -> (images, soft targets).
+"""
+from datasets.augment import Mixup, RandAugment, RandomErasing, build_mixup
+from datasets.build import DATASETS, build_dataset
+from datasets.transforms import build_transforms
+
+__all__ = ['DATASETS', 'Mixup', 'RandAugment', 'RandomErasing', 'build_dataset', 'build_mixup', 'build_transforms']

@@ -34,6 +34,25 @@ _C.DATA.BATCH_SIZE = 128
 _C.DATA.BATCH_SIZE_EVAL = 128
 _C.DATA.NUM_WORKERS = 2
 
+# Training augmentation (datasets/transforms.py, datasets/augment.py). Defaults: the Mobile-Former
+# recipe (timm 'rand-m9-mstd0.5', mixup 0.2, no cutmix, label smoothing 0.1); DeiT adds CUTMIX_ALPHA 1.0.
+_C.AUG = CN()
+_C.AUG.HFLIP = 0.5  # probability of a horizontal flip
+_C.AUG.RRC_SCALE = [0.08, 1.0]  # RandomResizedCrop area fraction
+_C.AUG.RRC_RATIO = [3.0 / 4.0, 4.0 / 3.0]  # RandomResizedCrop aspect ratio
+_C.AUG.COLOR_JITTER = 0.0  # brightness/contrast/saturation strength; 0 = off
+_C.AUG.RAND_AUGMENT_N = 2  # ops per image; 0 = RandAugment off
+_C.AUG.RAND_AUGMENT_M = 9.0  # magnitude in [0, 10]
+_C.AUG.RAND_AUGMENT_MSTD = 0.5  # std of the per-op magnitude noise
+_C.AUG.RE_PROB = 0.0  # random erasing probability (recipe: 0.2 for the 151M-508M models)
+_C.AUG.RE_MODE = 'pixel'  # pixel | rand | const
+_C.AUG.RE_COUNT = 1  # at most this many erased boxes
+_C.AUG.MIXUP_ALPHA = 0.2
+_C.AUG.CUTMIX_ALPHA = 0.0
+_C.AUG.MIXUP_PROB = 1.0  # probability that a batch is mixed at all
+_C.AUG.MIXUP_SWITCH_PROB = 0.5  # probability of CutMix instead of Mixup when both alphas > 0
+_C.AUG.LABEL_SMOOTHING = 0.1
+
 _C.MODEL = CN()
 _C.MODEL.TYPE = 'mobileformer'
 _C.MODEL.NAME = 'mobileformer_26m'
