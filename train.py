@@ -71,7 +71,8 @@ def make_logger(output: str):
     return log
 
 
-def train(args: argparse.Namespace) -> None:
+def train(args: argparse.Namespace) -> Optional[paddle.Model]:
+    """Runs the training `args` describe; returns the trained paddle.Model (None if already done)."""
     config = load_config(args)
     output = config.OUTPUT
     if engine.is_main_process():
@@ -107,7 +108,7 @@ def train(args: argparse.Namespace) -> None:
         log(f'Resumed from {resume} after epoch {start_epoch}.')
     if start_epoch >= config.TRAIN.EPOCHS:
         log(f'Nothing to do: {output} already holds {start_epoch} of {config.TRAIN.EPOCHS} epochs.')
-        return
+        return None
     log(f'{config.MODEL.NAME}: {config.DATA.DATASET} {len(train_set)} train / {len(val_set)} val images, '
         f'{engine.world_size()} process(es) x batch {config.DATA.BATCH_SIZE} x accum {config.TRAIN.ACCUM_ITER}, '
         f'epochs {start_epoch + 1}-{config.TRAIN.EPOCHS}, output {output}')
@@ -126,6 +127,7 @@ def train(args: argparse.Namespace) -> None:
     final = history[-1]
     log(f"Done: top1={final.get('val_top1', float('nan')):.4f} (best {max(r.get('val_top1', -1) for r in history):.4f}); "
         f"weights in {output}/best.pdparams and last.pdparams")
+    return model
 
 
 def main(argv: Optional[List[str]] = None) -> int:

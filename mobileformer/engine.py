@@ -307,6 +307,33 @@ def resolve_resume(arg: str, output: str) -> Optional[str]:
     return prefix
 
 
+def _rename_optimizer_state(state: dict, names: Dict[str, str]) -> dict:
+    """Renames accumulator keys `<param name>_<accumulator>` (and master weights) by `names`."""
+    def rename(key: str) -> str:
+        for cut in [i for i, c in enumerate(key) if c == '_'][::-1] + [len(key)]:
+            if key[:cut] in names:
+                return names[key[:cut]] + key[cut:]
+        return key
+    renamed = {}
+    for key, value in state.items():
+        if key == 'master_weights':
+            value = {rename(k): v for k, v in value.items()}
+        renamed[key if key in ('LR_Scheduler', 'master_weights') else rename(key)] = value
+    return renamed
+
+
+def optimizer_state(optimizer: paddle.optimizer.Optimizer, network: nn.Layer) -> dict:
+    """The optimizer state keyed by structured parameter names: Paddle keys it by unique tensor
+    names (`linear_3.w_0_moment1_0`), which change with how many layers a process has built."""
+    names = {p.name: name for name, p in network.named_parameters()}
+    return _rename_optimizer_state(optimizer.state_dict(), names)
+
+
+def set_optimizer_state(optimizer: paddle.optimizer.Optimizer, network: nn.Layer, state: dict) -> None:
+    names = {name: p.name for name, p in network.named_parameters()}
+    optimizer.set_state_dict(_rename_optimizer_state(state, names))
+
+
 def load_checkpoint(prefix: str, network: nn.Layer, optimizer: paddle.optimizer.Optimizer,
                     ema: Optional['ExponentialMovingAverage'] = None) -> dict:
     """Restores weights, optimizer state (with the LR schedule position) and EMA from
@@ -314,7 +341,7 @@ def load_checkpoint(prefix: str, network: nn.Layer, optimizer: paddle.optimizer.
     with open(prefix + '.json', encoding='utf-8') as f:
         info = json.load(f)
     network.set_state_dict(paddle.load(prefix + '.pdparams'))
-    optimizer.set_state_dict(paddle.load(prefix + '.pdopt'))
+    set_optimizer_state(optimizer, network, paddle.load(prefix + '.pdopt'))
     if ema is not None:
         if not os.path.exists(prefix + '.pdema'):
             raise ValueError(f"'{prefix}' was trained without TRAIN.EMA; resume with TRAIN.EMA False")
@@ -433,7 +460,7 @@ class EvaluateAndCheckpoint(Callback):
             save_atomic({'epoch': epoch, 'metrics': record, 'config': self.config.dump()},
                         os.path.join(out, 'best.json'))
         save_atomic(self.model.network.state_dict(), os.path.join(out, 'last.pdparams'))
-        save_atomic(self.model._optimizer.state_dict(), os.path.join(out, 'last.pdopt'))
+        save_atomic(optimizer_state(self.model._optimizer, self.model.network), os.path.join(out, 'last.pdopt'))
         if self.ema is not None:
             save_atomic(self.ema.state_dict(), os.path.join(out, 'last.pdema'))
         save_freq = self.config.TRAIN.SAVE_FREQ
