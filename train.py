@@ -79,6 +79,8 @@ def train(args: argparse.Namespace) -> Optional[paddle.Model]:
         os.makedirs(output, exist_ok=True)
     log = make_logger(output)
     resume = engine.resolve_resume(args.resume, output)
+    if args.resume == 'auto' and resume is None:
+        log(f'No checkpoint in {output} to resume from; starting from scratch.')
 
     engine.seed_everything(config.SEED)  # same initialization on every rank
     train_set, val_set = build_dataset(config, 'train'), build_dataset(config, 'val')
@@ -91,14 +93,14 @@ def train(args: argparse.Namespace) -> Optional[paddle.Model]:
 
     train_loader = engine.build_loader(train_set, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, train=True)
     val_loader = engine.build_loader(val_set, config.DATA.BATCH_SIZE_EVAL, config.DATA.NUM_WORKERS, train=False)
-    steps_per_epoch = len(train_loader)
+    batches_per_epoch = len(train_loader)
     mixup = build_mixup(config)
     model = engine.TrainingModel(network, engine.build_criterion(config, mixup), mixup, config.TRAIN.ACCUM_ITER)
-    schedule = engine.build_lr_schedule(config, steps_per_epoch)
+    schedule = engine.build_lr_schedule(config, batches_per_epoch)
     optimizer = engine.build_optimizer(config, network, schedule)
     model.prepare(optimizer, model.train_loss, metrics=engine.build_metrics(config.MODEL.NUM_CLASSES),
                   amp_configs=amp_configs(config))
-    ema = (engine.ExponentialMovingAverage(network, config.TRAIN.EMA_DECAY, config.TRAIN.ACCUM_ITER, steps_per_epoch)
+    ema = (engine.ExponentialMovingAverage(network, config.TRAIN.EMA_DECAY, config.TRAIN.ACCUM_ITER, batches_per_epoch)
            if config.TRAIN.EMA else None)
 
     start_epoch, history, best_top1 = 0, [], -1.0
@@ -114,6 +116,7 @@ def train(args: argparse.Namespace) -> Optional[paddle.Model]:
         f'epochs {start_epoch + 1}-{config.TRAIN.EPOCHS}, output {output}')
 
     callbacks = [engine.EpochProgBar(start_epoch, config.TRAIN.EPOCHS, config.TRAIN.LOG_FREQ),
+                 engine.StepLROnUpdate(config.TRAIN.ACCUM_ITER, batches_per_epoch),
                  engine.EpochSeeder(config.SEED, start_epoch, train_loader.batch_sampler)]
     if ema is not None:
         callbacks.append(ema)

@@ -86,7 +86,7 @@ def build_optimizer(config: CfgNode, model: nn.Layer,
 class WarmupCosineLR(paddle.optimizer.lr.LRScheduler):
     """Per-iteration schedule: linear warm-up, cosine decay to `end_lr`, then `end_lr` (cool-down).
 
-    Step i (0-based) uses lr(i); `paddle.Model` steps the scheduler after every batch.
+    Update i (0-based) uses lr(i); the StepLROnUpdate callback steps it after every update.
     """
 
     def __init__(self, base_lr: float, total_steps: int, warmup_steps: int = 0,
@@ -107,12 +107,24 @@ class WarmupCosineLR(paddle.optimizer.lr.LRScheduler):
         return self.end_lr + 0.5 * (self.base_lr - self.end_lr) * (1 + math.cos(math.pi * progress))
 
 
-def build_lr_schedule(config: CfgNode, steps_per_epoch: int) -> WarmupCosineLR:
+def updates_per_epoch(batches_per_epoch: int, accum_iter: int) -> int:
+    return math.ceil(batches_per_epoch / accum_iter)
+
+
+def is_update_step(step: int, accum_iter: int, batches_per_epoch: int) -> bool:
+    """Whether paddle.Model updates the weights after batch `step` (see Model._run_one_epoch)."""
+    return (step + 1) % accum_iter == 0 or step + 1 == batches_per_epoch
+
+
+def build_lr_schedule(config: CfgNode, batches_per_epoch: int) -> WarmupCosineLR:
+    """The schedule counts optimizer updates, so ACCUM_ITER x batch b follows the same curve as
+    one batch of ACCUM_ITER x b (or ACCUM_ITER cards)."""
     train = config.TRAIN
-    return WarmupCosineLR(train.BASE_LR, train.EPOCHS * steps_per_epoch,
-                          warmup_steps=train.WARMUP_EPOCHS * steps_per_epoch,
+    steps = updates_per_epoch(batches_per_epoch, train.ACCUM_ITER)
+    return WarmupCosineLR(train.BASE_LR, train.EPOCHS * steps,
+                          warmup_steps=train.WARMUP_EPOCHS * steps,
                           warmup_start_lr=train.WARMUP_START_LR, end_lr=train.END_LR,
-                          cooldown_steps=train.COOLDOWN_EPOCHS * steps_per_epoch)
+                          cooldown_steps=train.COOLDOWN_EPOCHS * steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +379,19 @@ class EpochProgBar(ProgBarLogger):
         super().on_epoch_begin(self.start_epoch + epoch, logs)
 
 
+class StepLROnUpdate(paddle.callbacks.LRScheduler):
+    """Steps the schedule after each optimizer update (paddle's default steps after every batch,
+    which runs the schedule ACCUM_ITER times too fast with gradient accumulation)."""
+
+    def __init__(self, accum_iter: int, batches_per_epoch: int) -> None:
+        super().__init__(by_step=True)
+        self.accum_iter, self.batches_per_epoch = accum_iter, batches_per_epoch
+
+    def on_train_batch_end(self, step: int, logs=None) -> None:
+        if is_update_step(step, self.accum_iter, self.batches_per_epoch):
+            super().on_train_batch_end(step, logs)
+
+
 class EpochSeeder(Callback):
     """Seeds every epoch from (SEED, epoch, rank) and sets the sampler's shuffle to (SEED, epoch):
     a run resumed at epoch k draws exactly the numbers an uninterrupted run draws at epoch k
@@ -393,8 +418,7 @@ class ExponentialMovingAverage(Callback):
         self.shadow = {k: v.numpy().copy() for k, v in network.state_dict().items() if v.is_floating_point()}
 
     def on_train_batch_end(self, step: int, logs=None) -> None:
-        # paddle.Model updates the weights on these batches only (see Model._run_one_epoch)
-        if (step + 1) % self.accum_iter and step + 1 != self.steps_per_epoch:
+        if not is_update_step(step, self.accum_iter, self.steps_per_epoch):
             return
         for key, value in self.network.state_dict().items():
             if key in self.shadow:

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import paddle
@@ -63,6 +64,20 @@ def test_warmup_then_cosine_per_iteration():
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 45 / 80)))
     assert lrs[90] == pytest.approx(0.01) and lrs[109] == pytest.approx(0.01)
+
+
+def test_schedule_counts_optimizer_updates_with_accumulation():
+    config = get_config(DIGITS, ['TRAIN.EPOCHS', '2', 'TRAIN.WARMUP_EPOCHS', '1', 'TRAIN.COOLDOWN_EPOCHS', '0',
+                                 'TRAIN.ACCUM_ITER', '2', 'TRAIN.BASE_LR', '1.0', 'TRAIN.WARMUP_START_LR', '0.0'])
+    schedule = engine.build_lr_schedule(config, batches_per_epoch=5)  # updates after batches 2, 4, 5
+    assert (schedule.total_steps, schedule.warmup_steps) == (6, 3)
+    callback = engine.StepLROnUpdate(accum_iter=2, batches_per_epoch=5)
+    callback.set_model(SimpleNamespace(_optimizer=SimpleNamespace(_learning_rate=schedule)))
+    lrs = []
+    for step in range(5):
+        lrs.append(schedule())
+        callback.on_train_batch_end(step)
+    assert lrs == pytest.approx([0.0, 0.0, 1 / 3, 1 / 3, 2 / 3]) and schedule() == pytest.approx(1.0)
 
 
 @pytest.mark.timeout(120)
@@ -192,7 +207,8 @@ def test_two_processes_equal_one_process_on_the_union_batch(tmp_path):
               '-batch_size', '8', '-epochs', '1', '-opts', *SMALL_MODEL, *DETERMINISTIC,
               'MODEL.NUM_CLASSES', '2', 'AUG.MIXUP_ALPHA', '0.0', 'AUG.RAND_AUGMENT_N', '0', 'AUG.HFLIP', '0.0',
               'TRAIN.OPTIMIZER', 'momentum', 'TRAIN.WEIGHT_DECAY', '0.0', 'TRAIN.BASE_LR', '0.5',
-              'TRAIN.END_LR', '0.5', 'DATA.BATCH_SIZE_EVAL', '8']
+              'TRAIN.END_LR', '0.5', 'TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.COOLDOWN_EPOCHS', '0',
+              'DATA.BATCH_SIZE_EVAL', '8']
     launch = [sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2',
               '--log_dir', str(tmp_path / 'log'), str(script), '-output', str(tmp_path / 'dp'), *common]
     result = subprocess.run(launch, cwd=ROOT, capture_output=True, text=True, timeout=200)
