@@ -452,10 +452,11 @@ class EvaluateAndCheckpoint(Callback):
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self.epoch_start_time = time.time()
+        self.epoch_start_lr = float(self.model._optimizer.get_lr())
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         epoch += self.start_epoch + 1  # epochs completed
-        record = {'epoch': epoch, 'lr': float(self.model._optimizer.get_lr()),
+        record = {'epoch': epoch, 'lr': self.epoch_start_lr,  # at the epoch's first update
                   'train_loss': float(logs['ce']), 'train_top1': float(logs['acc_top1'])}
         last_epoch = epoch == self.config.TRAIN.EPOCHS
         if epoch % self.config.TRAIN.EVAL_FREQ == 0 or last_epoch:

@@ -135,10 +135,13 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, monkeypatch
 
 
 @pytest.mark.timeout(120)
-def test_same_command_twice_gives_same_numbers(tmp_path):
+def test_same_command_twice_gives_same_numbers(tmp_path, capsys):
     opts = ['AUG.MIXUP_ALPHA', '0.2', 'DATA.NUM_WORKERS', '1']
     for name in ('a', 'b'):
-        run_train(tmp_path / name, '-epochs', '1', opts=opts)
+        run_train(tmp_path / name, '-epochs', '1', '-amp', opts=opts)
+        notices = [line for line in capsys.readouterr().out.splitlines() if '-amp' in line]
+        cpu_notice = ['Notice: -amp has no effect on CPU; training in float32.']
+        assert notices == ([] if paddle.is_compiled_with_cuda() else cpu_notice)
     a, b = (json.load(open(tmp_path / n / 'last.json'))['metrics'] for n in 'ab')
     assert a.pop('time') >= 0 and b.pop('time') >= 0
     assert a == b
