@@ -283,6 +283,8 @@ class ClassifierHead(nn.Layer):
 
 
 class MobileFormer(nn.Layer):
+    """Stem -> blocks (lite / mf / down) -> final Mobile->Former bridge -> head; returns logits."""
+
     def __init__(self, config: CfgNode):
         super().__init__()
         mf = config.MODEL.MF
@@ -441,7 +443,7 @@ def _map_block_key(kind: str, name: str) -> str | None:
     hit = _lookup(_MOBILE[kind], name)
     if hit is None:
         return None
-    sub = _lookup(_HYPER if hit[0].split('.')[-1].startswith('act') else _CONV_BN, hit[1])
+    sub = _lookup(_HYPER if name.startswith('hyper') else _CONV_BN, hit[1])
     return sub and f'{hit[0]}.{sub[0]}.{sub[1]}'
 
 
