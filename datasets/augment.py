@@ -15,6 +15,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
+from yacs.config import CfgNode
 
 _MAX_LEVEL = 10.0  # RandAugment magnitudes live in [0, 10]
 Fill = Union[int, tuple]
@@ -235,7 +236,7 @@ class Mixup:
         return images, targets * lam + paddle.flip(targets, axis=[0]) * (1.0 - lam)
 
 
-def build_mixup(config) -> Optional[Mixup]:
+def build_mixup(config: CfgNode) -> Optional[Mixup]:
     """Mixup/CutMix for config.AUG over config.MODEL.NUM_CLASSES classes, or None when both are off."""
     aug = config.AUG
     if (aug.MIXUP_ALPHA <= 0 and aug.CUTMIX_ALPHA <= 0) or aug.MIXUP_PROB <= 0:

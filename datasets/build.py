@@ -12,8 +12,10 @@ import numpy as np
 import paddle
 from PIL import Image
 
+from yacs.config import CfgNode
+
 from datasets import sources
-from datasets.transforms import build_transforms
+from datasets.transforms import ConvertMode, build_transforms
 
 DATASETS = ('digits', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist', 'imagenet', 'folder')
 
@@ -58,6 +60,8 @@ class ArrayImages(LabelledImages):
 class ImageFiles(LabelledImages):
     """Images read from files on access and converted to RGB (grey and alpha images included)."""
 
+    to_rgb = ConvertMode('RGB')
+
     def __init__(self, source: sources.FileSource, transform: Optional[Callable] = None):
         super().__init__(source.labels, source.classes, transform)
         self.paths = source.paths
@@ -66,9 +70,8 @@ class ImageFiles(LabelledImages):
         path = self.paths[index]
         try:
             with Image.open(path) as img:
-                if img.mode in ('P', 'PA', 'LA') or 'transparency' in img.info:
-                    img = img.convert('RGBA')  # keeps palette colours; the alpha is then dropped
-                return img.convert('RGB')
+                img.load()
+                return self.to_rgb(img)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read image '{path}' ({e}); remove or replace the file") from None
 
@@ -91,12 +94,16 @@ def _source(name: str, root: str, mode: str):
     return sources.scan_folder(root, mode)
 
 
-def build_dataset(config, mode: str) -> LabelledImages:
+def build_dataset(config: CfgNode, mode: str) -> LabelledImages:
     """The `mode` ('train' or 'val') split of config.DATA.DATASET with its transforms attached."""
     name = config.DATA.DATASET
     if name not in DATASETS:
         raise ValueError(f"unknown DATA.DATASET '{name}'; choose one of {', '.join(DATASETS)}")
     transform = build_transforms(config, mode)
     source = _source(name, config.DATA.DATA_PATH, mode)
+    if len(source.classes) > config.MODEL.NUM_CLASSES:
+        # labels beyond the classifier's width would fail deep inside the loss
+        raise ValueError(f"DATA.DATASET '{name}' has {len(source.classes)} classes but MODEL.NUM_CLASSES is "
+                         f'{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES: {len(source.classes)}')
     dataset_type = ArrayImages if isinstance(source, sources.ArraySource) else ImageFiles
     return dataset_type(source, transform)

