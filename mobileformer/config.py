@@ -124,6 +124,26 @@ _C.MODEL.REPMLP_RESNET.BOTTLENECK_R = [2, 4]
 _C.TRAIN = CN()
 _C.TRAIN.EPOCHS = 300
 _C.TRAIN.BASE_LR = 1e-3
+# Training engine (mobileformer/engine.py). The LR schedule is stepped per iteration: linear
+# warm-up WARMUP_START_LR -> BASE_LR over WARMUP_EPOCHS, cosine BASE_LR -> END_LR until
+# EPOCHS - COOLDOWN_EPOCHS, then END_LR for the cool-down epochs (EPOCHS counts all of them).
+_C.TRAIN.WARMUP_EPOCHS = 0
+_C.TRAIN.WARMUP_START_LR = 1e-6
+_C.TRAIN.END_LR = 1e-5
+_C.TRAIN.COOLDOWN_EPOCHS = 0
+_C.TRAIN.OPTIMIZER = 'adamw'  # 'adamw' or 'momentum' (SGD with momentum)
+_C.TRAIN.WEIGHT_DECAY = 0.05  # never applied to 1-D parameters (norm weights) and biases
+_C.TRAIN.BETAS = [0.9, 0.999]
+_C.TRAIN.EPS = 1e-8
+_C.TRAIN.MOMENTUM = 0.9
+_C.TRAIN.GRAD_CLIP = 0.0  # max global gradient norm; 0 disables clipping
+_C.TRAIN.ACCUM_ITER = 1  # optimizer step every ACCUM_ITER batches, on their mean gradient
+_C.TRAIN.EMA = False  # keep an exponential moving average of the weights; evaluate and save it
+_C.TRAIN.EMA_DECAY = 0.9999
+_C.TRAIN.AMP = False  # mixed precision on GPU (no effect on CPU)
+_C.TRAIN.EVAL_FREQ = 1  # evaluate every N epochs (and always after the last one)
+_C.TRAIN.SAVE_FREQ = 0  # also keep epoch_<N>.pdparams every N epochs; 0 keeps only last/best
+_C.TRAIN.LOG_FREQ = 10  # progress-bar update every N iterations
 
 
 _BASE_KEY = '_BASE_'

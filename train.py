@@ -1,0 +1,147 @@
+"""Train a model (any registered family) with paddle.Model.
+
+    python train.py                                     # digits quickstart (CPU, a few minutes)
+    python train.py -cfg configs/mobileformer_26m.yaml -data_path /data/imagenet
+    python -m paddle.distributed.launch --nproc_per_node 8 train.py -cfg ... -data_path ...
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+import paddle
+
+from datasets import build_dataset, build_mixup
+from mobileformer import ConfigError, build_model, get_config
+from mobileformer import engine
+
+QUICKSTART_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                 'configs', 'digits', 'mobileformer_26m.yaml')
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    # single-dash flags, PaddleViT style; no --n/--log (they belong to paddle.distributed.launch)
+    parser = argparse.ArgumentParser(description='Train a model with paddle.Model.')
+    parser.add_argument('-cfg', default=QUICKSTART_CONFIG, help='YAML config (default: digits quickstart)')
+    parser.add_argument('-dataset', help='DATA.DATASET')
+    parser.add_argument('-data_path', help='DATA.DATA_PATH')
+    parser.add_argument('-batch_size', type=int, help='DATA.BATCH_SIZE, per card')
+    parser.add_argument('-epochs', type=int, help='TRAIN.EPOCHS')
+    parser.add_argument('-output', help='OUTPUT folder (default output/<MODEL.NAME>)')
+    parser.add_argument('-pretrained', help='.pdparams to start from; another class count drops the classifier')
+    parser.add_argument('-resume', help="checkpoint prefix (e.g. output/x/last) or 'auto'")
+    parser.add_argument('-amp', action='store_true', help='mixed precision (GPU only)')
+    parser.add_argument('-opts', nargs='+', default=[], help='KEY VALUE pairs overriding the config')
+    return parser.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace):
+    opts = []
+    for flag, key in (('dataset', 'DATA.DATASET'), ('data_path', 'DATA.DATA_PATH'),
+                      ('batch_size', 'DATA.BATCH_SIZE'), ('epochs', 'TRAIN.EPOCHS'), ('output', 'OUTPUT')):
+        if getattr(args, flag) is not None:
+            opts += [key, getattr(args, flag)]
+    if args.amp:
+        opts += ['TRAIN.AMP', True]
+    config = get_config(args.cfg, opts + list(args.opts))
+    if not config.OUTPUT:
+        config = get_config(args.cfg, opts + list(args.opts) + ['OUTPUT', os.path.join('output', config.MODEL.NAME)])
+    return config
+
+
+def amp_configs(config) -> Optional[dict]:
+    if not config.TRAIN.AMP:
+        return None
+    if not paddle.is_compiled_with_cuda():
+        if engine.is_main_process():
+            print('Notice: -amp has no effect on CPU; training in float32.')
+        return None
+    return {'level': 'O1'}
+
+
+def make_logger(output: str):
+    """Prints on rank 0 and appends the same line to <output>/train.log."""
+    def log(line: str) -> None:
+        if engine.is_main_process():
+            print(line, flush=True)
+            with open(os.path.join(output, 'train.log'), 'a', encoding='utf-8') as f:
+                f.write(line + '\n')
+    return log
+
+
+def train(args: argparse.Namespace) -> Optional[paddle.Model]:
+    """Runs the training `args` describe; returns the trained paddle.Model (None if already done)."""
+    config = load_config(args)
+    output = config.OUTPUT
+    if engine.is_main_process():
+        os.makedirs(output, exist_ok=True)
+    log = make_logger(output)
+    resume = engine.resolve_resume(args.resume, output)
+    if args.resume == 'auto' and resume is None:
+        log(f'No checkpoint in {output} to resume from; starting from scratch.')
+
+    engine.seed_everything(config.SEED)  # same initialization on every rank
+    train_set, val_set = build_dataset(config, 'train'), build_dataset(config, 'val')
+    if train_set.num_classes != config.MODEL.NUM_CLASSES:
+        raise ConfigError(f'the dataset has {train_set.num_classes} classes but MODEL.NUM_CLASSES is '
+                          f'{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES: {train_set.num_classes} in the YAML')
+    network = build_model(config)
+    if args.pretrained:
+        engine.load_pretrained(network, args.pretrained, config.MODEL.NUM_CLASSES)
+
+    train_loader = engine.build_loader(train_set, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, train=True)
+    val_loader = engine.build_loader(val_set, config.DATA.BATCH_SIZE_EVAL, config.DATA.NUM_WORKERS, train=False)
+    batches_per_epoch = len(train_loader)
+    mixup = build_mixup(config)
+    model = engine.TrainingModel(network, engine.build_criterion(config, mixup), mixup, config.TRAIN.ACCUM_ITER)
+    schedule = engine.build_lr_schedule(config, batches_per_epoch)
+    optimizer = engine.build_optimizer(config, network, schedule)
+    model.prepare(optimizer, model.train_loss, metrics=engine.build_metrics(config.MODEL.NUM_CLASSES),
+                  amp_configs=amp_configs(config))
+    ema = (engine.ExponentialMovingAverage(network, config.TRAIN.EMA_DECAY, config.TRAIN.ACCUM_ITER, batches_per_epoch)
+           if config.TRAIN.EMA else None)
+
+    start_epoch, history, best_top1 = 0, [], -1.0
+    if resume:
+        state = engine.load_checkpoint(resume, network, optimizer, ema)
+        start_epoch, history, best_top1 = state['epoch'], state['history'], state['best_top1']
+        log(f'Resumed from {resume} after epoch {start_epoch}.')
+    if start_epoch >= config.TRAIN.EPOCHS:
+        log(f'Nothing to do: {output} already holds {start_epoch} of {config.TRAIN.EPOCHS} epochs.')
+        return None
+    log(f'{config.MODEL.NAME}: {config.DATA.DATASET} {len(train_set)} train / {len(val_set)} val images, '
+        f'{engine.world_size()} process(es) x batch {config.DATA.BATCH_SIZE} x accum {config.TRAIN.ACCUM_ITER}, '
+        f'epochs {start_epoch + 1}-{config.TRAIN.EPOCHS}, output {output}')
+
+    callbacks = [engine.EpochProgBar(start_epoch, config.TRAIN.EPOCHS, config.TRAIN.LOG_FREQ),
+                 engine.StepLROnUpdate(config.TRAIN.ACCUM_ITER, batches_per_epoch),
+                 engine.EpochSeeder(config.SEED, start_epoch, train_loader.batch_sampler)]
+    if ema is not None:
+        callbacks.append(ema)
+    callbacks.append(engine.EvaluateAndCheckpoint(config, val_loader, output, start_epoch, history,
+                                                  best_top1, ema, log))
+    visualdl = engine.visualdl_callback(output)
+    if visualdl is not None:
+        callbacks.append(visualdl)
+    model.fit(train_loader, epochs=config.TRAIN.EPOCHS - start_epoch, verbose=2,
+              accumulate_grad_batches=config.TRAIN.ACCUM_ITER, callbacks=callbacks)
+    final = history[-1]
+    log(f"Done: top1={final.get('val_top1', float('nan')):.4f} (best {max(r.get('val_top1', -1) for r in history):.4f}); "
+        f"weights in {output}/best.pdparams and last.pdparams")
+    return model
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f'Error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
