@@ -29,9 +29,9 @@ def _fsync(path: str) -> None:
         os.fsync(f.fileno())
 
 
-def _write(obj, path: str) -> None:
-    """Writes `obj` (JSON for a .json / journal path, else paddle.save) and flushes it to disk."""
-    if path.endswith('.json') or os.path.basename(path).startswith(JOURNAL):
+def _write(obj, path: str, as_json: bool) -> None:
+    """Writes `obj` (as JSON or with paddle.save) and flushes it to disk."""
+    if as_json:
         with open(path, 'w', encoding='utf-8') as f:
             json.dump(obj, f, indent=1)
     else:
@@ -56,12 +56,12 @@ def write_together(items: Dict[str, object]) -> None:
     try:
         for path, obj in items.items():
             renames[temporary_path(path)] = os.path.abspath(path)
-            _write(obj, temporary_path(path))
+            _write(obj, temporary_path(path), as_json=path.endswith('.json'))
         pause = float(os.environ.get(PAUSE_ENV, '0') or 0)
         if pause > 0:
             time.sleep(pause)
         journal = os.path.join(folder, JOURNAL)
-        _write(renames, temporary_path(journal))
+        _write(renames, temporary_path(journal), as_json=True)
         os.replace(temporary_path(journal), journal)  # the commit point
     except BaseException:
         for temporary in renames:
