@@ -18,9 +18,10 @@ from typing import Dict, List
 import paddle
 
 JOURNAL = 'checkpoint.journal'
-# Test hook: seconds to sleep after the temporaries are written, before the commit, so a test can
-# kill the process inside the write window.
+# Test hook: MOBILEFORMER_TEST_PAUSE_IN_SAVE=n makes the n-th commit of the process stop for an hour
+# with its temporaries written, so a test can kill the process inside the write window.
 PAUSE_ENV = 'MOBILEFORMER_TEST_PAUSE_IN_SAVE'
+_commits = [0]
 _TEMPORARY = re.compile(r'\.tmp\d+$')
 
 
@@ -43,11 +44,6 @@ def temporary_path(path: str) -> str:
     return f'{path}.tmp{os.getpid()}'
 
 
-def write_file(obj, path: str) -> None:
-    """One file through a temporary and a rename: `path` is never half written."""
-    write_together({path: obj})
-
-
 def write_together(items: Dict[str, object]) -> None:
     """Commits every `{path: object}` at once (see the module docstring). All paths share a folder.
     On an error (e.g. a full disk) the temporaries are removed and the previous files stay."""
@@ -57,9 +53,9 @@ def write_together(items: Dict[str, object]) -> None:
         for path, obj in items.items():
             renames[temporary_path(path)] = os.path.abspath(path)
             _write(obj, temporary_path(path), as_json=path.endswith('.json'))
-        pause = float(os.environ.get(PAUSE_ENV, '0') or 0)
-        if pause > 0:
-            time.sleep(pause)
+        _commits[0] += 1
+        if os.environ.get(PAUSE_ENV) == str(_commits[0]):
+            time.sleep(3600)
         journal = os.path.join(folder, JOURNAL)
         _write(renames, temporary_path(journal), as_json=True)
         os.replace(temporary_path(journal), journal)  # the commit point

@@ -61,7 +61,7 @@ def one_error_line(err):
 
 def digests(folder):
     return {name: hashlib.sha256(open(os.path.join(folder, name), 'rb').read()).hexdigest()
-            for name in sorted(os.listdir(folder)) if name.startswith(('last.', 'best.'))}
+            for name in sorted(os.listdir(folder)) if name.startswith(('last.', 'best.')) and '.tmp' not in name}
 
 
 def load(path):
@@ -96,3 +96,117 @@ def test_distributed_run_with_a_failing_rank_exits_with_its_error(tmp_path):
     named_tail = open(named.group(1)).read().strip().splitlines()[-1]
     injected = 'RuntimeError: test failure injected on rank 1 at step 1'
     assert injected in shown or named_tail.startswith(f'error: rank 1: {injected}'), (shown[-2000:], named_tail)
+
+
+# ---------------------------------------------------------------------------------- interruptions
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    """The tiny model trained 2 epochs on digits without interruption."""
+    out = tmp_path_factory.mktemp('uninterrupted')
+    assert train_script.main(['-cfg', TINY, '-output', str(out)]) == 0
+    return out
+
+
+def start_training(output, **env):
+    command = [sys.executable, 'train.py', '-cfg', TINY, '-output', str(output)]
+    return subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process, what, timeout=90):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f'training ended before {what}: {process.communicate()[1][-2000:]}'
+        assert time.time() < deadline, f'no {what} after {timeout} s'
+        time.sleep(0.05)
+
+
+def first_epoch_saved(output):
+    """True once epoch 1's checkpoint is complete (its journal is gone, last.json says epoch 1)."""
+    def saved():
+        path = os.path.join(output, 'last.json')
+        if not os.path.exists(path) or os.path.exists(os.path.join(output, atomic.JOURNAL)):
+            return False
+        return json.load(open(path))['epoch'] == 1
+    return saved
+
+
+def resume_and_compare(output, reference):
+    assert train_script.main(['-cfg', TINY, '-output', str(output), '-resume', 'auto']) == 0
+    assert json.load(open(output / 'last.json'))['epoch'] == 2
+    assert not [f for f in os.listdir(output) if '.tmp' in f or f == atomic.JOURNAL]
+    for name in ('last.pdparams', 'best.pdparams'):
+        assert_same_weights(output / name, reference / name)
+    expected = json.load(open(reference / 'last.json'))['history']
+    assert [r['val_loss'] for r in json.load(open(output / 'last.json'))['history']] == [r['val_loss'] for r in expected]
+
+
+@pytest.mark.timeout(170)
+@pytest.mark.slow
+@pytest.mark.parametrize('moment', ['mid-epoch', 'checkpoint write'])
+def test_sigkill_keeps_the_previous_checkpoint_and_resume_matches(tmp_path, uninterrupted, moment):
+    out = tmp_path / 'run'
+    # the pause hook holds the second commit (epoch 2) with every temporary file written
+    process = start_training(out, **({atomic.PAUSE_ENV: '2'} if moment == 'checkpoint write' else {}))
+    try:
+        wait_for(first_epoch_saved(out), process, 'checkpoint of epoch 1')
+        before = digests(out)
+        if moment == 'checkpoint write':
+            wait_for(lambda: any(f.startswith('last.json.tmp') for f in os.listdir(out)), process, 'epoch-2 write')
+        else:
+            time.sleep(random.uniform(0.2, 1.5))  # inside epoch 2 (about 2.5 s on 2 cores)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+    assert digests(out) == before and json.load(open(out / 'last.json'))['epoch'] == 1
+    if moment == 'checkpoint write':  # killed with epoch 2 written in full to temporaries, uncommitted
+        assert sorted(f.split('.tmp')[0] for f in os.listdir(out) if '.tmp' in f) == [
+            'best.json', 'best.pdparams', 'last.json', 'last.pdopt', 'last.pdparams']
+    resume_and_compare(out, uninterrupted)
+
+
+def signal_at(monkeypatch, signum, epoch, step):
+    """Sends `signum` to this process after batch `step` (0-based) of `epoch` (1-based)."""
+    seen = []
+    original = engine.StepLROnUpdate.on_train_batch_end
+
+    def on_train_batch_end(self, batch, logs=None):
+        seen.append(batch)
+        if seen.count(0) == epoch and batch == step:
+            os.kill(os.getpid(), signum)
+        original(self, batch, logs)
+
+    monkeypatch.setattr(engine.StepLROnUpdate, 'on_train_batch_end', on_train_batch_end)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.slow
+def test_sigint_and_sigterm_save_a_mid_epoch_checkpoint_that_resumes_exactly(tmp_path, uninterrupted, monkeypatch,
+                                                                              capsys):
+    out = tmp_path / 'sigint'
+    signal_at(monkeypatch, signal.SIGINT, epoch=1, step=5)
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-output', out], capsys)
+    assert code == 130
+    assert one_error_line(err) == (f"error: stopped by SIGINT; saved a checkpoint at epoch 1 step 6 in '{out}': "
+                                   'continue with -resume auto')
+    info = json.load(open(out / 'last.json'))
+    assert (info['epoch'], info['step'], info['history']) == (0, 6, [])
+    monkeypatch.undo()
+    # nothing is random per sample, so continuing epoch 1 after its 6th batch is exact
+    resume_and_compare(out, uninterrupted)
+
+    out = tmp_path / 'sigterm'
+    process = start_training(out)
+    try:
+        wait_for(first_epoch_saved(out), process, 'checkpoint of epoch 1')
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143
+    info = json.load(open(out / 'last.json'))
+    line = one_error_line('\n'.join(l for l in err.splitlines() if l.startswith('error') or 'Traceback' in l))
+    assert line == (f"error: stopped by SIGTERM; saved a checkpoint at epoch 2 step {info['step']} in '{out}': "
+                    'continue with -resume auto') and info['epoch'] == 1 and 0 < info['step'] < 22
+    resume_and_compare(out, uninterrupted)
