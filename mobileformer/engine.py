@@ -262,10 +262,10 @@ class GuardedDataset(Dataset):
         raise RuntimeError('no sample of the dataset can be read')
 
 
-def describe_sample(dataset: Dataset, index: int) -> str:
-    """The sample's file path when the dataset reads files, else its index."""
+def sample_path(dataset: Dataset, index: int) -> Optional[str]:
+    """The sample's file when the dataset reads files (ImageFiles), else None."""
     paths = getattr(dataset, 'paths', None)
-    return f"image '{paths[index]}'" if paths is not None else f'sample {index}'
+    return str(paths[index]) if paths is not None else None
 
 
 def sample_error(dataset: Dataset, index: int) -> str:
@@ -295,22 +295,22 @@ class SafeLoader(DataLoader):
                 images, labels, failed = next(batches)
             except StopIteration:
                 return
-            except SystemError as e:  # paddle's message when a worker process exits or raises
-                raise RuntimeError(f'a data loader worker process died ({" ".join(str(e).split())[:120]}); '
-                                   'it was likely killed for lack of memory: lower DATA.NUM_WORKERS '
-                                   'or the batch size') from None
+            except SystemError:  # paddle's only sign that a worker process exited
+                raise TrainingStopped('a data loader worker process died (often killed for lack of memory); '
+                                      'lower DATA.NUM_WORKERS or the batch size, then resume with -resume auto') from None
             for index in sorted({int(i) - 1 for i in failed.numpy() if i}):
                 self._bad_sample(index)
             yield [images, labels]
 
     def _bad_sample(self, index: int) -> None:
-        what, why = describe_sample(self.samples, index), sample_error(self.samples, index)
+        path, why = sample_path(self.samples, index), sample_error(self.samples, index)
+        what = f"image '{path}'" if path else f'sample {index}'
+        problem = why if path and path in why else f'cannot read {what} ({why})'
         if not self.skip_bad:
-            raise ValueError(f'cannot read {what}: {why}; remove or replace it, or set DATA.SKIP_BAD_IMAGES True '
-                             'to skip unreadable images')
+            raise ValueError(f'{problem}; or set DATA.SKIP_BAD_IMAGES True to skip unreadable images')
         if index not in self.skipped:
             self.skipped.append(index)
-            self.log(f'Skipped {what} ({why}); {len(self.skipped)} skipped so far (DATA.SKIP_BAD_IMAGES).')
+            self.log(f'Skipped: {problem}; {len(self.skipped)} skipped so far (DATA.SKIP_BAD_IMAGES).')
 
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, skip_bad: bool = False,

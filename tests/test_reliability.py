@@ -210,3 +210,165 @@ def test_sigint_and_sigterm_save_a_mid_epoch_checkpoint_that_resumes_exactly(tmp
     assert line == (f"error: stopped by SIGTERM; saved a checkpoint at epoch 2 step {info['step']} in '{out}': "
                     'continue with -resume auto') and info['epoch'] == 1 and 0 < info['step'] < 22
     resume_and_compare(out, uninterrupted)
+
+
+def test_journal_finishes_a_commit_killed_after_its_commit_point(tmp_path):
+    """A process killed between the journal and the renames: recover() completes the new set."""
+    for name, text in (('last.json', 'old'), ('last.pdparams', 'old')):
+        (tmp_path / name).write_text(text)
+    renames = {}
+    for name in ('last.json', 'last.pdparams'):
+        temporary = atomic.temporary_path(str(tmp_path / name))
+        open(temporary, 'w').write('new')
+        renames[temporary] = str(tmp_path / name)
+    os.replace(next(iter(renames)), str(tmp_path / 'last.json'))  # one rename happened before the kill
+    (tmp_path / atomic.JOURNAL).write_text(json.dumps(renames))
+    (tmp_path / 'best.json.tmp999').write_text('uncommitted')
+    assert atomic.recover(str(tmp_path)) == [str(tmp_path / 'last.pdparams')]
+    assert sorted(os.listdir(tmp_path)) == ['last.json', 'last.pdparams']
+    assert {(tmp_path / n).read_text() for n in ('last.json', 'last.pdparams')} == {'new'}
+
+
+# ------------------------------------------------------------------------------------ divergence
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_non_finite_loss_stops_with_step_and_untouched_checkpoint(tmp_path, monkeypatch, capsys, bad):
+    out = tmp_path / 'out'
+    data = make_folder(tmp_path / 'images')
+    calls, snapshot = [], {}
+    original = engine.TrainingModel.train_batch
+
+    def train_batch(self, inputs, labels=None, update=True):
+        losses, metrics = original(self, inputs, labels, update)
+        calls.append(1)
+        if len(calls) == 4:  # epoch 2 (2 batches an epoch), step 2
+            snapshot.update(digests(out))
+            return [np.full_like(loss, bad) for loss in losses], metrics
+        return losses, metrics
+
+    monkeypatch.setattr(engine.TrainingModel, 'train_batch', train_batch)
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-data_path', data, '-output', out,
+                                                '-opts', *FOLDER_OPTS], capsys)
+    assert code == 2
+    assert one_error_line(err) == (f'error: the loss is {bad} at epoch 2 step 2: training diverged; the last good '
+                                   f"checkpoint {out / 'last'}.* (after epoch 1) is untouched: lower TRAIN.BASE_LR "
+                                   'or set TRAIN.GRAD_CLIP, then resume from it')
+    assert snapshot and digests(out) == snapshot and json.load(open(out / 'last.json'))['epoch'] == 1
+
+
+# ----------------------------------------------------------------------------- full / read-only disk
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize('fault', ['not a folder', 'disk full'])
+def test_unwritable_output_is_reported_before_training(tmp_path, monkeypatch, capsys, fault):
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    out = blocker / 'out' if fault == 'not a folder' else tmp_path / 'out'
+    if fault == 'disk full':
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(atomic.os, 'fsync', full)
+    monkeypatch.setattr(train_script, 'build_dataset', lambda *a: pytest.fail('training started'))
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-output', out], capsys)
+    reason = 'Not a directory' if fault == 'not a folder' else 'No space left on device'
+    assert code == 2 and one_error_line(err) == (f"error: cannot write to the output folder '{out}' ({reason}); free "
+                                                 'disk space or pass -output with a writable folder')
+
+
+@pytest.mark.timeout(90)
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'out'
+    data = make_folder(tmp_path / 'images')
+    writes, snapshot = [], {}
+    original = atomic._write
+
+    def write(obj, path, as_json):  # epoch 1 writes 5 files and its journal; epoch 2 fails at its 3rd file
+        writes.append(path)
+        if len(writes) == 9:
+            snapshot.update(digests(out))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        original(obj, path, as_json)
+
+    monkeypatch.setattr(atomic, '_write', write)
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-data_path', data, '-output', out,
+                                                '-opts', *FOLDER_OPTS], capsys)
+    assert code == 2 and one_error_line(err) == (
+        f"error: could not write the checkpoint of epoch 2 to '{out}' (No space left on device); the previous "
+        'checkpoint there is intact: free disk space, then continue with -resume auto')
+    assert snapshot and digests(out) == snapshot and json.load(open(out / 'last.json'))['epoch'] == 1
+    assert not [f for f in os.listdir(out) if '.tmp' in f or f == atomic.JOURNAL]
+
+
+# -------------------------------------------------------------------------------------- data faults
+def add_bad_files(data):
+    """A truncated PNG and a text file named .jpg in the training split; returns their paths."""
+    good = open(os.path.join(data, 'train', 'a', '0.png'), 'rb').read()
+    truncated = os.path.join(data, 'train', 'a', 'truncated.png')
+    open(truncated, 'wb').write(good[:len(good) // 2])
+    not_image = os.path.join(data, 'train', 'b', 'notes.jpg')
+    open(not_image, 'w').write('not an image')
+    return sorted([truncated, not_image])
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize('workers', [0, 1])
+def test_bad_image_stops_the_run_with_its_path(tmp_path, capsys, workers):
+    data = make_folder(tmp_path / 'images')
+    bad = add_bad_files(data)
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-data_path', data, '-output', tmp_path / 'out',
+                                                '-opts', *FOLDER_OPTS, 'DATA.NUM_WORKERS', workers], capsys)
+    line = one_error_line(err)
+    assert code == 2 and line.startswith('error: cannot read image ') and any(f"'{p}'" in line for p in bad)
+    assert line.endswith('; or set DATA.SKIP_BAD_IMAGES True to skip unreadable images')
+
+
+@pytest.mark.timeout(90)
+def test_bad_images_are_skipped_and_counted_in_the_log(tmp_path, capsys):
+    data = make_folder(tmp_path / 'images')
+    bad = add_bad_files(data)
+    out = tmp_path / 'out'
+    code, _, _ = run_main(train_script.main, ['-cfg', TINY, '-data_path', data, '-output', out, '-opts',
+                                              *FOLDER_OPTS, 'DATA.NUM_WORKERS', '1', 'DATA.SKIP_BAD_IMAGES', 'True'],
+                          capsys)
+    assert code == 0 and json.load(open(out / 'last.json'))['epoch'] == 2
+    skipped = [line for line in open(out / 'train.log').read().splitlines() if line.startswith('Skipped')]
+    assert len(skipped) == 2  # each bad file once, over both epochs
+    assert sorted(p for p in bad for line in skipped if f"'{p}'" in line) == bad
+    assert sorted(line.split('; ')[-1] for line in skipped) == [
+        '1 skipped so far (DATA.SKIP_BAD_IMAGES).', '2 skipped so far (DATA.SKIP_BAD_IMAGES).']
+
+
+class FaultyDataset(paddle.io.Dataset):
+    """Sample 5 raises (or, with die=True, ends its worker process as the OOM killer would)."""
+
+    def __init__(self, die=False):
+        super().__init__()
+        self.die, self.parent = die, os.getpid()
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        if index == 5:
+            if self.die and os.getpid() != self.parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f'broken sample {index}')
+        return np.zeros((3, 4, 4), np.float32), np.int64(0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize('workers', [0, 2])
+def test_exception_inside_a_dataset_never_hangs(workers):
+    loader = engine.build_loader(FaultyDataset(), 4, workers, train=False)
+    with pytest.raises(ValueError, match=r'^cannot read sample 5 \(broken sample 5\); or set DATA.SKIP_BAD_IMAGES'):
+        list(loader)
+    notices = []
+    loader = engine.build_loader(FaultyDataset(), 4, workers, train=False, skip_bad=True, log=notices.append)
+    assert sum(len(labels) for _, labels in loader) == 16
+    assert notices == ['Skipped: cannot read sample 5 (broken sample 5); 1 skipped so far (DATA.SKIP_BAD_IMAGES).']
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_dies_is_one_clear_error():
+    loader = engine.build_loader(FaultyDataset(die=True), 4, 1, train=False)
+    with pytest.raises(cli.TrainingStopped, match='^a data loader worker process died'):
+        list(loader)
