@@ -372,3 +372,101 @@ def test_a_worker_that_dies_is_one_clear_error():
     loader = engine.build_loader(FaultyDataset(die=True), 4, 1, train=False)
     with pytest.raises(cli.TrainingStopped, match='^a data loader worker process died'):
         list(loader)
+
+
+# ------------------------------------------------------------------------------- bad checkpoints
+REPMLPNET = os.path.join(FIXTURES, 'official_repmlpnet_tiny_train.yaml')
+TIMM_MIXER = os.path.join(FIXTURES, 'timm_mixer_tiny.pth')
+
+
+@pytest.fixture(scope='module')
+def bad_checkpoints(tmp_path_factory):
+    """{(family, fault): path}: for our tiny Mobile-Former (.pdparams), the tiny RepMLPNet
+    (.pdparams) and a PyTorch checkpoint for convert (.pth)."""
+    folder = tmp_path_factory.mktemp('checkpoints')
+    files = {}
+
+    def save(config_file, opts, name):
+        path = str(folder / name)
+        paddle.save(build_model(get_config(config_file, opts)).state_dict(), path)
+        return path
+
+    for family, config_file, other in (('mf', TINY, REPMLPNET), ('repmlpnet', REPMLPNET, TINY)):
+        good = open(save(config_file, [], f'{family}.pdparams'), 'rb').read()
+        files[family, 'truncated'] = str(folder / f'{family}_truncated.pdparams')
+        open(files[family, 'truncated'], 'wb').write(good[:len(good) // 2])
+        files[family, 'another model'] = save(other, [], f'{family}_other_model.pdparams')
+        files[family, 'another class count'] = save(config_file, ['MODEL.NUM_CLASSES', '7'], f'{family}_7.pdparams')
+    source = open(TIMM_MIXER, 'rb').read()
+    files['torch', 'truncated'] = str(folder / 'truncated.pth')
+    open(files['torch', 'truncated'], 'wb').write(source[:len(source) // 2])
+    files['torch', 'another model'] = TIMM_MIXER
+    for family in ('mf', 'repmlpnet', 'torch'):
+        files[family, 'corrupt'] = str(folder / f'{family}_corrupt.bin')
+        open(files[family, 'corrupt'], 'wb').write(np.random.RandomState(1).bytes(4096))
+        files[family, 'missing'] = str(folder / f'{family}_missing.pdparams')
+    return files
+
+
+def resume_folder(tmp_path, weights):
+    """A -resume prefix whose record is fine and whose weights file is `weights`."""
+    (tmp_path / 'last.json').write_text(json.dumps({'epoch': 1, 'history': [], 'best_top1': 0.0}))
+    if os.path.exists(weights):
+        (tmp_path / 'last.pdparams').write_bytes(open(weights, 'rb').read())
+    return str(tmp_path / 'last')
+
+
+COMMANDS = {  # name: (family of the weights it reads, main, argv for a weights file)
+    'train -pretrained': ('mf', train_script.main, lambda w, tmp: ['-cfg', TINY, '-pretrained', w, '-output', tmp / 'o']),
+    'train -resume': ('mf', train_script.main, lambda w, tmp: ['-cfg', TINY, '-resume', resume_folder(tmp, w),
+                                                               '-output', tmp / 'o']),
+    'eval.py': ('mf', eval_script.main, lambda w, tmp: ['-cfg', TINY, '-pretrained', w]),
+    'export.py': ('mf', export_script.main, lambda w, tmp: ['-cfg', TINY, '-pretrained', w, '-o', tmp / 'e']),
+    'predict.py': ('mf', predict_script.main, lambda w, tmp: ['-cfg', TINY, '-pretrained', w, tmp / 'x.png']),
+    'mobileformer.convert': ('torch', convert.main, lambda w, tmp: [w, '-cfg', TINY, '-o', tmp / 'c.pdparams']),
+    'mobileformer.reparam': ('repmlpnet', reparam.main, lambda w, tmp: ['-cfg', REPMLPNET, '-pretrained', w,
+                                                                        '-o', tmp / 'r.pdparams']),
+}
+FAULTS = ['truncated', 'corrupt', 'another model', 'another class count', 'missing']
+# fine-tuning from another class count is not an error for -pretrained (the classifier restarts)
+# nor for convert (the classifier is left out with a notice); a timm Mixer checkpoint is the
+# "another model" source for convert
+FAULT_WORDS = {'truncated': 'truncated or corrupt|not a Paddle weights file|could not be read',
+               'corrupt': 'truncated or corrupt|not a Paddle weights file|could not be read|neither a PyTorch',
+               'another model': 'does not fit|is a checkpoint for converter',
+               'another class count': r'trained for 7 classes|\[64, 7\]', 'missing': 'does not exist'}
+CASES = [(c, f) for c in COMMANDS for f in FAULTS
+         if not (f == 'another class count' and c in ('train -pretrained', 'mobileformer.convert'))]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize('command, fault', CASES)
+def test_bad_checkpoint_is_one_sentence(tmp_path, capsys, bad_checkpoints, command, fault):
+    family, main, argv = COMMANDS[command]
+    weights = bad_checkpoints[family, fault]
+    code, _, err = run_main(main, argv(weights, tmp_path), capsys)
+    line = one_error_line(err)
+    assert code == 2 and re.search(FAULT_WORDS[fault], line), line
+    named = 'last.pdparams' if command == 'train -resume' else os.path.basename(weights)
+    assert f"{named}'" in line, line
+
+
+@pytest.mark.timeout(60)
+def test_debug_switch_shows_the_traceback(tmp_path, capsys, monkeypatch, bad_checkpoints):
+    argv = ['-cfg', TINY, '-pretrained', bad_checkpoints['mf', 'truncated']]
+    with pytest.raises(ValueError, match='is truncated or corrupt'):
+        eval_script.main(argv + ['--debug'])
+    monkeypatch.setenv(cli.DEBUG_ENV, '1')
+    with pytest.raises(ValueError, match='is truncated or corrupt'):
+        eval_script.main(argv)
+    monkeypatch.delenv(cli.DEBUG_ENV)
+    # as a real command: one line without, a traceback with the switch
+    command = [sys.executable, '-m', 'mobileformer.reparam', '-cfg', REPMLPNET, '-pretrained',
+               bad_checkpoints['repmlpnet', 'corrupt'], '-o', str(tmp_path / 'r.pdparams')]
+    quiet = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    errors = [line for line in quiet.stderr.splitlines() if line.startswith('error: ')]
+    assert quiet.returncode == 2 and 'Traceback' not in quiet.stderr and len(errors) == 1
+    assert 'could not be read as a Paddle state dict' in errors[0]
+    loud = subprocess.run(command + ['--debug'], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert loud.returncode == 1 and 'Traceback (most recent call last)' in loud.stderr
+    assert 'could not be read as a Paddle state dict' in loud.stderr.strip().splitlines()[-1]
