@@ -21,6 +21,7 @@ import export as export_script
 import predict as predict_script
 import train as train_script
 from conftest import CONFIGS, FIXTURES, ROOT
+from datasets import build_dataset
 from mobileformer import atomic, build_model, cli, convert, engine, get_config, reparam
 
 TINY = os.path.join(FIXTURES, 'tiny_mobileformer.yaml')
@@ -470,3 +471,102 @@ def test_debug_switch_shows_the_traceback(tmp_path, capsys, monkeypatch, bad_che
     loud = subprocess.run(command + ['--debug'], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert loud.returncode == 1 and 'Traceback (most recent call last)' in loud.stderr
     assert 'could not be read as a Paddle state dict' in loud.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------ input validation
+def opts(*pairs):
+    return lambda tmp: ['-opts', *map(str, pairs)]
+
+
+def flags(*items):
+    return lambda tmp: list(map(str, items))
+
+
+def folder(per_class=8, classes=('a', 'b'), empty=None, extra=()):
+    """A folder dataset (optionally with an empty class folder) for train.py."""
+    def argv(tmp):
+        data = make_folder(tmp / 'images', per_class=per_class, classes=classes)
+        if empty:
+            (tmp / 'images' / 'train' / empty).mkdir()
+        return ['-data_path', data, '-opts', *FOLDER_OPTS, *extra]  # extra: KEY VALUE overrides
+    return argv
+
+
+VALIDATION = [
+    ('unknown key', opts('TRAIN.EPOCH', 3), 'unknown config key TRAIN.EPOCH; did you mean TRAIN.EPOCHS?'),
+    ('wrong type', opts('DATA.BATCH_SIZE', 'many'), "DATA.BATCH_SIZE must be of type int (like 64), got str 'many'"),
+    ('list for a number', opts('TRAIN.BASE_LR', '[1, 2]'), 'TRAIN.BASE_LR must be of type float'),
+    ('section as a value', opts('TRAIN', 3), 'TRAIN is a section; give it a mapping of keys'),
+    ('zero image size', opts('DATA.IMAGE_SIZE', 0), 'DATA.IMAGE_SIZE must be > 0, got 0'),
+    ('negative image size', opts('DATA.IMAGE_SIZE', -32), 'DATA.IMAGE_SIZE must be > 0, got -32'),
+    ('zero batch', flags('-batch_size', 0), 'DATA.BATCH_SIZE must be > 0, got 0'),
+    ('negative eval batch', opts('DATA.BATCH_SIZE_EVAL', -1), 'DATA.BATCH_SIZE_EVAL must be > 0, got -1'),
+    ('zero epochs', flags('-epochs', 0), 'TRAIN.EPOCHS must be > 0, got 0'),
+    ('negative lr', opts('TRAIN.BASE_LR', -0.1), 'TRAIN.BASE_LR must be > 0, got -0.1'),
+    ('zero lr', opts('TRAIN.BASE_LR', 0), 'TRAIN.BASE_LR must be > 0, got 0.0'),
+    ('zero classes', opts('MODEL.NUM_CLASSES', 0), 'MODEL.NUM_CLASSES must be > 0, got 0'),
+    ('zero accumulation', opts('TRAIN.ACCUM_ITER', 0), 'TRAIN.ACCUM_ITER must be > 0, got 0'),
+    ('negative workers', opts('DATA.NUM_WORKERS', -2), 'DATA.NUM_WORKERS must be >= 0, got -2'),
+    ('negative weight decay', opts('TRAIN.WEIGHT_DECAY', -0.05), 'TRAIN.WEIGHT_DECAY must be >= 0, got -0.05'),
+    ('crop above 1', opts('DATA.CROP_PCT', 1.5), 'DATA.CROP_PCT must be in (0, 1], got 1.5'),
+    ('EMA decay 1', opts('TRAIN.EMA_DECAY', 1.0), 'TRAIN.EMA_DECAY must be in [0, 1), got 1.0'),
+    ('4 channels', opts('DATA.IN_CHANNELS', 4), 'DATA.IN_CHANNELS must be 1 (grey) or 3 (RGB), got 4'),
+    ('mean per channel', opts('DATA.MEAN', '[0.5, 0.5]'), 'DATA.MEAN has 2 values but DATA.IN_CHANNELS is 1'),
+    ('zero std', opts('DATA.STD', '[0.0]'), 'DATA.STD must be > 0 for every channel, got [0.0]'),
+    ('warm-up longer than training', opts('TRAIN.WARMUP_EPOCHS', 5),
+     'TRAIN.WARMUP_EPOCHS + TRAIN.COOLDOWN_EPOCHS (5) exceed TRAIN.EPOCHS (2)'),
+    ('heads do not divide channels', opts('MODEL.MF.FORMER_HEADS', 5), 'MODEL.MF.TOKEN_DIM=32 is not divisible by'),
+    ('empty block table', opts('MODEL.MF.BLOCKS', '[]'), 'MODEL.MF.BLOCKS is empty'),
+    ('bad block row', opts('MODEL.MF.BLOCKS', '[[lite, 3, 12]]'), 'must be a row [kind, e1, out, stride, e2]'),
+    ('image not divisible by the patch', opts('MODEL.TYPE', 'mixer', 'MODEL.MIXER.PATCH_SIZE', 5),
+     'DATA.IMAGE_SIZE 16 is not divisible by'),
+    ('unknown model type', opts('MODEL.TYPE', 'resnet'), "'resnet'"),
+    ('odd -opts', opts('DATA.BATCH_SIZE'), '-opts takes KEY VALUE pairs; got an odd number of items'),
+    ('unknown flag', flags('--lr', 0.1), 'unrecognized arguments: --lr 0.1'),
+    ('flag type', flags('-batch_size', 'big'), "argument -batch_size: invalid int value: 'big'"),
+    ('missing config', flags('-cfg', 'configs/nope.yaml'), "configs/nope.yaml' does not exist; pass a YAML from configs/"),
+    ('resume from nothing', flags('-resume', 'runs/nothing/last'), "cannot resume from 'runs/nothing/last'"),
+    ('unknown dataset', flags('-dataset', 'svhn'), "unknown DATA.DATASET 'svhn'"),
+    ('missing dataset folder', flags('-dataset', 'folder', '-data_path', '/no/such/folder'),
+     "DATA.DATA_PATH '/no/such/folder' is not a folder"),
+    ('empty class folder', folder(empty='c', extra=['MODEL.NUM_CLASSES', '3']), 'has no images'),
+    ('one class only', folder(classes=('a',)), "only one class ('a') found"),
+    ('batch larger than the dataset', folder(per_class=4, extra=['DATA.BATCH_SIZE', '64']),
+     'the training set has 8 samples, fewer than one global batch (1 x 64); lower -batch_size'),
+    ('classes differ from the dataset', folder(extra=['MODEL.NUM_CLASSES', '3']),
+     'the dataset has 2 classes but MODEL.NUM_CLASSES is 3'),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize('make, message', [case[1:] for case in VALIDATION], ids=[case[0] for case in VALIDATION])
+def test_bad_input_is_one_clear_message(tmp_path, capsys, monkeypatch, make, message):
+    monkeypatch.chdir(ROOT)
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-output', tmp_path / 'out', *make(tmp_path)], capsys)
+    assert code == 2 and 'Traceback' not in err
+    assert message in err.strip().splitlines()[-1], err
+
+
+@pytest.mark.timeout(60)
+def test_grey_rgba_and_tiny_images_train(tmp_path, capsys):
+    data = make_folder(tmp_path / 'images', per_class=4)
+    rng = np.random.RandomState(2)
+    odd = {'grey.png': (rng.randint(0, 255, (20, 20), dtype=np.uint8), 'L'),
+           'rgba.png': (rng.randint(0, 255, (20, 20, 4), dtype=np.uint8), 'RGBA'),
+           'one_pixel.png': (rng.randint(0, 255, (1, 1, 3), dtype=np.uint8), 'RGB'),
+           'sliver.png': (rng.randint(0, 255, (2, 40, 3), dtype=np.uint8), 'RGB')}
+    for split in ('train', 'val'):
+        for name, (pixels, mode) in odd.items():
+            Image.fromarray(pixels, mode).save(os.path.join(data, split, 'a', name))
+    config = get_config(TINY, ['DATA.DATA_PATH', data, *FOLDER_OPTS])
+    for split in ('train', 'val'):
+        dataset = build_dataset(config, split)
+        for index, path in enumerate(dataset.paths):
+            if os.path.basename(path) in odd:
+                image, label = dataset[index]
+                assert image.shape == (3, 16, 16) and image.dtype == np.float32 and np.isfinite(image).all(), path
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-data_path', data, '-output', tmp_path / 'out',
+                                                '-epochs', 1, '-opts', *FOLDER_OPTS, 'AUG.RRC_SCALE', '[0.08, 1.0]'],
+                            capsys)
+    assert code == 0, err
+    assert 'Skipped' not in open(tmp_path / 'out' / 'train.log').read()
