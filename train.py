@@ -129,13 +129,16 @@ def train(args: argparse.Namespace) -> Optional[paddle.Model]:
     if ema is not None:
         callbacks.append(ema)
     checkpoint = engine.EvaluateAndCheckpoint(config, val_loader, output, start_epoch, history, best_top1, ema, log)
-    callbacks += [checkpoint, engine.GracefulStop(checkpoint, config.TRAIN.ACCUM_ITER, batches_per_epoch, sampler),
-                  engine.FailureInjection()]
+    graceful_stop = engine.GracefulStop(checkpoint, config.TRAIN.ACCUM_ITER, batches_per_epoch, sampler)
+    callbacks += [checkpoint, graceful_stop, engine.FailureInjection()]
     visualdl = engine.visualdl_callback(output)
     if visualdl is not None:
         callbacks.append(visualdl)
-    model.fit(train_loader, epochs=config.TRAIN.EPOCHS - start_epoch, verbose=2,
-              accumulate_grad_batches=config.TRAIN.ACCUM_ITER, callbacks=callbacks)
+    try:
+        model.fit(train_loader, epochs=config.TRAIN.EPOCHS - start_epoch, verbose=2,
+                  accumulate_grad_batches=config.TRAIN.ACCUM_ITER, callbacks=callbacks)
+    finally:
+        graceful_stop.on_train_end()
     final = history[-1]
     log(f"Done: top1={final.get('val_top1', float('nan')):.4f} (best {max(r.get('val_top1', -1) for r in history):.4f}); "
         f"weights in {output}/best.pdparams and last.pdparams")

@@ -674,8 +674,10 @@ class GracefulStop(Callback):
         self.previous = {s: signal.signal(s, self._receive) for s in self.SIGNALS}
 
     def on_train_end(self, logs=None) -> None:
+        """Restores the previous handlers (train.py also calls it when fit() raises)."""
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        self.previous = {}
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self.epochs_done = self.checkpoint.start_epoch + epoch

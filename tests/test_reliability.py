@@ -20,7 +20,7 @@ import eval as eval_script
 import export as export_script
 import predict as predict_script
 import train as train_script
-from conftest import CONFIGS, FIXTURES, ROOT
+from conftest import FIXTURES, ROOT
 from datasets import build_dataset
 from mobileformer import atomic, build_model, cli, convert, engine, get_config, reparam
 
