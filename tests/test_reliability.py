@@ -213,6 +213,7 @@ def test_sigint_and_sigterm_save_a_mid_epoch_checkpoint_that_resumes_exactly(tmp
     resume_and_compare(out, uninterrupted)
 
 
+@pytest.mark.timeout(30)
 def test_journal_finishes_a_commit_killed_after_its_commit_point(tmp_path):
     """A process killed between the journal and the renames: recover() completes the new set."""
     for name, text in (('last.json', 'old'), ('last.pdparams', 'old')):
