@@ -11,8 +11,8 @@ import sys
 from typing import List, Optional
 
 from datasets import build_dataset
-from mobileformer import ConfigError, build_model, get_config
-from mobileformer import engine
+from mobileformer import build_model, get_config
+from mobileformer import cli, engine
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -36,23 +36,23 @@ def evaluate(args: argparse.Namespace) -> dict:
     network = build_model(config)
     engine.load_for_evaluation(network, args.pretrained, config.MODEL.NUM_CLASSES)
     dataset = build_dataset(config, 'val')
-    loader = engine.build_loader(dataset, config.DATA.BATCH_SIZE_EVAL, config.DATA.NUM_WORKERS, train=False)
+    loader = engine.build_loader(dataset, config.DATA.BATCH_SIZE_EVAL, config.DATA.NUM_WORKERS, train=False,
+                                skip_bad=config.DATA.SKIP_BAD_IMAGES)
     model = engine.TrainingModel(network, train_loss=None)
     model.prepare(metrics=engine.build_metrics(config.MODEL.NUM_CLASSES))
     return engine.evaluate_model(model, loader, verbose=2 if engine.is_main_process() else 0)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        result = evaluate(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f'Error: {e}', file=sys.stderr)
-        return 2
+def run(argv: List[str]) -> None:
+    result = evaluate(parse_args(argv))
     if engine.is_main_process():
         print(f"top1={result['top1']:.4f} top5={result['top5']:.4f} loss={result['loss']:.4f} "
               f"samples={result['samples']}")
-    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Errors the user can fix end the process with one line (mobileformer.cli; --debug: traceback)."""
+    return cli.run(run, argv)
 
 
 if __name__ == '__main__':

@@ -19,7 +19,7 @@ from PIL import Image
 from yacs.config import CfgNode
 
 from datasets import build_dataset, build_transforms
-from mobileformer import get_config
+from mobileformer import cli, get_config
 from mobileformer.deploy import InferenceModel, build_for_inference, dygraph_logits
 
 TOP_K = 5
@@ -68,7 +68,7 @@ def predict(run: Callable[[np.ndarray], np.ndarray], images: Sequence[str], conf
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def run(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('-cfg', required=True, help='model config YAML (preprocessing, classes)')
     source = parser.add_mutually_exclusive_group(required=True)
@@ -77,20 +77,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('images', nargs='+')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
     args = parser.parse_args(argv)
-    try:
-        config = get_config(args.cfg, args.opts)
-        if args.model:
-            run = InferenceModel(args.model)
-        else:
-            model = build_for_inference(config, args.pretrained)
-            run = lambda batch: dygraph_logits(model, batch)  # noqa: E731
-        names = class_names(config)
-        for path, top in zip(args.images, predict(run, args.images, config, config.DATA.BATCH_SIZE_EVAL)):
-            print(f'{path}:')
-            for probability, index in top:
-                print(f'  {probability:.4f}  {names[index]} ({index})')
-    except ValueError as e:
-        parser.exit(2, f'error: {e}\n')
+    config = get_config(args.cfg, args.opts)
+    if args.model:
+        run = InferenceModel(args.model)
+    else:
+        model = build_for_inference(config, args.pretrained)
+        run = lambda batch: dygraph_logits(model, batch)  # noqa: E731
+    names = class_names(config)
+    for path, top in zip(args.images, predict(run, args.images, config, config.DATA.BATCH_SIZE_EVAL)):
+        print(f'{path}:')
+        for probability, index in top:
+            print(f'  {probability:.4f}  {names[index]} ({index})')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Errors the user can fix end the process with one line (mobileformer.cli; --debug: traceback)."""
+    return cli.run(run, argv)
 
 
 if __name__ == '__main__':

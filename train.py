@@ -15,7 +15,7 @@ import paddle
 
 from datasets import build_dataset, build_mixup
 from mobileformer import ConfigError, build_model, get_config
-from mobileformer import engine
+from mobileformer import atomic, cli, engine
 
 QUICKSTART_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                  'configs', 'digits', 'mobileformer_26m.yaml')
@@ -76,7 +76,8 @@ def train(args: argparse.Namespace) -> Optional[paddle.Model]:
     config = load_config(args)
     output = config.OUTPUT
     if engine.is_main_process():
-        os.makedirs(output, exist_ok=True)
+        atomic.check_writable(output)  # a read-only folder or a full disk fails now, not after an epoch
+        atomic.recover(output)  # finishes (or drops) a checkpoint write a killed run left halfway
     log = make_logger(output)
     resume = engine.resolve_resume(args.resume, output)
     if args.resume == 'auto' and resume is None:
@@ -91,23 +92,29 @@ def train(args: argparse.Namespace) -> Optional[paddle.Model]:
     if args.pretrained:
         engine.load_pretrained(network, args.pretrained, config.MODEL.NUM_CLASSES)
 
-    train_loader = engine.build_loader(train_set, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, train=True)
-    val_loader = engine.build_loader(val_set, config.DATA.BATCH_SIZE_EVAL, config.DATA.NUM_WORKERS, train=False)
+    skip_bad = config.DATA.SKIP_BAD_IMAGES
+    train_loader = engine.build_loader(train_set, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, train=True,
+                                       skip_bad=skip_bad, log=log)
+    val_loader = engine.build_loader(val_set, config.DATA.BATCH_SIZE_EVAL, config.DATA.NUM_WORKERS, train=False,
+                                     skip_bad=skip_bad, log=log)
     batches_per_epoch = len(train_loader)
+    sampler = train_loader.batch_sampler
     mixup = build_mixup(config)
     model = engine.TrainingModel(network, engine.build_criterion(config, mixup), mixup, config.TRAIN.ACCUM_ITER)
     schedule = engine.build_lr_schedule(config, batches_per_epoch)
     optimizer = engine.build_optimizer(config, network, schedule)
     model.prepare(optimizer, model.train_loss, metrics=engine.build_metrics(config.MODEL.NUM_CLASSES),
                   amp_configs=amp_configs(config))
-    ema = (engine.ExponentialMovingAverage(network, config.TRAIN.EMA_DECAY, config.TRAIN.ACCUM_ITER, batches_per_epoch)
-           if config.TRAIN.EMA else None)
+    ema = (engine.ExponentialMovingAverage(network, config.TRAIN.EMA_DECAY, config.TRAIN.ACCUM_ITER, batches_per_epoch,
+                                           sampler) if config.TRAIN.EMA else None)
 
     start_epoch, history, best_top1 = 0, [], -1.0
     if resume:
-        state = engine.load_checkpoint(resume, network, optimizer, ema)
+        state = engine.load_checkpoint(resume, network, optimizer, ema, config.MODEL.NUM_CLASSES)
         start_epoch, history, best_top1 = state['epoch'], state['history'], state['best_top1']
-        log(f'Resumed from {resume} after epoch {start_epoch}.')
+        sampler.skip = state.get('step', 0)  # a mid-epoch checkpoint (SIGTERM) continues its epoch
+        log(f'Resumed from {resume} after epoch {start_epoch}' + (f' and {sampler.skip} batches of epoch '
+                                                                f'{start_epoch + 1}.' if sampler.skip else '.'))
     if start_epoch >= config.TRAIN.EPOCHS:
         log(f'Nothing to do: {output} already holds {start_epoch} of {config.TRAIN.EPOCHS} epochs.')
         return None
@@ -116,17 +123,22 @@ def train(args: argparse.Namespace) -> Optional[paddle.Model]:
         f'epochs {start_epoch + 1}-{config.TRAIN.EPOCHS}, output {output}')
 
     callbacks = [engine.EpochProgBar(start_epoch, config.TRAIN.EPOCHS, config.TRAIN.LOG_FREQ),
-                 engine.StepLROnUpdate(config.TRAIN.ACCUM_ITER, batches_per_epoch),
-                 engine.EpochSeeder(config.SEED, start_epoch, train_loader.batch_sampler)]
+                 engine.StopOnNonFiniteLoss(output, start_epoch, sampler),  # before the LR and EMA step
+                 engine.StepLROnUpdate(config.TRAIN.ACCUM_ITER, batches_per_epoch, sampler),
+                 engine.EpochSeeder(config.SEED, start_epoch, sampler)]
     if ema is not None:
         callbacks.append(ema)
-    callbacks.append(engine.EvaluateAndCheckpoint(config, val_loader, output, start_epoch, history,
-                                                  best_top1, ema, log))
+    checkpoint = engine.EvaluateAndCheckpoint(config, val_loader, output, start_epoch, history, best_top1, ema, log)
+    graceful_stop = engine.GracefulStop(checkpoint, config.TRAIN.ACCUM_ITER, batches_per_epoch, sampler)
+    callbacks += [checkpoint, graceful_stop, engine.FailureInjection()]
     visualdl = engine.visualdl_callback(output)
     if visualdl is not None:
         callbacks.append(visualdl)
-    model.fit(train_loader, epochs=config.TRAIN.EPOCHS - start_epoch, verbose=2,
-              accumulate_grad_batches=config.TRAIN.ACCUM_ITER, callbacks=callbacks)
+    try:
+        model.fit(train_loader, epochs=config.TRAIN.EPOCHS - start_epoch, verbose=2,
+                  accumulate_grad_batches=config.TRAIN.ACCUM_ITER, callbacks=callbacks)
+    finally:
+        graceful_stop.on_train_end()
     final = history[-1]
     log(f"Done: top1={final.get('val_top1', float('nan')):.4f} (best {max(r.get('val_top1', -1) for r in history):.4f}); "
         f"weights in {output}/best.pdparams and last.pdparams")
@@ -134,13 +146,8 @@ def train(args: argparse.Namespace) -> Optional[paddle.Model]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        train(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f'Error: {e}', file=sys.stderr)
-        return 2
-    return 0
+    """Errors the user can fix end the process with one line (mobileformer.cli; --debug: traceback)."""
+    return cli.run(lambda args: train(parse_args(args)) and None, argv)
 
 
 if __name__ == '__main__':

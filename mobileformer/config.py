@@ -33,6 +33,7 @@ _C.DATA.STD = [0.229, 0.224, 0.225]
 _C.DATA.BATCH_SIZE = 128
 _C.DATA.BATCH_SIZE_EVAL = 128
 _C.DATA.NUM_WORKERS = 2
+_C.DATA.SKIP_BAD_IMAGES = False  # skip (and log) unreadable images instead of stopping the run
 
 # Training augmentation (datasets/transforms.py, datasets/augment.py). Defaults: the Mobile-Former
 # recipe (timm 'rand-m9-mstd0.5', mixup 0.2, no cutmix, label smoothing 0.1); DeiT adds CUTMIX_ALPHA 1.0.
@@ -250,5 +251,51 @@ def get_config(cfg_file: Optional[str] = None, opts: Optional[Iterable[Any]] = N
             _merge(config, data, os.path.relpath(path))
     if opts:
         merge_opts(config, list(opts))
+    check_ranges(config)
     config.freeze()
     return config
+
+
+# Range checks of the shared keys (model builders check their own subtree): a zero batch size or a
+# negative learning rate would otherwise fail deep inside paddle, or train on silently.
+_POSITIVE = ('DATA.IMAGE_SIZE', 'DATA.BATCH_SIZE', 'DATA.BATCH_SIZE_EVAL', 'MODEL.NUM_CLASSES', 'TRAIN.EPOCHS',
+             'TRAIN.BASE_LR', 'TRAIN.EPS', 'TRAIN.ACCUM_ITER', 'TRAIN.EVAL_FREQ', 'TRAIN.LOG_FREQ')
+_NON_NEGATIVE = ('DATA.NUM_WORKERS', 'TRAIN.WARMUP_EPOCHS', 'TRAIN.COOLDOWN_EPOCHS', 'TRAIN.SAVE_FREQ',
+                 'TRAIN.WEIGHT_DECAY', 'TRAIN.GRAD_CLIP', 'TRAIN.END_LR', 'TRAIN.WARMUP_START_LR')
+_UNIT_INTERVAL = {'DATA.CROP_PCT': (0.0, 1.0, '(0, 1]'), 'TRAIN.EMA_DECAY': (0.0, 1.0, '[0, 1)'),
+                  'AUG.HFLIP': (0.0, 1.0, '[0, 1]'), 'AUG.LABEL_SMOOTHING': (0.0, 1.0, '[0, 1)')}
+
+
+def _value(config: CN, key: str) -> Any:
+    node = config
+    for part in key.split('.'):
+        node = node[part]
+    return node
+
+
+def check_ranges(config: CN) -> None:
+    """Raises a ConfigError for the first shared key whose value is out of its range."""
+    for key in _POSITIVE:
+        if _value(config, key) <= 0:
+            raise ConfigError(f'{key} must be > 0, got {_value(config, key)!r}; fix it in the YAML or with -opts')
+    for key in _NON_NEGATIVE:
+        if _value(config, key) < 0:
+            raise ConfigError(f'{key} must be >= 0, got {_value(config, key)!r}; fix it in the YAML or with -opts')
+    for key, (low, high, shown) in _UNIT_INTERVAL.items():
+        value = _value(config, key)
+        inside = low < value <= high if shown.startswith('(') else low <= value <= high
+        if not inside or (shown.endswith(')') and value == high):
+            raise ConfigError(f'{key} must be in {shown}, got {value!r}; fix it in the YAML or with -opts')
+    channels = config.DATA.IN_CHANNELS
+    if channels not in (1, 3):
+        raise ConfigError(f'DATA.IN_CHANNELS must be 1 (grey) or 3 (RGB), got {channels!r}')
+    for key in ('DATA.MEAN', 'DATA.STD'):
+        if len(_value(config, key)) != channels:
+            raise ConfigError(f'{key} has {len(_value(config, key))} values but DATA.IN_CHANNELS is {channels}; '
+                              'give one value per channel')
+    if min(config.DATA.STD) <= 0:
+        raise ConfigError(f'DATA.STD must be > 0 for every channel, got {list(config.DATA.STD)}')
+    scheduled = config.TRAIN.WARMUP_EPOCHS + config.TRAIN.COOLDOWN_EPOCHS
+    if scheduled > config.TRAIN.EPOCHS:
+        raise ConfigError(f'TRAIN.WARMUP_EPOCHS + TRAIN.COOLDOWN_EPOCHS ({scheduled}) exceed TRAIN.EPOCHS '
+                          f'({config.TRAIN.EPOCHS}); shorten them or train longer')

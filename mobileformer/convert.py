@@ -17,7 +17,7 @@ import numpy as np
 import paddle
 from yacs.config import CfgNode
 
-from mobileformer import build_model, get_config
+from mobileformer import build_model, cli, get_config
 from mobileformer.registry import Converter, converters
 from mobileformer.torch_io import load_state_dict
 from mobileformer.weights import cast_like, check_state, mismatches, save_atomic, state_shapes
@@ -110,7 +110,7 @@ def convert_checkpoint(src: str, config: CfgNode, out: str, source: Optional[str
     return state
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def run(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog='python -m mobileformer.convert', description=__doc__.split('\n')[0])
     parser.add_argument('src', help='PyTorch checkpoint: .pth / .pth.tar / .bin (zip format) or .safetensors')
     parser.add_argument('-cfg', required=True, help='config YAML of the target model')
@@ -121,11 +121,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                                      '(default: state_dict, state_dict_ema, model)')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
     args = parser.parse_args(argv)
-    try:
-        config = get_config(args.cfg, args.opts)
-        convert_checkpoint(args.src, config, args.output, args.source, args.key)
-    except ValueError as e:
-        parser.exit(2, f'error: {e}\n')
+    config = get_config(args.cfg, args.opts)
+    convert_checkpoint(args.src, config, args.output, args.source, args.key)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Errors the user can fix end the process with one line (mobileformer.cli; --debug: traceback)."""
+    return cli.run(run, argv)
 
 
 if __name__ == '__main__':

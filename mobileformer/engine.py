@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -20,6 +21,9 @@ import paddle.nn.functional as F
 from paddle.callbacks import Callback, ProgBarLogger
 from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from yacs.config import CfgNode
+
+from mobileformer import atomic
+from mobileformer.cli import TrainingStopped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +113,11 @@ class WarmupCosineLR(paddle.optimizer.lr.LRScheduler):
 
 def updates_per_epoch(batches_per_epoch: int, accum_iter: int) -> int:
     return math.ceil(batches_per_epoch / accum_iter)
+
+
+def batch_offset(sampler: Optional['ResumableBatchSampler']) -> int:
+    """Batches the running epoch left out (resumed mid-epoch): step + offset is the batch's index."""
+    return sampler.offset if sampler is not None else 0
 
 
 def is_update_step(step: int, accum_iter: int, batches_per_epoch: int) -> bool:
@@ -213,26 +222,122 @@ class TrainingModel(paddle.Model):
 # ---------------------------------------------------------------------------------------------
 # data loaders (distributed samplers, never a plain DataLoader: each rank reads its own shard)
 # ---------------------------------------------------------------------------------------------
-def build_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool) -> DataLoader:
+class ResumableBatchSampler(DistributedBatchSampler):
+    """A DistributedBatchSampler that leaves out `skip` batches at the start of the next epoch only
+    (a run resumed from a mid-epoch checkpoint); `offset` is how many the running epoch left out."""
+
+    skip, offset = 0, 0
+
+    def __iter__(self):
+        self.offset, self.skip = self.skip, 0
+        batches = super().__iter__()
+        for _ in range(self.offset):
+            next(batches, None)
+        yield from batches
+
+    def __len__(self) -> int:
+        return super().__len__() - (self.skip or self.offset)
+
+
+class GuardedDataset(Dataset):
+    """Wraps a dataset so that reading a sample never raises inside the DataLoader (an exception
+    there hangs paddle's single-process loader and turns into an anonymous SystemError with
+    workers). A sample that fails is replaced by the next readable one and flagged with its index
+    + 1 in a third field, which `SafeLoader` turns into a skip notice or a clear error."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__()
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple:
+        for attempt in range(len(self.dataset)):
+            try:
+                image, label = self.dataset[(index + attempt) % len(self.dataset)]
+                return image, label, np.int64(index + 1 if attempt else 0)
+            except Exception:  # reported by SafeLoader in the main process, with the file's path
+                continue
+        raise RuntimeError('no sample of the dataset can be read')
+
+
+def sample_path(dataset: Dataset, index: int) -> Optional[str]:
+    """The sample's file when the dataset reads files (ImageFiles), else None."""
+    paths = getattr(dataset, 'paths', None)
+    return str(paths[index]) if paths is not None else None
+
+
+def sample_error(dataset: Dataset, index: int) -> str:
+    """Why sample `index` cannot be read, by reading it again in this process."""
+    try:
+        dataset[index]
+    except Exception as e:  # any failure of a user's file or dataset code is reported as text
+        return ' '.join(str(e).split()) or type(e).__name__
+    return 'it failed in a worker process only'
+
+
+class SafeLoader(DataLoader):
+    """DataLoader over a GuardedDataset: a bad sample is skipped with a notice (skip_bad) or stops
+    the run with its path; a worker that dies becomes one clear error instead of a SystemError."""
+
+    def __init__(self, dataset: Dataset, batch_sampler: DistributedBatchSampler, num_workers: int,
+                 skip_bad: bool, log: Callable[[str], None]) -> None:
+        super().__init__(GuardedDataset(dataset), batch_sampler=batch_sampler, num_workers=num_workers,
+                         return_list=True)
+        self.samples, self.skip_bad, self.log = dataset, skip_bad, log
+        self.skipped: List[int] = []
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            try:
+                images, labels, failed = next(batches)
+            except StopIteration:
+                return
+            except SystemError:  # paddle's only sign that a worker process exited
+                raise TrainingStopped('a data loader worker process died (often killed for lack of memory); '
+                                      'lower DATA.NUM_WORKERS or the batch size, then resume with -resume auto') from None
+            for index in sorted({int(i) - 1 for i in failed.numpy() if i}):
+                self._bad_sample(index)
+            yield [images, labels]
+
+    def _bad_sample(self, index: int) -> None:
+        path, why = sample_path(self.samples, index), sample_error(self.samples, index)
+        what = f"image '{path}'" if path else f'sample {index}'
+        problem = why if path and path in why else f'cannot read {what} ({why})'
+        if not self.skip_bad:
+            raise ValueError(f'{problem}; or set DATA.SKIP_BAD_IMAGES True to skip unreadable images')
+        if index not in self.skipped:
+            self.skipped.append(index)
+            self.log(f'Skipped: {problem}; {len(self.skipped)} skipped so far (DATA.SKIP_BAD_IMAGES).')
+
+
+def build_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, skip_bad: bool = False,
+                 log: Callable[[str], None] = print) -> SafeLoader:
     if train and len(dataset) < batch_size * world_size():
         raise ValueError(f'the training set has {len(dataset)} samples, fewer than one global batch '
                          f'({world_size()} x {batch_size}); lower -batch_size')
-    sampler = DistributedBatchSampler(dataset, batch_size=batch_size, shuffle=train, drop_last=train)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, return_list=True)
+    sampler = ResumableBatchSampler(dataset, batch_size=batch_size, shuffle=train, drop_last=train)
+    return SafeLoader(dataset, sampler, num_workers, skip_bad, log)
 
 
 # ---------------------------------------------------------------------------------------------
 # checkpoint I/O
 # ---------------------------------------------------------------------------------------------
-def save_atomic(obj, path: str) -> None:
-    """Writes to a temporary file, then renames: a crash never leaves a half-written `path`."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    if path.endswith('.json'):
-        with open(tmp, 'w', encoding='utf-8') as f:
-            json.dump(obj, f, indent=1)
-    else:
-        paddle.save(obj, tmp)
-    os.replace(tmp, path)
+def read_checkpoint_file(path: str, **kwargs):
+    """paddle.load (or json for .json) with one clear sentence for a missing, truncated or corrupt file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint file '{path}' does not exist; pass an existing checkpoint "
+                         '(-resume auto finds <output>/last)')
+    try:
+        if path.endswith('.json'):
+            with open(path, encoding='utf-8') as f:
+                return json.load(f)
+        return paddle.load(path, **kwargs)
+    except Exception as e:  # paddle raises assorted types on a truncated or foreign file
+        raise ValueError(f"checkpoint file '{path}' is truncated or corrupt ({type(e).__name__}); "
+                         'replace it or start from another checkpoint') from None
 
 
 def load_state_dict(path: str) -> Dict[str, np.ndarray]:
@@ -241,7 +346,7 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
         path += '.pdparams'
     if not os.path.isfile(path):
         raise ValueError(f"weights file '{path}' does not exist; pass the path of a .pdparams file")
-    state = paddle.load(path, return_numpy=True)
+    state = read_checkpoint_file(path, return_numpy=True)
     for key in ('model', 'state_dict'):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -347,17 +452,16 @@ def set_optimizer_state(optimizer: paddle.optimizer.Optimizer, network: nn.Layer
 
 
 def load_checkpoint(prefix: str, network: nn.Layer, optimizer: paddle.optimizer.Optimizer,
-                    ema: Optional['ExponentialMovingAverage'] = None) -> dict:
+                    ema: Optional['ExponentialMovingAverage'] = None, num_classes: int = 0) -> dict:
     """Restores weights, optimizer state (with the LR schedule position) and EMA from
     `<prefix>.*`; returns the `<prefix>.json` record (epoch, history, best_top1)."""
-    with open(prefix + '.json', encoding='utf-8') as f:
-        info = json.load(f)
-    network.set_state_dict(paddle.load(prefix + '.pdparams'))
-    set_optimizer_state(optimizer, network, paddle.load(prefix + '.pdopt'))
+    info = read_checkpoint_file(prefix + '.json')
+    load_for_evaluation(network, prefix + '.pdparams', num_classes)
+    set_optimizer_state(optimizer, network, read_checkpoint_file(prefix + '.pdopt'))
     if ema is not None:
         if not os.path.exists(prefix + '.pdema'):
             raise ValueError(f"'{prefix}' was trained without TRAIN.EMA; resume with TRAIN.EMA False")
-        ema.set_state_dict(paddle.load(prefix + '.pdema', return_numpy=True))
+        ema.set_state_dict(read_checkpoint_file(prefix + '.pdema', return_numpy=True))
     return info
 
 
@@ -383,12 +487,13 @@ class StepLROnUpdate(paddle.callbacks.LRScheduler):
     """Steps the schedule after each optimizer update (paddle's default steps after every batch,
     which runs the schedule ACCUM_ITER times too fast with gradient accumulation)."""
 
-    def __init__(self, accum_iter: int, batches_per_epoch: int) -> None:
+    def __init__(self, accum_iter: int, batches_per_epoch: int,
+                 sampler: Optional[ResumableBatchSampler] = None) -> None:
         super().__init__(by_step=True)
-        self.accum_iter, self.batches_per_epoch = accum_iter, batches_per_epoch
+        self.accum_iter, self.batches_per_epoch, self.sampler = accum_iter, batches_per_epoch, sampler
 
     def on_train_batch_end(self, step: int, logs=None) -> None:
-        if is_update_step(step, self.accum_iter, self.batches_per_epoch):
+        if is_update_step(step + batch_offset(self.sampler), self.accum_iter, self.batches_per_epoch):
             super().on_train_batch_end(step, logs)
 
 
@@ -411,14 +516,15 @@ class ExponentialMovingAverage(Callback):
     """EMA of every floating-point weight (parameters and norm statistics), updated after each
     optimizer step; `swapped_in()` puts it into the network for evaluation and saving."""
 
-    def __init__(self, network: nn.Layer, decay: float, accum_iter: int, steps_per_epoch: int) -> None:
+    def __init__(self, network: nn.Layer, decay: float, accum_iter: int, steps_per_epoch: int,
+                 sampler: Optional[ResumableBatchSampler] = None) -> None:
         super().__init__()
         self.network, self.decay = network, decay
-        self.accum_iter, self.steps_per_epoch = accum_iter, steps_per_epoch
+        self.accum_iter, self.steps_per_epoch, self.sampler = accum_iter, steps_per_epoch, sampler
         self.shadow = {k: v.numpy().copy() for k, v in network.state_dict().items() if v.is_floating_point()}
 
     def on_train_batch_end(self, step: int, logs=None) -> None:
-        if not is_update_step(step, self.accum_iter, self.steps_per_epoch):
+        if not is_update_step(step + batch_offset(self.sampler), self.accum_iter, self.steps_per_epoch):
             return
         for key, value in self.network.state_dict().items():
             if key in self.shadow:
@@ -476,30 +582,135 @@ class EvaluateAndCheckpoint(Callback):
         return {f'val_{k}': v for k, v in result.items() if k != 'samples'}
 
     def _save(self, epoch: int, record: dict) -> None:
-        out = self.output
-        improved = 'val_top1' in record and record['val_top1'] > self.best_top1
-        if improved:
-            self.best_top1 = record['val_top1']
-            best = self.ema.state_dict() if self.ema is not None else self.model.network.state_dict()
-            save_atomic(best, os.path.join(out, 'best.pdparams'))
-            save_atomic({'epoch': epoch, 'metrics': record, 'config': self.config.dump()},
-                        os.path.join(out, 'best.json'))
-        save_atomic(self.model.network.state_dict(), os.path.join(out, 'last.pdparams'))
-        save_atomic(optimizer_state(self.model._optimizer, self.model.network), os.path.join(out, 'last.pdopt'))
-        if self.ema is not None:
-            save_atomic(self.ema.state_dict(), os.path.join(out, 'last.pdema'))
+        files = {}
+        weights = self.ema.state_dict() if self.ema is not None else self.model.network.state_dict()
+        best_top1 = self.best_top1
+        if 'val_top1' in record and record['val_top1'] > best_top1:
+            best_top1 = record['val_top1']
+            files['best.pdparams'] = weights
+            files['best.json'] = {'epoch': epoch, 'metrics': record, 'config': self.config.dump()}
         save_freq = self.config.TRAIN.SAVE_FREQ
         if save_freq and epoch % save_freq == 0:
-            weights = self.ema.state_dict() if self.ema is not None else self.model.network.state_dict()
-            save_atomic(weights, os.path.join(out, f'epoch_{epoch}.pdparams'))
-        # written last: last.json names a complete set of last.* files
-        save_atomic({'epoch': epoch, 'metrics': record, 'best_top1': self.best_top1,
-                     'history': self.history, 'config': self.config.dump()},
-                    os.path.join(out, 'last.json'))
+            files[f'epoch_{epoch}.pdparams'] = weights
+        files.update(self._last_files({'epoch': epoch, 'metrics': record, 'best_top1': best_top1}))
+        self._commit(files, f'epoch {epoch}')
+        self.best_top1 = best_top1
+
+    def save_mid_epoch(self, epochs_done: int, batches_done: int) -> None:
+        """A checkpoint inside epoch `epochs_done + 1` after `batches_done` of its batches."""
+        self._commit(self._last_files({'epoch': epochs_done, 'step': batches_done, 'best_top1': self.best_top1}),
+                     f'epoch {epochs_done + 1} step {batches_done}')
+
+    def _last_files(self, record: dict) -> dict:
+        files = {'last.pdparams': self.model.network.state_dict(),
+                 'last.pdopt': optimizer_state(self.model._optimizer, self.model.network),
+                 'last.json': dict(record, history=self.history, config=self.config.dump())}
+        if self.ema is not None:
+            files['last.pdema'] = self.ema.state_dict()
+        return files
+
+    def _commit(self, files: dict, when: str) -> None:
+        """Writes every file of the checkpoint at once (mobileformer.atomic); a failed write (e.g. a
+        full disk) stops training with the previous checkpoint intact."""
+        try:
+            atomic.write_together({os.path.join(self.output, name): obj for name, obj in files.items()})
+        except OSError as e:
+            raise TrainingStopped(f"could not write the checkpoint of {when} to '{self.output}' "
+                                  f'({e.strerror or e}); the previous checkpoint there is intact: free disk '
+                                  'space, then continue with -resume auto') from None
 
     def on_train_end(self, logs=None) -> None:
         if is_main_process():
             plot_curves(self.history, os.path.join(self.output, 'curves.png'))
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops training at the first NaN or Inf loss, before any checkpoint of the diverged weights
+    is written, naming the step and the last good checkpoint (left untouched)."""
+
+    def __init__(self, output: str, start_epoch: int, sampler: Optional[ResumableBatchSampler] = None) -> None:
+        super().__init__()
+        self.output, self.start_epoch, self.sampler = output, start_epoch, sampler
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self.epoch = self.start_epoch + epoch + 1
+
+    def on_train_batch_end(self, step: int, logs=None) -> None:
+        losses = np.asarray((logs or {}).get('loss', []), dtype=np.float64)
+        if np.isfinite(losses).all():
+            return
+        raise TrainingStopped(f'the loss is {losses[~np.isfinite(losses)][0]} at epoch {self.epoch} step '
+                              f'{step + batch_offset(self.sampler) + 1}: training diverged; {last_good(self.output)} '
+                              'is untouched: lower TRAIN.BASE_LR or set TRAIN.GRAD_CLIP, then resume from it')
+
+
+def last_good(output: str) -> str:
+    """Names the last complete checkpoint in `output` for messages."""
+    path = os.path.join(output, 'last.json')
+    if not os.path.exists(path):
+        return f'no checkpoint was written yet (no {path})'
+    info = read_checkpoint_file(path)
+    where = f"epoch {info['epoch'] + 1} step {info['step']}" if info.get('step') else f"epoch {info['epoch']}"
+    return f"the last good checkpoint {os.path.join(output, 'last')}.* (after {where})"
+
+
+class GracefulStop(Callback):
+    """On SIGTERM or SIGINT (preemption, Ctrl-C) training finishes the running optimizer update,
+    writes a checkpoint at that point and exits with 128 + the signal number; -resume auto
+    continues the epoch where it stopped. Put it after EvaluateAndCheckpoint (it saves through it)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, checkpoint: 'EvaluateAndCheckpoint', accum_iter: int, batches_per_epoch: int,
+                 sampler: Optional[ResumableBatchSampler] = None) -> None:
+        super().__init__()
+        self.checkpoint, self.accum_iter, self.batches_per_epoch = checkpoint, accum_iter, batches_per_epoch
+        self.sampler, self.received, self.previous = sampler, None, {}
+
+    def _receive(self, signum: int, frame) -> None:
+        self.received = signum
+
+    def on_train_begin(self, logs=None) -> None:
+        self.previous = {s: signal.signal(s, self._receive) for s in self.SIGNALS}
+
+    def on_train_end(self, logs=None) -> None:
+        """Restores the previous handlers (train.py also calls it when fit() raises)."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self.epochs_done = self.checkpoint.start_epoch + epoch
+
+    def on_train_batch_end(self, step: int, logs=None) -> None:
+        batches_done = step + batch_offset(self.sampler) + 1
+        if self.received is None or batches_done == self.batches_per_epoch:  # the epoch end saves
+            return
+        if is_update_step(batches_done - 1, self.accum_iter, self.batches_per_epoch):
+            if is_main_process():
+                self.checkpoint.save_mid_epoch(self.epochs_done, batches_done)
+            self._stop(f'epoch {self.epochs_done + 1} step {batches_done}')
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        if self.received is not None:
+            self._stop(f'the end of epoch {self.epochs_done + 1}')
+
+    def _stop(self, where: str) -> None:
+        self.on_train_end()
+        name = signal.Signals(self.received).name
+        raise TrainingStopped(f"stopped by {name}; saved a checkpoint at {where} in '{self.checkpoint.output}': "
+                              'continue with -resume auto', exit_code=128 + self.received)
+
+
+class FailureInjection(Callback):
+    """Test hook: MOBILEFORMER_TEST_FAIL_RANK=r makes rank r raise at its second training step, to
+    show that a multi-process run with one failing rank ends with that rank's error."""
+
+    ENV = 'MOBILEFORMER_TEST_FAIL_RANK'
+
+    def on_train_batch_end(self, step: int, logs=None) -> None:
+        if step == 1 and os.environ.get(self.ENV) == str(rank()):
+            raise RuntimeError(f'test failure injected on rank {rank()} at step {step} ({self.ENV})')
 
 
 def visualdl_callback(output: str) -> Optional[Callback]:

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import paddle
 import paddle.nn as nn
 
-from mobileformer import build_model, get_config
+from mobileformer import build_model, cli, get_config
 from mobileformer.layers import re_parameterize_model
 
 
@@ -86,18 +86,20 @@ def reparameterize_checkpoint(cfg_file: str, pretrained: str, output: str,
     return model
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def run(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(description='Fold a trained checkpoint into its deploy structure.')
     parser.add_argument('-cfg', required=True, help='the training config, e.g. configs/repmlpnet_t224.yaml')
     parser.add_argument('-pretrained', required=True, help='trained checkpoint (.pdparams)')
     parser.add_argument('-o', '--output', required=True, help='where to write the deploy checkpoint')
     parser.add_argument('-opts', nargs='+', default=None, help='KEY VALUE config overrides')
     args = parser.parse_args(argv)
-    try:
-        reparameterize_checkpoint(args.cfg, args.pretrained, args.output, args.opts)
-    except ValueError as e:  # ConfigError included: one clear sentence, no traceback
-        parser.exit(2, f'error: {e}\n')
+    reparameterize_checkpoint(args.cfg, args.pretrained, args.output, args.opts)
     print(f'wrote {args.output}: load it with -cfg {args.cfg} -opts MODEL.DEPLOY True')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Errors the user can fix end the process with one line (mobileformer.cli; --debug: traceback)."""
+    return cli.run(run, argv)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,113 @@
+"""The one error-handling entry point of every command (train, eval, export, predict, convert, reparam).
+
+A problem the user can fix (a bad config value, a missing or corrupt file, a full disk, a diverged
+run) is printed as one line `error: <sentence>` on stderr and the command exits with status 2 (an
+interrupted training run: 130 for SIGINT, 143 for SIGTERM), never with a traceback. The traceback is
+shown with `--debug` anywhere on the command line or with MOBILEFORMER_DEBUG=1 in the environment.
+An exception of any other type is a bug: it keeps its traceback.
+
+In a `paddle.distributed.launch` run, a rank that fails writes its error to
+<log_dir>/rank_failures.log; the other ranks, which then fail waiting for it (a collective times
+out), print that error first, so the log the launcher points to (workerlog.0) names the cause.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Callable, List, Optional, Sequence
+
+DEBUG_FLAG = '--debug'
+DEBUG_ENV = 'MOBILEFORMER_DEBUG'
+USAGE_ERROR = 2
+
+
+class TrainingStopped(Exception):
+    """Training ended early for a reason the message explains (divergence, a signal, a failed
+    checkpoint write); `exit_code` is the process status."""
+
+    def __init__(self, message: str, exit_code: int = USAGE_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# errors whose message is the whole story: ValueError covers ConfigError, OSError covers
+# FileNotFoundError, PermissionError and a full disk (ENOSPC)
+USER_ERRORS = (ValueError, OSError, TrainingStopped)
+
+
+def debug_enabled(argv: Sequence[str] = ()) -> bool:
+    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, '') not in ('', '0')
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line (worker errors arrive with several)."""
+    text = ' '.join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
+        text += f" ('{error.filename}')"
+    return text
+
+
+FAILURES_FILE = 'rank_failures.log'
+
+
+def _failures_path() -> Optional[str]:
+    folder = os.environ.get('PADDLE_LOG_DIR')
+    ranks = int(os.environ.get('PADDLE_TRAINERS_NUM', '1') or 1)
+    return os.path.join(folder, FAILURES_FILE) if folder and ranks > 1 else None
+
+
+def _rank() -> str:
+    return os.environ.get('PADDLE_TRAINER_ID', '0')
+
+
+def _share_failure(error: BaseException) -> List[str]:
+    """Records this rank's error for the other ranks; returns the errors other ranks recorded."""
+    path = _failures_path()
+    if path is None:
+        return []
+    others = []
+    try:
+        if os.path.exists(path):
+            with open(path, encoding='utf-8') as f:
+                others = [line.rstrip('\n') for line in f if not line.startswith(f'rank {_rank()}:')]
+        with open(path, 'a', encoding='utf-8') as f:
+            f.write(f'rank {_rank()}: {type(error).__name__}: {one_line(error)}\n')
+    except OSError:  # reporting must never hide the error itself
+        pass
+    return others
+
+
+def _forget_old_failures() -> None:
+    path = _failures_path()
+    if path is not None and _rank() == '0' and os.path.exists(path):
+        os.remove(path)
+
+
+def run(main: Callable[[List[str]], Optional[int]], argv: Optional[Sequence[str]] = None) -> int:
+    """Calls `main(argv without --debug)`; returns its status (0 for None). A user error is printed
+    as one line and raises SystemExit with its status, unless debugging is on (then it re-raises)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled(argv)
+    _forget_old_failures()
+    try:
+        return main([a for a in argv if a != DEBUG_FLAG]) or 0
+    except Exception as e:
+        others = _share_failure(e)
+        if debug or not isinstance(e, USER_ERRORS):
+            if not others:
+                raise
+            traceback.print_exc()
+            code = 1
+        else:
+            print(f'error: {one_line(e)}', file=sys.stderr, flush=True)
+            code = getattr(e, 'exit_code', USAGE_ERROR)
+        for other in others:  # last, where the launcher's tail of this log shows it
+            print(f"error: {other} (this rank stopped because of it; see that rank's workerlog)",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print('error: interrupted (Ctrl-C)', file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

@@ -1,0 +1,573 @@
+"""Reliability: interruptions (SIGKILL, SIGTERM, SIGINT), divergence, data faults, bad checkpoints,
+input validation, full disks and a failing rank never lose work, hang, or end in a traceback."""
+import errno
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+import eval as eval_script
+import export as export_script
+import predict as predict_script
+import train as train_script
+from conftest import FIXTURES, ROOT
+from datasets import build_dataset
+from mobileformer import atomic, build_model, cli, convert, engine, get_config, reparam
+
+TINY = os.path.join(FIXTURES, 'tiny_mobileformer.yaml')
+FOLDER_OPTS = ['DATA.DATASET', 'folder', 'MODEL.NUM_CLASSES', '2', 'DATA.IN_CHANNELS', '3',
+               'DATA.MEAN', '[0.5, 0.5, 0.5]', 'DATA.STD', '[0.5, 0.5, 0.5]', 'DATA.BATCH_SIZE', '8',
+               'DATA.BATCH_SIZE_EVAL', '8']
+
+
+def make_folder(root, per_class=8, size=16, classes=('a', 'b')):
+    """root/{train,val}/<class>/<i>.png of random RGB noise; returns root as str."""
+    rng = np.random.RandomState(0)
+    for split in ('train', 'val'):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+    return str(root)
+
+
+def run_main(main, argv, capsys):
+    """(exit status, stdout, stderr) of a command's main() run in this process."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err):
+    """The stderr of a failed command: exactly one line, 'error: ...', and no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert 'Traceback' not in err and len(lines) == 1 and lines[0].startswith('error: '), err
+    return lines[0]
+
+
+def digests(folder):
+    return {name: hashlib.sha256(open(os.path.join(folder, name), 'rb').read()).hexdigest()
+            for name in sorted(os.listdir(folder)) if name.startswith(('last.', 'best.')) and '.tmp' not in name}
+
+
+def load(path):
+    return {k: np.asarray(v) for k, v in paddle.load(str(path), return_numpy=True).items()}
+
+
+def assert_same_weights(a, b):
+    a, b = load(a), load(b)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# ------------------------------------------------------------------------- a rank that raises
+@pytest.mark.timeout(90)
+@pytest.mark.slow
+def test_distributed_run_with_a_failing_rank_exits_with_its_error(tmp_path):
+    data = make_folder(tmp_path / 'images')
+    env = dict(os.environ, MOBILEFORMER_TEST_FAIL_RANK='1')
+    command = [sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2', '--log_dir',
+               str(tmp_path / 'log'), 'train.py', '-cfg', TINY, '-data_path', data, '-output', str(tmp_path / 'out'),
+               '-opts', *FOLDER_OPTS, 'DATA.BATCH_SIZE', '4']
+    started = time.time()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=80, env=env)
+    elapsed = time.time() - started
+    assert result.returncode != 0 and elapsed < 60, (result.returncode, elapsed)
+    # the launcher shows the tail of the worker log it names: rank 1's own, or rank 0's, which fails
+    # waiting for rank 1 and ends with rank 1's error (mobileformer.cli)
+    shown = result.stdout + result.stderr
+    named = re.search(r'log (\S+workerlog\.\d)', shown)
+    assert named, shown[-2000:]
+    named_tail = open(named.group(1)).read().strip().splitlines()[-1]
+    injected = 'RuntimeError: test failure injected on rank 1 at step 1'
+    assert injected in shown or named_tail.startswith(f'error: rank 1: {injected}'), (shown[-2000:], named_tail)
+
+
+# ---------------------------------------------------------------------------------- interruptions
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    """The tiny model trained 2 epochs on digits without interruption."""
+    out = tmp_path_factory.mktemp('uninterrupted')
+    assert train_script.main(['-cfg', TINY, '-output', str(out)]) == 0
+    return out
+
+
+def start_training(output, **env):
+    command = [sys.executable, 'train.py', '-cfg', TINY, '-output', str(output)]
+    return subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process, what, timeout=90):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f'training ended before {what}: {process.communicate()[1][-2000:]}'
+        assert time.time() < deadline, f'no {what} after {timeout} s'
+        time.sleep(0.05)
+
+
+def first_epoch_saved(output):
+    """True once epoch 1's checkpoint is complete (its journal is gone, last.json says epoch 1)."""
+    def saved():
+        path = os.path.join(output, 'last.json')
+        if not os.path.exists(path) or os.path.exists(os.path.join(output, atomic.JOURNAL)):
+            return False
+        return json.load(open(path))['epoch'] == 1
+    return saved
+
+
+def resume_and_compare(output, reference):
+    assert train_script.main(['-cfg', TINY, '-output', str(output), '-resume', 'auto']) == 0
+    assert json.load(open(output / 'last.json'))['epoch'] == 2
+    assert not [f for f in os.listdir(output) if '.tmp' in f or f == atomic.JOURNAL]
+    for name in ('last.pdparams', 'best.pdparams'):
+        assert_same_weights(output / name, reference / name)
+    expected = json.load(open(reference / 'last.json'))['history']
+    assert [r['val_loss'] for r in json.load(open(output / 'last.json'))['history']] == [r['val_loss'] for r in expected]
+
+
+@pytest.mark.timeout(170)
+@pytest.mark.slow
+@pytest.mark.parametrize('moment', ['mid-epoch', 'checkpoint write'])
+def test_sigkill_keeps_the_previous_checkpoint_and_resume_matches(tmp_path, uninterrupted, moment):
+    out = tmp_path / 'run'
+    # the pause hook holds the second commit (epoch 2) with every temporary file written
+    process = start_training(out, **({atomic.PAUSE_ENV: '2'} if moment == 'checkpoint write' else {}))
+    try:
+        wait_for(first_epoch_saved(out), process, 'checkpoint of epoch 1')
+        before = digests(out)
+        if moment == 'checkpoint write':
+            wait_for(lambda: any(f.startswith('last.json.tmp') for f in os.listdir(out)), process, 'epoch-2 write')
+        else:
+            time.sleep(random.uniform(0.2, 1.5))  # inside epoch 2 (about 2.5 s on 2 cores)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+    assert digests(out) == before and json.load(open(out / 'last.json'))['epoch'] == 1
+    if moment == 'checkpoint write':  # killed with epoch 2 written in full to temporaries, uncommitted
+        assert sorted(f.split('.tmp')[0] for f in os.listdir(out) if '.tmp' in f) == [
+            'best.json', 'best.pdparams', 'last.json', 'last.pdopt', 'last.pdparams']
+    resume_and_compare(out, uninterrupted)
+
+
+def signal_at(monkeypatch, signum, epoch, step):
+    """Sends `signum` to this process after batch `step` (0-based) of `epoch` (1-based)."""
+    seen = []
+    original = engine.StepLROnUpdate.on_train_batch_end
+
+    def on_train_batch_end(self, batch, logs=None):
+        seen.append(batch)
+        if seen.count(0) == epoch and batch == step:
+            os.kill(os.getpid(), signum)
+        original(self, batch, logs)
+
+    monkeypatch.setattr(engine.StepLROnUpdate, 'on_train_batch_end', on_train_batch_end)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.slow
+def test_sigint_and_sigterm_save_a_mid_epoch_checkpoint_that_resumes_exactly(tmp_path, uninterrupted, monkeypatch,
+                                                                              capsys):
+    out = tmp_path / 'sigint'
+    signal_at(monkeypatch, signal.SIGINT, epoch=1, step=5)
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-output', out], capsys)
+    assert code == 130
+    assert one_error_line(err) == (f"error: stopped by SIGINT; saved a checkpoint at epoch 1 step 6 in '{out}': "
+                                   'continue with -resume auto')
+    info = json.load(open(out / 'last.json'))
+    assert (info['epoch'], info['step'], info['history']) == (0, 6, [])
+    monkeypatch.undo()
+    # nothing is random per sample, so continuing epoch 1 after its 6th batch is exact
+    resume_and_compare(out, uninterrupted)
+
+    out = tmp_path / 'sigterm'
+    process = start_training(out)
+    try:
+        wait_for(first_epoch_saved(out), process, 'checkpoint of epoch 1')
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143
+    info = json.load(open(out / 'last.json'))
+    line = one_error_line('\n'.join(l for l in err.splitlines() if l.startswith('error') or 'Traceback' in l))
+    assert line == (f"error: stopped by SIGTERM; saved a checkpoint at epoch 2 step {info['step']} in '{out}': "
+                    'continue with -resume auto') and info['epoch'] == 1 and 0 < info['step'] < 22
+    resume_and_compare(out, uninterrupted)
+
+
+@pytest.mark.timeout(30)
+def test_journal_finishes_a_commit_killed_after_its_commit_point(tmp_path):
+    """A process killed between the journal and the renames: recover() completes the new set."""
+    for name, text in (('last.json', 'old'), ('last.pdparams', 'old')):
+        (tmp_path / name).write_text(text)
+    renames = {}
+    for name in ('last.json', 'last.pdparams'):
+        temporary = atomic.temporary_path(str(tmp_path / name))
+        open(temporary, 'w').write('new')
+        renames[temporary] = str(tmp_path / name)
+    os.replace(next(iter(renames)), str(tmp_path / 'last.json'))  # one rename happened before the kill
+    (tmp_path / atomic.JOURNAL).write_text(json.dumps(renames))
+    (tmp_path / 'best.json.tmp999').write_text('uncommitted')
+    assert atomic.recover(str(tmp_path)) == [str(tmp_path / 'last.pdparams')]
+    assert sorted(os.listdir(tmp_path)) == ['last.json', 'last.pdparams']
+    assert {(tmp_path / n).read_text() for n in ('last.json', 'last.pdparams')} == {'new'}
+
+
+# ------------------------------------------------------------------------------------ divergence
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_non_finite_loss_stops_with_step_and_untouched_checkpoint(tmp_path, monkeypatch, capsys, bad):
+    out = tmp_path / 'out'
+    data = make_folder(tmp_path / 'images')
+    calls, snapshot = [], {}
+    original = engine.TrainingModel.train_batch
+
+    def train_batch(self, inputs, labels=None, update=True):
+        losses, metrics = original(self, inputs, labels, update)
+        calls.append(1)
+        if len(calls) == 4:  # epoch 2 (2 batches an epoch), step 2
+            snapshot.update(digests(out))
+            return [np.full_like(loss, bad) for loss in losses], metrics
+        return losses, metrics
+
+    monkeypatch.setattr(engine.TrainingModel, 'train_batch', train_batch)
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-data_path', data, '-output', out,
+                                                '-opts', *FOLDER_OPTS], capsys)
+    assert code == 2
+    assert one_error_line(err) == (f'error: the loss is {bad} at epoch 2 step 2: training diverged; the last good '
+                                   f"checkpoint {out / 'last'}.* (after epoch 1) is untouched: lower TRAIN.BASE_LR "
+                                   'or set TRAIN.GRAD_CLIP, then resume from it')
+    assert snapshot and digests(out) == snapshot and json.load(open(out / 'last.json'))['epoch'] == 1
+
+
+# ----------------------------------------------------------------------------- full / read-only disk
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize('fault', ['not a folder', 'disk full'])
+def test_unwritable_output_is_reported_before_training(tmp_path, monkeypatch, capsys, fault):
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    out = blocker / 'out' if fault == 'not a folder' else tmp_path / 'out'
+    if fault == 'disk full':
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(atomic.os, 'fsync', full)
+    monkeypatch.setattr(train_script, 'build_dataset', lambda *a: pytest.fail('training started'))
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-output', out], capsys)
+    reason = 'Not a directory' if fault == 'not a folder' else 'No space left on device'
+    assert code == 2 and one_error_line(err) == (f"error: cannot write to the output folder '{out}' ({reason}); free "
+                                                 'disk space or pass -output with a writable folder')
+
+
+@pytest.mark.timeout(90)
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'out'
+    data = make_folder(tmp_path / 'images')
+    writes, snapshot = [], {}
+    original = atomic._write
+
+    def write(obj, path, as_json):  # epoch 1 writes 5 files and its journal; epoch 2 fails at its 3rd file
+        writes.append(path)
+        if len(writes) == 9:
+            snapshot.update(digests(out))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        original(obj, path, as_json)
+
+    monkeypatch.setattr(atomic, '_write', write)
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-data_path', data, '-output', out,
+                                                '-opts', *FOLDER_OPTS], capsys)
+    assert code == 2 and one_error_line(err) == (
+        f"error: could not write the checkpoint of epoch 2 to '{out}' (No space left on device); the previous "
+        'checkpoint there is intact: free disk space, then continue with -resume auto')
+    assert snapshot and digests(out) == snapshot and json.load(open(out / 'last.json'))['epoch'] == 1
+    assert not [f for f in os.listdir(out) if '.tmp' in f or f == atomic.JOURNAL]
+
+
+# -------------------------------------------------------------------------------------- data faults
+def add_bad_files(data):
+    """A truncated PNG and a text file named .jpg in the training split; returns their paths."""
+    good = open(os.path.join(data, 'train', 'a', '0.png'), 'rb').read()
+    truncated = os.path.join(data, 'train', 'a', 'truncated.png')
+    open(truncated, 'wb').write(good[:len(good) // 2])
+    not_image = os.path.join(data, 'train', 'b', 'notes.jpg')
+    open(not_image, 'w').write('not an image')
+    return sorted([truncated, not_image])
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize('workers', [0, 1])
+def test_bad_image_stops_the_run_with_its_path(tmp_path, capsys, workers):
+    data = make_folder(tmp_path / 'images')
+    bad = add_bad_files(data)
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-data_path', data, '-output', tmp_path / 'out',
+                                                '-opts', *FOLDER_OPTS, 'DATA.NUM_WORKERS', workers], capsys)
+    line = one_error_line(err)
+    assert code == 2 and line.startswith('error: cannot read image ') and any(f"'{p}'" in line for p in bad)
+    assert line.endswith('; or set DATA.SKIP_BAD_IMAGES True to skip unreadable images')
+
+
+@pytest.mark.timeout(90)
+def test_bad_images_are_skipped_and_counted_in_the_log(tmp_path, capsys):
+    data = make_folder(tmp_path / 'images')
+    bad = add_bad_files(data)
+    out = tmp_path / 'out'
+    code, _, _ = run_main(train_script.main, ['-cfg', TINY, '-data_path', data, '-output', out, '-opts',
+                                              *FOLDER_OPTS, 'DATA.NUM_WORKERS', '1', 'DATA.SKIP_BAD_IMAGES', 'True'],
+                          capsys)
+    assert code == 0 and json.load(open(out / 'last.json'))['epoch'] == 2
+    skipped = [line for line in open(out / 'train.log').read().splitlines() if line.startswith('Skipped')]
+    assert len(skipped) == 2  # each bad file once, over both epochs
+    assert sorted(p for p in bad for line in skipped if f"'{p}'" in line) == bad
+    assert sorted(line.split('; ')[-1] for line in skipped) == [
+        '1 skipped so far (DATA.SKIP_BAD_IMAGES).', '2 skipped so far (DATA.SKIP_BAD_IMAGES).']
+
+
+class FaultyDataset(paddle.io.Dataset):
+    """Sample 5 raises (or, with die=True, ends its worker process as the OOM killer would)."""
+
+    def __init__(self, die=False):
+        super().__init__()
+        self.die, self.parent = die, os.getpid()
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        if index == 5:
+            if self.die and os.getpid() != self.parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f'broken sample {index}')
+        return np.zeros((3, 4, 4), np.float32), np.int64(0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize('workers', [0, 2])
+def test_exception_inside_a_dataset_never_hangs(workers):
+    loader = engine.build_loader(FaultyDataset(), 4, workers, train=False)
+    with pytest.raises(ValueError, match=r'^cannot read sample 5 \(broken sample 5\); or set DATA.SKIP_BAD_IMAGES'):
+        list(loader)
+    notices = []
+    loader = engine.build_loader(FaultyDataset(), 4, workers, train=False, skip_bad=True, log=notices.append)
+    assert sum(len(labels) for _, labels in loader) == 16
+    assert notices == ['Skipped: cannot read sample 5 (broken sample 5); 1 skipped so far (DATA.SKIP_BAD_IMAGES).']
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_dies_is_one_clear_error():
+    loader = engine.build_loader(FaultyDataset(die=True), 4, 1, train=False)
+    with pytest.raises(cli.TrainingStopped, match='^a data loader worker process died'):
+        list(loader)
+
+
+# ------------------------------------------------------------------------------- bad checkpoints
+REPMLPNET = os.path.join(FIXTURES, 'official_repmlpnet_tiny_train.yaml')
+TIMM_MIXER = os.path.join(FIXTURES, 'timm_mixer_tiny.pth')
+
+
+@pytest.fixture(scope='module')
+def bad_checkpoints(tmp_path_factory):
+    """{(family, fault): path}: for our tiny Mobile-Former (.pdparams), the tiny RepMLPNet
+    (.pdparams) and a PyTorch checkpoint for convert (.pth)."""
+    folder = tmp_path_factory.mktemp('checkpoints')
+    files = {}
+
+    def save(config_file, opts, name):
+        path = str(folder / name)
+        paddle.save(build_model(get_config(config_file, opts)).state_dict(), path)
+        return path
+
+    for family, config_file, other in (('mf', TINY, REPMLPNET), ('repmlpnet', REPMLPNET, TINY)):
+        good = open(save(config_file, [], f'{family}.pdparams'), 'rb').read()
+        files[family, 'truncated'] = str(folder / f'{family}_truncated.pdparams')
+        open(files[family, 'truncated'], 'wb').write(good[:len(good) // 2])
+        files[family, 'another model'] = save(other, [], f'{family}_other_model.pdparams')
+        files[family, 'another class count'] = save(config_file, ['MODEL.NUM_CLASSES', '7'], f'{family}_7.pdparams')
+    source = open(TIMM_MIXER, 'rb').read()
+    files['torch', 'truncated'] = str(folder / 'truncated.pth')
+    open(files['torch', 'truncated'], 'wb').write(source[:len(source) // 2])
+    files['torch', 'another model'] = TIMM_MIXER
+    for family in ('mf', 'repmlpnet', 'torch'):
+        files[family, 'corrupt'] = str(folder / f'{family}_corrupt.bin')
+        open(files[family, 'corrupt'], 'wb').write(np.random.RandomState(1).bytes(4096))
+        files[family, 'missing'] = str(folder / f'{family}_missing.pdparams')
+    return files
+
+
+def resume_folder(tmp_path, weights):
+    """A -resume prefix whose record is fine and whose weights file is `weights`."""
+    (tmp_path / 'last.json').write_text(json.dumps({'epoch': 1, 'history': [], 'best_top1': 0.0}))
+    if os.path.exists(weights):
+        (tmp_path / 'last.pdparams').write_bytes(open(weights, 'rb').read())
+    return str(tmp_path / 'last')
+
+
+COMMANDS = {  # name: (family of the weights it reads, main, argv for a weights file)
+    'train -pretrained': ('mf', train_script.main, lambda w, tmp: ['-cfg', TINY, '-pretrained', w, '-output', tmp / 'o']),
+    'train -resume': ('mf', train_script.main, lambda w, tmp: ['-cfg', TINY, '-resume', resume_folder(tmp, w),
+                                                               '-output', tmp / 'o']),
+    'eval.py': ('mf', eval_script.main, lambda w, tmp: ['-cfg', TINY, '-pretrained', w]),
+    'export.py': ('mf', export_script.main, lambda w, tmp: ['-cfg', TINY, '-pretrained', w, '-o', tmp / 'e']),
+    'predict.py': ('mf', predict_script.main, lambda w, tmp: ['-cfg', TINY, '-pretrained', w, tmp / 'x.png']),
+    'mobileformer.convert': ('torch', convert.main, lambda w, tmp: [w, '-cfg', TINY, '-o', tmp / 'c.pdparams']),
+    'mobileformer.reparam': ('repmlpnet', reparam.main, lambda w, tmp: ['-cfg', REPMLPNET, '-pretrained', w,
+                                                                        '-o', tmp / 'r.pdparams']),
+}
+FAULTS = ['truncated', 'corrupt', 'another model', 'another class count', 'missing']
+# fine-tuning from another class count is not an error for -pretrained (the classifier restarts)
+# nor for convert (the classifier is left out with a notice); a timm Mixer checkpoint is the
+# "another model" source for convert
+FAULT_WORDS = {'truncated': 'truncated or corrupt|not a Paddle weights file|could not be read',
+               'corrupt': 'truncated or corrupt|not a Paddle weights file|could not be read|neither a PyTorch',
+               'another model': 'does not fit|is a checkpoint for converter',
+               'another class count': r'trained for 7 classes|\[64, 7\]', 'missing': 'does not exist'}
+CASES = [(c, f) for c in COMMANDS for f in FAULTS
+         if not (f == 'another class count' and c in ('train -pretrained', 'mobileformer.convert'))]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize('command, fault', CASES)
+def test_bad_checkpoint_is_one_sentence(tmp_path, capsys, bad_checkpoints, command, fault):
+    family, main, argv = COMMANDS[command]
+    weights = bad_checkpoints[family, fault]
+    code, _, err = run_main(main, argv(weights, tmp_path), capsys)
+    line = one_error_line(err)
+    assert code == 2 and re.search(FAULT_WORDS[fault], line), line
+    named = 'last.pdparams' if command == 'train -resume' else os.path.basename(weights)
+    assert f"{named}'" in line, line
+
+
+@pytest.mark.timeout(60)
+def test_debug_switch_shows_the_traceback(tmp_path, capsys, monkeypatch, bad_checkpoints):
+    argv = ['-cfg', TINY, '-pretrained', bad_checkpoints['mf', 'truncated']]
+    with pytest.raises(ValueError, match='is truncated or corrupt'):
+        eval_script.main(argv + ['--debug'])
+    monkeypatch.setenv(cli.DEBUG_ENV, '1')
+    with pytest.raises(ValueError, match='is truncated or corrupt'):
+        eval_script.main(argv)
+    monkeypatch.delenv(cli.DEBUG_ENV)
+    # as a real command: one line without, a traceback with the switch
+    command = [sys.executable, '-m', 'mobileformer.reparam', '-cfg', REPMLPNET, '-pretrained',
+               bad_checkpoints['repmlpnet', 'corrupt'], '-o', str(tmp_path / 'r.pdparams')]
+    quiet = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    errors = [line for line in quiet.stderr.splitlines() if line.startswith('error: ')]
+    assert quiet.returncode == 2 and 'Traceback' not in quiet.stderr and len(errors) == 1
+    assert 'could not be read as a Paddle state dict' in errors[0]
+    loud = subprocess.run(command + ['--debug'], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert loud.returncode == 1 and 'Traceback (most recent call last)' in loud.stderr
+    assert 'could not be read as a Paddle state dict' in loud.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------ input validation
+def opts(*pairs):
+    return lambda tmp: ['-opts', *map(str, pairs)]
+
+
+def flags(*items):
+    return lambda tmp: list(map(str, items))
+
+
+def folder(per_class=8, classes=('a', 'b'), empty=None, extra=()):
+    """A folder dataset (optionally with an empty class folder) for train.py."""
+    def argv(tmp):
+        data = make_folder(tmp / 'images', per_class=per_class, classes=classes)
+        if empty:
+            (tmp / 'images' / 'train' / empty).mkdir()
+        return ['-data_path', data, '-opts', *FOLDER_OPTS, *extra]  # extra: KEY VALUE overrides
+    return argv
+
+
+VALIDATION = [
+    ('unknown key', opts('TRAIN.EPOCH', 3), 'unknown config key TRAIN.EPOCH; did you mean TRAIN.EPOCHS?'),
+    ('wrong type', opts('DATA.BATCH_SIZE', 'many'), "DATA.BATCH_SIZE must be of type int (like 64), got str 'many'"),
+    ('list for a number', opts('TRAIN.BASE_LR', '[1, 2]'), 'TRAIN.BASE_LR must be of type float'),
+    ('section as a value', opts('TRAIN', 3), 'TRAIN is a section; give it a mapping of keys'),
+    ('zero image size', opts('DATA.IMAGE_SIZE', 0), 'DATA.IMAGE_SIZE must be > 0, got 0'),
+    ('negative image size', opts('DATA.IMAGE_SIZE', -32), 'DATA.IMAGE_SIZE must be > 0, got -32'),
+    ('zero batch', flags('-batch_size', 0), 'DATA.BATCH_SIZE must be > 0, got 0'),
+    ('negative eval batch', opts('DATA.BATCH_SIZE_EVAL', -1), 'DATA.BATCH_SIZE_EVAL must be > 0, got -1'),
+    ('zero epochs', flags('-epochs', 0), 'TRAIN.EPOCHS must be > 0, got 0'),
+    ('negative lr', opts('TRAIN.BASE_LR', -0.1), 'TRAIN.BASE_LR must be > 0, got -0.1'),
+    ('zero lr', opts('TRAIN.BASE_LR', 0), 'TRAIN.BASE_LR must be > 0, got 0.0'),
+    ('zero classes', opts('MODEL.NUM_CLASSES', 0), 'MODEL.NUM_CLASSES must be > 0, got 0'),
+    ('zero accumulation', opts('TRAIN.ACCUM_ITER', 0), 'TRAIN.ACCUM_ITER must be > 0, got 0'),
+    ('negative workers', opts('DATA.NUM_WORKERS', -2), 'DATA.NUM_WORKERS must be >= 0, got -2'),
+    ('negative weight decay', opts('TRAIN.WEIGHT_DECAY', -0.05), 'TRAIN.WEIGHT_DECAY must be >= 0, got -0.05'),
+    ('crop above 1', opts('DATA.CROP_PCT', 1.5), 'DATA.CROP_PCT must be in (0, 1], got 1.5'),
+    ('EMA decay 1', opts('TRAIN.EMA_DECAY', 1.0), 'TRAIN.EMA_DECAY must be in [0, 1), got 1.0'),
+    ('4 channels', opts('DATA.IN_CHANNELS', 4), 'DATA.IN_CHANNELS must be 1 (grey) or 3 (RGB), got 4'),
+    ('mean per channel', opts('DATA.MEAN', '[0.5, 0.5]'), 'DATA.MEAN has 2 values but DATA.IN_CHANNELS is 1'),
+    ('zero std', opts('DATA.STD', '[0.0]'), 'DATA.STD must be > 0 for every channel, got [0.0]'),
+    ('warm-up longer than training', opts('TRAIN.WARMUP_EPOCHS', 5),
+     'TRAIN.WARMUP_EPOCHS + TRAIN.COOLDOWN_EPOCHS (5) exceed TRAIN.EPOCHS (2)'),
+    ('heads do not divide channels', opts('MODEL.MF.FORMER_HEADS', 5), 'MODEL.MF.TOKEN_DIM=32 is not divisible by'),
+    ('empty block table', opts('MODEL.MF.BLOCKS', '[]'), 'MODEL.MF.BLOCKS is empty'),
+    ('bad block row', opts('MODEL.MF.BLOCKS', '[[lite, 3, 12]]'), 'must be a row [kind, e1, out, stride, e2]'),
+    ('image not divisible by the patch', opts('MODEL.TYPE', 'mixer', 'MODEL.MIXER.PATCH_SIZE', 5),
+     'DATA.IMAGE_SIZE 16 is not divisible by'),
+    ('unknown model type', opts('MODEL.TYPE', 'resnet'), "'resnet'"),
+    ('odd -opts', opts('DATA.BATCH_SIZE'), '-opts takes KEY VALUE pairs; got an odd number of items'),
+    ('unknown flag', flags('--lr', 0.1), 'unrecognized arguments: --lr 0.1'),
+    ('flag type', flags('-batch_size', 'big'), "argument -batch_size: invalid int value: 'big'"),
+    ('missing config', flags('-cfg', 'configs/nope.yaml'), "configs/nope.yaml' does not exist; pass a YAML from configs/"),
+    ('resume from nothing', flags('-resume', 'runs/nothing/last'), "cannot resume from 'runs/nothing/last'"),
+    ('unknown dataset', flags('-dataset', 'svhn'), "unknown DATA.DATASET 'svhn'"),
+    ('missing dataset folder', flags('-dataset', 'folder', '-data_path', '/no/such/folder'),
+     "DATA.DATA_PATH '/no/such/folder' is not a folder"),
+    ('empty class folder', folder(empty='c', extra=['MODEL.NUM_CLASSES', '3']), 'has no images'),
+    ('one class only', folder(classes=('a',)), "only one class ('a') found"),
+    ('batch larger than the dataset', folder(per_class=4, extra=['DATA.BATCH_SIZE', '64']),
+     'the training set has 8 samples, fewer than one global batch (1 x 64); lower -batch_size'),
+    ('classes differ from the dataset', folder(extra=['MODEL.NUM_CLASSES', '3']),
+     'the dataset has 2 classes but MODEL.NUM_CLASSES is 3'),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize('make, message', [case[1:] for case in VALIDATION], ids=[case[0] for case in VALIDATION])
+def test_bad_input_is_one_clear_message(tmp_path, capsys, monkeypatch, make, message):
+    monkeypatch.chdir(ROOT)
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-output', tmp_path / 'out', *make(tmp_path)], capsys)
+    assert code == 2 and 'Traceback' not in err
+    assert message in err.strip().splitlines()[-1], err
+
+
+@pytest.mark.timeout(60)
+def test_grey_rgba_and_tiny_images_train(tmp_path, capsys):
+    data = make_folder(tmp_path / 'images', per_class=4)
+    rng = np.random.RandomState(2)
+    odd = {'grey.png': (rng.randint(0, 255, (20, 20), dtype=np.uint8), 'L'),
+           'rgba.png': (rng.randint(0, 255, (20, 20, 4), dtype=np.uint8), 'RGBA'),
+           'one_pixel.png': (rng.randint(0, 255, (1, 1, 3), dtype=np.uint8), 'RGB'),
+           'sliver.png': (rng.randint(0, 255, (2, 40, 3), dtype=np.uint8), 'RGB')}
+    for split in ('train', 'val'):
+        for name, (pixels, mode) in odd.items():
+            Image.fromarray(pixels, mode).save(os.path.join(data, split, 'a', name))
+    config = get_config(TINY, ['DATA.DATA_PATH', data, *FOLDER_OPTS])
+    for split in ('train', 'val'):
+        dataset = build_dataset(config, split)
+        for index, path in enumerate(dataset.paths):
+            if os.path.basename(path) in odd:
+                image, label = dataset[index]
+                assert image.shape == (3, 16, 16) and image.dtype == np.float32 and np.isfinite(image).all(), path
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-data_path', data, '-output', tmp_path / 'out',
+                                                '-epochs', 1, '-opts', *FOLDER_OPTS, 'AUG.RRC_SCALE', '[0.08, 1.0]'],
+                            capsys)
+    assert code == 0, err
+    assert 'Skipped' not in open(tmp_path / 'out' / 'train.log').read()
