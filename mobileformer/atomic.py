@@ -44,6 +44,18 @@ def temporary_path(path: str) -> str:
     return f'{path}.tmp{os.getpid()}'
 
 
+def write_file(obj, path: str) -> None:
+    """Writes one file atomically: in full to a temporary next to `path`, flushed, then renamed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = temporary_path(path)
+    try:
+        _write(obj, temporary, as_json=path.endswith('.json'))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 def write_together(items: Dict[str, object]) -> None:
     """Commits every `{path: object}` at once (see the module docstring). All paths share a folder.
     On an error (e.g. a full disk) the temporaries are removed and the previous files stay."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from typing import Optional, Sequence
 
 import paddle
@@ -19,6 +18,7 @@ import paddle.nn as nn
 
 from mobileformer import build_model, cli, get_config
 from mobileformer.layers import re_parameterize_model
+from mobileformer.weights import save_atomic
 
 
 def _has_foldable_layers(model: nn.Layer) -> bool:
@@ -52,20 +52,6 @@ def load_exact(model: nn.Layer, path: str) -> None:
                          f"{list(state[k].shape)} instead of {list(expected[k].shape)}); "
                          'pass the config the model was trained with')
     model.set_state_dict(state)
-
-
-def save_atomic(state: dict, path: str) -> None:
-    """paddle.save to a temporary file next to `path`, then an atomic rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.reparam-', suffix='.pdparams', dir=folder)
-    os.close(fd)
-    try:
-        paddle.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def reparameterize_checkpoint(cfg_file: str, pretrained: str, output: str,

@@ -8,6 +8,8 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
+from mobileformer import atomic
+
 _LISTED = 8  # keys named per kind of problem before "... and N more"
 
 
@@ -84,13 +86,5 @@ def cast_like(state: Mapping[str, np.ndarray], model: nn.Layer) -> Dict[str, np.
 
 
 def save_atomic(state: Mapping[str, np.ndarray], path: str) -> None:
-    """paddle.save through a temporary file in the same folder, so `path` is never half written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-    try:
-        paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    """paddle.save of a state dict (numpy or tensors) that never leaves `path` half written."""
+    atomic.write_file({k: paddle.to_tensor(v) for k, v in state.items()}, path)
