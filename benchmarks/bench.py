@@ -215,6 +215,7 @@ def measure_config(cfg_file: str, args: argparse.Namespace, peak_gflops: float) 
                 'threads': args.threads, 'iters': args.iters, 'seconds_per_batch': seconds,
                 'images_per_s': images_per_s, 'peak_rss_mb': peak_rss_mb(),
                 'peak_fraction': flop_per_image * images_per_s / (peak_gflops * 1e9),
+                'load_avg_1m': os.getloadavg()[0],  # other processes on the machine skew every figure
             })
     return results
 
@@ -260,7 +261,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     out = open(args.json, 'w') if args.json else sys.stdout
     try:
         machine = {'record': 'machine', 'cpu': cpu_name(), 'threads': args.threads, 'iters': args.iters,
-                   'warmup': args.warmup, 'paddle': paddle.__version__, 'matmul_size': args.matmul_size,
+                   'warmup': args.warmup, 'paddle': paddle.__version__, 'load_avg_1m': os.getloadavg()[0],
+                   'matmul_size': args.matmul_size,
                    **matmul_gflops(args.matmul_size, args.threads)}
         print(json.dumps(machine), file=out, flush=True)
         results = []

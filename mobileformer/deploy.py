@@ -3,8 +3,7 @@
 - `build_for_inference(config, weights)`: builds, loads `.pdparams` (strictly), folds every
   re-parameterisable block (RepMLP) and switches to eval mode.
 - `export_inference(model, config, out_dir)`: `paddle.jit.save` with a dynamic batch dimension.
-- `InferenceModel(dir, threads)`: runs that export through `paddle.inference` on the CPU with oneDNN
-  (every usable core unless told otherwise).
+- `InferenceModel(dir, threads)`: runs that export through `paddle.inference` on the CPU with oneDNN.
 - `export_onnx(model_dir, file)` / `OnnxModel(file)`: paddle2onnx and onnxruntime (optional packages).
 """
 from __future__ import annotations
@@ -25,7 +24,6 @@ from mobileformer.weights import load_weights
 INFERENCE_PREFIX = 'inference'
 ONNX_FILE = 'inference.onnx'
 ONNX_OPSET = 13
-MKLDNN_CACHE_SHAPES = 8
 
 
 def build_for_inference(config: CfgNode, weights: Optional[str] = None) -> nn.Layer:
@@ -51,11 +49,6 @@ def export_inference(model: nn.Layer, config: CfgNode, out_dir: str) -> str:
     return prefix
 
 
-def usable_cores() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-
-
 def _model_file(model_dir: str) -> str:
     for suffix in ('.json', '.pdmodel'):  # PIR programs (Paddle 3) or the legacy program format
         path = os.path.join(model_dir, INFERENCE_PREFIX + suffix)
@@ -68,17 +61,14 @@ def _model_file(model_dir: str) -> str:
 class InferenceModel:
     """An exported model run by `paddle.inference` (CPU, oneDNN): `model(batch) -> logits`."""
 
-    def __init__(self, model_dir: str, threads: Optional[int] = None):
-        """`threads`: CPU threads for the math libraries; default every core this process may use."""
+    def __init__(self, model_dir: str, threads: int = 1):
         from paddle import inference
         config = inference.Config(_model_file(model_dir), os.path.join(model_dir, INFERENCE_PREFIX + '.pdiparams'))
         config.disable_gpu()
         # oneDNN kernels plus its fusion passes (conv+BN+act, matmul+bias+act, fc); they also cover
         # the GEMMs, which Paddle's own CPU BLAS runs several times slower on AMD CPUs.
         config.enable_mkldnn()
-        # one cached primitive set per input shape: bound it for a runner fed varying batch sizes
-        config.set_mkldnn_cache_capacity(MKLDNN_CACHE_SHAPES)
-        config.set_cpu_math_library_num_threads(threads or usable_cores())
+        config.set_cpu_math_library_num_threads(threads)
         # enable_memory_optim() is left off: in Paddle 3.3 its pass fails on PIR programs (.json)
         config.disable_glog_info()
         self.predictor = inference.create_predictor(config)
