@@ -26,7 +26,19 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from paddle.static import InputSpec
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mobileformer import build_model, get_config  # noqa: E402  (after the path)
+from mobileformer.deploy import INFERENCE_PREFIX, InferenceModel, build_for_inference, export_inference  # noqa: E402
+from mobileformer.flops import count_madds  # noqa: E402
+from mobileformer.layers import count_trainable  # noqa: E402
+
 INFERENCE_MODES = ('dygraph', 'static', 'inference')
 TRAIN_MODES = ('train', 'train_static')
 MODES = INFERENCE_MODES + TRAIN_MODES
@@ -100,29 +112,22 @@ def median_seconds(run: Callable[[], None], iters: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _matmul_layer(size: int):
+class MatMul(paddle.nn.Layer):
     """x @ W as a layer, so the GEMM can go through the same export and engine as the models."""
-    import paddle
 
-    class MatMul(paddle.nn.Layer):
-        def __init__(self):
-            super().__init__()
-            self.weight = self.create_parameter([size, size])
+    def __init__(self, size: int):
+        super().__init__()
+        self.weight = self.create_parameter([size, size])
 
-        def forward(self, x):
-            return paddle.matmul(x, self.weight)
-    return MatMul()
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.matmul(x, self.weight)
 
 
 def matmul_gflops(size: int, threads: int, iters: int = 7) -> Dict[str, float]:
     """float32 GEMM rate (size^3) through dygraph `paddle.matmul` and through
     `paddle.inference` (oneDNN), with the models' thread count; the larger is the machine's peak."""
-    import numpy as np
-    import paddle
-    from paddle.static import InputSpec
-    from mobileformer.deploy import INFERENCE_PREFIX, InferenceModel
     flop = 2 * size ** 3
-    layer = _matmul_layer(size)
+    layer = MatMul(size)
     x = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
     x_tensor = paddle.to_tensor(x)
     with paddle.no_grad():
@@ -139,7 +144,6 @@ def matmul_gflops(size: int, threads: int, iters: int = 7) -> Dict[str, float]:
 # ---- one runner per mode: returns a zero-argument function doing one timed unit of work ---------
 
 def _forward_runner(model, batch):
-    import paddle
     x = paddle.to_tensor(batch)
 
     def run():
@@ -149,16 +153,12 @@ def _forward_runner(model, batch):
 
 
 def _inference_runner(model, config, batch, threads: int, workdir: str):
-    from mobileformer.deploy import InferenceModel, export_inference
     export_inference(model, config, workdir)
     predictor = InferenceModel(workdir, threads=threads)
     return lambda: predictor(batch)
 
 
 def _train_runner(model, batch, num_classes: int):
-    import numpy as np
-    import paddle
-    import paddle.nn.functional as F
     model.train()
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.parameters())
     x = paddle.to_tensor(batch)
@@ -174,12 +174,6 @@ def _train_runner(model, batch, num_classes: int):
 
 
 def measure_config(cfg_file: str, args: argparse.Namespace, peak_gflops: float) -> List[Dict]:
-    import numpy as np
-    import paddle
-    from mobileformer import build_model, get_config
-    from mobileformer.deploy import build_for_inference
-    from mobileformer.flops import count_madds
-    from mobileformer.layers import count_trainable
 
     opts = ['DATA.IMAGE_SIZE', args.image_size] if args.image_size else None
     config = get_config(cfg_file, opts)
@@ -251,10 +245,8 @@ def markdown_table(machine: Dict, results: List[Dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     args = parse_args(argv)
-    # thread counts must be fixed before the math libraries start
+    # before the first computation starts the math libraries' thread pools
     os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = str(args.threads)
-    sys.path.insert(0, ROOT)
-    import paddle
     paddle.set_device('cpu')
     paddle.base.core.set_num_threads(args.threads)
 

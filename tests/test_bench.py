@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS
 
 import benchmarks.bench as bench
 
