@@ -3,7 +3,7 @@
 - `build_for_inference(config, weights)`: builds, loads `.pdparams` (strictly), folds every
   re-parameterisable block (RepMLP) and switches to eval mode.
 - `export_inference(model, config, out_dir)`: `paddle.jit.save` with a dynamic batch dimension.
-- `InferenceModel(dir)`: runs that export through `paddle.inference` on the CPU with oneDNN.
+- `InferenceModel(dir, threads)`: runs that export through `paddle.inference` on the CPU with oneDNN.
 - `export_onnx(model_dir, file)` / `OnnxModel(file)`: paddle2onnx and onnxruntime (optional packages).
 """
 from __future__ import annotations
@@ -65,8 +65,11 @@ class InferenceModel:
         from paddle import inference
         config = inference.Config(_model_file(model_dir), os.path.join(model_dir, INFERENCE_PREFIX + '.pdiparams'))
         config.disable_gpu()
+        # oneDNN kernels plus its fusion passes (conv+BN+act, matmul+bias+act, fc); they also cover
+        # the GEMMs, which Paddle's own CPU BLAS runs several times slower on AMD CPUs.
         config.enable_mkldnn()
         config.set_cpu_math_library_num_threads(threads)
+        # enable_memory_optim() is left off: in Paddle 3.3 its pass fails on PIR programs (.json)
         config.disable_glog_info()
         self.predictor = inference.create_predictor(config)
 
