@@ -5,6 +5,7 @@ Paddle's DataLoader workers can crash on paddle Tensors.
 """
 from __future__ import annotations
 
+import abc
 import os
 from typing import Callable, Optional
 
@@ -20,7 +21,7 @@ from datasets.transforms import ConvertMode, build_transforms
 DATASETS = ('digits', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist', 'imagenet', 'folder')
 
 
-class LabelledImages(paddle.io.Dataset):
+class LabelledImages(paddle.io.Dataset, abc.ABC):
     """Base: subclasses provide `_image(index) -> PIL.Image`; labels and class names live here."""
 
     def __init__(self, labels: np.ndarray, classes: list, transform: Optional[Callable] = None):
@@ -36,8 +37,9 @@ class LabelledImages(paddle.io.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @abc.abstractmethod
     def _image(self, index: int) -> Image.Image:
-        raise NotImplementedError
+        """The sample `index` as a PIL image, before transforms."""
 
     def __getitem__(self, index: int) -> tuple:
         image = self._image(index)
