@@ -15,19 +15,25 @@
 
 namespace {
 
-// dst (rows x cols) := zeros, then dst[offset + step*i][offset + step*j] = src[i][j] for the
+// Planes narrower than this are convolved as one long row (see conv_plane).
+constexpr int kNarrow = 16;
+
+// dst (rows x pitch) := zeros, then dst[offset + step*i][offset + step*j] = src[i][j] for the
 // (i, j) that land inside dst. step 1 is zero padding; step 2 also dilates (stride-2 gradient).
 void scatter_plane(const float* src, int h, int w, int step, int offset, float* dst, int rows,
-                   int cols) {
-  std::fill(dst, dst + static_cast<int64_t>(rows) * cols, 0.f);
+                   int pitch) {
+  std::fill(dst, dst + static_cast<int64_t>(rows) * pitch, 0.f);
+  const int j_end = std::min(w, (pitch - offset + step - 1) / step);
   for (int i = 0; i < h; ++i) {
     const int r = offset + step * i;
-    if (r < 0 || r >= rows) continue;
-    const int j_begin = std::max(0, (-offset + step - 1) / step);
-    const int j_end = std::min(w, (cols - offset + step - 1) / step);
-    float* dst_row = dst + static_cast<int64_t>(r) * cols + offset;
+    if (r >= rows) break;
+    float* dst_row = dst + static_cast<int64_t>(r) * pitch + offset;
     const float* src_row = src + static_cast<int64_t>(i) * w;
-    for (int j = j_begin; j < j_end; ++j) dst_row[step * j] = src_row[j];
+    if (step == 1) {
+      std::memcpy(dst_row, src_row, j_end * sizeof(float));
+    } else {
+      for (int j = 0; j < j_end; ++j) dst_row[step * j] = src_row[j];
+    }
   }
 }
 
@@ -44,15 +50,15 @@ void conv_row(const float* __restrict in, int64_t pitch, const float* __restrict
   }
 }
 
-// One output plane (ho x wo) of the correlation of a padded plane (pitch `pitch`) with a K x K
-// kernel. With stride 1 the rows are computed as one long row over the padded pitch (the
-// results in the pitch - wo gap columns are discarded): short 7x7 planes then still give the
-// vector loop a long trip count. `scratch` holds ho * pitch floats.
+// One output plane (ho x wo) of the correlation of a padded plane (`pitch` floats a row) with a
+// K x K kernel. Narrow stride-1 planes (7x7, 14x14) are computed as one long row over the padded
+// pitch, discarding the results in the gap columns, so that the vector loop stays long; `scratch`
+// holds ho * pitch floats for that.
 template <int K, int S>
 void conv_plane(const float* in, int pitch, const float* w, float* out, int ho, int wo,
                 float* scratch) {
-  if (S == 1) {
-    conv_row<K, 1>(in, pitch, w, scratch, (ho - 1) * pitch + wo);
+  if (S == 1 && wo < kNarrow) {
+    conv_row<K, 1>(in, pitch, w, scratch, static_cast<int64_t>(ho - 1) * pitch + wo);
     for (int r = 0; r < ho; ++r)
       std::memcpy(out + static_cast<int64_t>(r) * wo, scratch + static_cast<int64_t>(r) * pitch,
                   wo * sizeof(float));
@@ -125,18 +131,21 @@ void depthwise_forward(const float* x, const float* w, float* y, const Depthwise
 // dx = correlation of the (stride-dilated) output gradient, padded by K - 1 - padding, with the
 // flipped kernel; dw = correlation of the padded input with the output gradient. Parallel over
 // input channels with the batch loop inside, so each thread owns its dw rows: no races.
+// Padded input and padded gradient share one pitch, so with stride 1 the padded gradient, seen
+// from its first real element, is dy laid out on the input's pitch (zero gaps) as the dw
+// reduction wants it.
 template <int K, int S>
 void depthwise_backward(const float* x, const float* w, const float* dy, float* dx, float* dw,
                         const DepthwiseShape& s, int padding) {
-  const int rows = (s.ho - 1) * S + K, pitch = (s.wo - 1) * S + K;
-  const int g_rows = s.h - 1 + K, g_pitch = s.w - 1 + K;  // padded, dilated dy plane
+  const int q = K - 1 - padding;  // padding of the gradient plane
+  const int rows = (s.ho - 1) * S + K, g_rows = s.h - 1 + K;
+  const int pitch = std::max((s.wo - 1) * S + K, s.w - 1 + K);
   const int64_t in_size = static_cast<int64_t>(s.h) * s.w, out_size = static_cast<int64_t>(s.ho) * s.wo;
 #pragma omp parallel
   {
     std::vector<float> padded(static_cast<int64_t>(rows) * pitch);
-    std::vector<float> g_flat(static_cast<int64_t>(s.ho) * pitch);  // dy on the padded pitch
-    std::vector<float> g_padded(static_cast<int64_t>(g_rows) * g_pitch);
-    std::vector<float> scratch(static_cast<int64_t>(s.h) * g_pitch), dx_part(in_size);
+    std::vector<float> g_padded(static_cast<int64_t>(g_rows) * pitch);
+    std::vector<float> scratch(static_cast<int64_t>(s.h) * pitch), dx_part(in_size);
     std::vector<float> flipped(static_cast<size_t>(s.m) * K * K);
     std::vector<double> dw_sum(static_cast<size_t>(s.m) * K * K);
     std::vector<float> dw_plane(K * K);
@@ -152,11 +161,11 @@ void depthwise_backward(const float* x, const float* w, const float* dy, float* 
         float* dx_plane = dx + p * in_size;
         for (int j = 0; j < s.m; ++j) {
           const float* g = dy + (p * s.m + j) * out_size;
+          scatter_plane(g, s.ho, s.wo, S, q, g_padded.data(), g_rows, pitch);
           std::fill(dw_plane.begin(), dw_plane.end(), 0.f);
           if (S == 1) {
-            scatter_plane(g, s.ho, s.wo, 1, 0, g_flat.data(), s.ho, pitch);
-            accumulate_taps<K, 1>(g_flat.data(), padded.data(), pitch, (s.ho - 1) * pitch + s.wo,
-                                  dw_plane.data());
+            accumulate_taps<K, 1>(g_padded.data() + static_cast<int64_t>(q) * pitch + q, padded.data(),
+                                  pitch, static_cast<int64_t>(s.ho - 1) * pitch + s.wo, dw_plane.data());
           } else {
             for (int r = 0; r < s.ho; ++r)
               accumulate_taps<K, S>(g + static_cast<int64_t>(r) * s.wo,
@@ -165,9 +174,8 @@ void depthwise_backward(const float* x, const float* w, const float* dy, float* 
           }
           for (int t = 0; t < K * K; ++t) dw_sum[j * K * K + t] += dw_plane[t];
 
-          scatter_plane(g, s.ho, s.wo, S, K - 1 - padding, g_padded.data(), g_rows, g_pitch);
           float* target = j == 0 ? dx_plane : dx_part.data();
-          conv_plane<K, 1>(g_padded.data(), g_pitch, flipped.data() + j * K * K, target, s.h, s.w,
+          conv_plane<K, 1>(g_padded.data(), pitch, flipped.data() + j * K * K, target, s.h, s.w,
                            scratch.data());
           if (j > 0)
             for (int64_t i = 0; i < in_size; ++i) dx_plane[i] += dx_part[i];
