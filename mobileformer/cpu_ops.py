@@ -58,12 +58,13 @@ def _link_flags() -> List[str]:
 
 @contextlib.contextmanager
 def _output_to(path: str) -> Iterator[None]:
-    """Sends this process's stdout and stderr, and so the compiler's, to the file `path`."""
+    """Sends this process's stdout and stderr, at file-descriptor level (the compiler runs in a
+    subprocess) and at Python level (sys.stdout may not be fd 1, e.g. under pytest), to `path`."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     try:
-        with open(path, 'w') as log:
+        with open(path, 'w') as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
             yield
