@@ -76,15 +76,35 @@ def test_depthwise_matches_conv2d(kernels, n, h, w, k, multiplier, stride):
     assert kernels.calls == 1
 
 
-@pytest.mark.parametrize('k, padding, stride', [(3, 0, 1), (3, 2, 2), (5, 0, 2), (5, 4, 1)])
-def test_depthwise_other_paddings(kernels, k, padding, stride):
-    x = np.random.randn(2, 3, 9, 10).astype('float32')
+@pytest.mark.parametrize('k, padding, stride, h, w', [
+    (3, 0, 1, 9, 10), (3, 2, 2, 9, 10), (5, 0, 2, 9, 10), (5, 4, 1, 9, 10),  # unused last column
+    (3, 1, 1, 1, 1), (3, 1, 2, 2, 2), (5, 2, 2, 3, 1)])  # planes smaller than the kernel
+def test_depthwise_other_paddings_and_tiny_planes(kernels, k, padding, stride, h, w):
+    x = np.random.randn(2, 3, h, w).astype('float32')
     weight = np.random.randn(6, 1, k, k).astype('float32')
-    out_shape = (2, 6, (9 + 2 * padding - k) // stride + 1, (10 + 2 * padding - k) // stride + 1)
+    out_shape = (2, 6, (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1)
     _assert_matches(lambda a, b: cpu_ops.depthwise_conv2d(a, b, stride, padding),
                     lambda a, b: F.conv2d(a, b, stride=stride, padding=padding, groups=3),
                     [x, weight], out_shape)
     assert kernels.calls == 1
+
+
+def test_non_contiguous_inputs(kernels):
+    # e.g. after channel_shuffle, whose transpose is a strided view in Paddle 3
+    x = np.random.randn(2, 4, 6, 9).astype('float32')
+    weight = np.random.randn(4, 1, 3, 3).astype('float32')
+    slopes = np.random.randn(2, 4).astype('float32')
+
+    def ours(a, b, s):
+        view = a.transpose([0, 1, 3, 2])
+        assert not view.is_contiguous()
+        return cpu_ops.dynamic_relu(cpu_ops.depthwise_conv2d(view, b, 1, 1), s, -s)
+
+    def reference(a, b, s):
+        y = F.conv2d(a.transpose([0, 1, 3, 2]), b, padding=1, groups=4)
+        return _dynamic_relu_reference(y, s, -s)
+    _assert_matches(ours, reference, [x, weight, slopes], (2, 4, 9, 6))
+    assert kernels.calls == 2
 
 
 def _dynamic_relu_reference(x, slope1, slope2):

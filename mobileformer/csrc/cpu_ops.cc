@@ -103,6 +103,8 @@ DepthwiseShape depthwise_shape(const paddle::Tensor& x, const paddle::Tensor& w,
   s.w = static_cast<int>(xs[3]);
   s.ho = (s.h + 2 * padding - k) / stride + 1;
   s.wo = (s.w + 2 * padding - k) / stride + 1;
+  PD_CHECK(s.h + 2 * padding >= k && s.w + 2 * padding >= k,
+           "depthwise_conv2d: the padded input is smaller than the kernel.");
   return s;
 }
 
