@@ -87,24 +87,31 @@ struct DepthwiseShape {
   int n, c, m, h, w, ho, wo;
 };
 
+void check_depthwise_args(const paddle::Tensor& x, const paddle::Tensor& w, int padding) {
+  PD_CHECK(x.is_cpu() && w.is_cpu(), "depthwise_conv2d: tensors must be on the CPU.");
+  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && w.dtype() == paddle::DataType::FLOAT32,
+           "depthwise_conv2d: tensors must be float32.");
+  const auto& xs = x.shape();
+  const auto& ws = w.shape();
+  PD_CHECK(xs.size() == 4 && ws.size() == 4 && ws[1] == 1 && ws[0] % xs[1] == 0 && ws[2] == ws[3],
+           "depthwise_conv2d: x must be [N, C, H, W] and weight [C * multiplier, 1, k, k].");
+  PD_CHECK(padding >= 0 && padding < ws[3], "depthwise_conv2d: padding must be in [0, k - 1].");
+  PD_CHECK(xs[2] + 2 * padding >= ws[3] && xs[3] + 2 * padding >= ws[3],
+           "depthwise_conv2d: the padded input is smaller than the kernel.");
+}
+
 DepthwiseShape depthwise_shape(const paddle::Tensor& x, const paddle::Tensor& w, int stride,
                                int padding) {
   const auto& xs = x.shape();
-  const auto& ws = w.shape();
-  PD_CHECK(xs.size() == 4 && ws.size() == 4, "depthwise_conv2d: x and weight must be 4-D.");
-  PD_CHECK(ws[1] == 1 && ws[0] % xs[1] == 0,
-           "depthwise_conv2d: weight must be [C * multiplier, 1, k, k].");
-  const int k = static_cast<int>(ws[3]);
+  const int k = static_cast<int>(w.shape()[3]);
   DepthwiseShape s;
   s.n = static_cast<int>(xs[0]);
   s.c = static_cast<int>(xs[1]);
-  s.m = static_cast<int>(ws[0] / xs[1]);
+  s.m = static_cast<int>(w.shape()[0] / xs[1]);
   s.h = static_cast<int>(xs[2]);
   s.w = static_cast<int>(xs[3]);
   s.ho = (s.h + 2 * padding - k) / stride + 1;
   s.wo = (s.w + 2 * padding - k) / stride + 1;
-  PD_CHECK(s.h + 2 * padding >= k && s.w + 2 * padding >= k,
-           "depthwise_conv2d: the padded input is smaller than the kernel.");
   return s;
 }
 
@@ -116,7 +123,8 @@ void depthwise_forward(const float* x, const float* w, float* y, const Depthwise
   const int64_t in_size = static_cast<int64_t>(s.h) * s.w, out_size = static_cast<int64_t>(s.ho) * s.wo;
 #pragma omp parallel
   {
-    std::vector<float> padded(static_cast<int64_t>(rows) * pitch), scratch(static_cast<int64_t>(s.ho) * pitch);
+    std::vector<float> padded(static_cast<int64_t>(rows) * pitch);
+    std::vector<float> scratch(static_cast<int64_t>(s.ho) * pitch);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < planes; ++p) {  // p = (n, c): pad the input plane once for its m outputs
       scatter_plane(x + p * in_size, s.h, s.w, 1, padding, padded.data(), rows, pitch);
@@ -203,15 +211,6 @@ void dispatch(int k, int stride, F&& f) {
            " stride=", stride, ".");
 }
 
-void check_depthwise_args(const paddle::Tensor& x, const paddle::Tensor& w, int padding) {
-  PD_CHECK(x.is_cpu() && w.is_cpu(), "depthwise_conv2d: tensors must be on the CPU.");
-  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && w.dtype() == paddle::DataType::FLOAT32,
-           "depthwise_conv2d: tensors must be float32.");
-  const int k = static_cast<int>(w.shape()[3]);
-  PD_CHECK(w.shape()[2] == k && padding >= 0 && padding <= k - 1,
-           "depthwise_conv2d: the kernel must be square and 0 <= padding <= k - 1.");
-}
-
 std::vector<paddle::Tensor> DepthwiseConv2dForward(const paddle::Tensor& x_in,
                                                    const paddle::Tensor& w_in, int stride,
                                                    int padding) {
@@ -220,7 +219,8 @@ std::vector<paddle::Tensor> DepthwiseConv2dForward(const paddle::Tensor& x_in,
   const DepthwiseShape s = depthwise_shape(x, w, stride, padding);
   auto y = paddle::empty({s.n, s.c * s.m, s.ho, s.wo}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   dispatch(static_cast<int>(w.shape()[3]), stride, [&](auto kernel, auto step) {
-    depthwise_forward<decltype(kernel)::value, decltype(step)::value>(x.data<float>(), w.data<float>(), y.data<float>(), s, padding);
+    depthwise_forward<decltype(kernel)::value, decltype(step)::value>(
+        x.data<float>(), w.data<float>(), y.data<float>(), s, padding);
   });
   return {y};
 }
@@ -234,8 +234,9 @@ std::vector<paddle::Tensor> DepthwiseConv2dBackward(const paddle::Tensor& x_in,
   auto dx = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
   auto dw = paddle::empty(w.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
   dispatch(static_cast<int>(w.shape()[3]), stride, [&](auto kernel, auto step) {
-    depthwise_backward<decltype(kernel)::value, decltype(step)::value>(x.data<float>(), w.data<float>(), dy.data<float>(), dx.data<float>(),
-                             dw.data<float>(), s, padding);
+    depthwise_backward<decltype(kernel)::value, decltype(step)::value>(
+        x.data<float>(), w.data<float>(), dy.data<float>(), dx.data<float>(), dw.data<float>(), s,
+        padding);
   });
   return {dx, dw};
 }
@@ -320,8 +321,8 @@ std::vector<paddle::Tensor> DynamicReluBackward(const paddle::Tensor& x_in,
 }
 
 std::vector<std::vector<int64_t>> DynamicReluInferShape(const std::vector<int64_t>& x,
-                                                        const std::vector<int64_t>& a1,
-                                                        const std::vector<int64_t>& a2) {
+                                                        const std::vector<int64_t>&,
+                                                        const std::vector<int64_t>&) {
   return {x};
 }
 
