@@ -26,7 +26,8 @@ from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError
 from mobileformer.flops import register_madds
-from mobileformer.layers import DropPath, drop_path_rates
+from mobileformer.cpu_ops import dynamic_relu
+from mobileformer.layers import DepthwiseConv2D, DropPath, drop_path_rates
 from mobileformer.registry import register_converter, register_model
 from mobileformer.weights import list_names
 
@@ -65,9 +66,12 @@ class ConvBN(nn.Layer):
                  groups: int = 1, shuffle_groups: int = 1):
         super().__init__()
         std = math.sqrt(2.0 / (kernel_size * kernel_size * out_channels))
-        self.conv = nn.Conv2D(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
-                              groups=groups, bias_attr=False,
-                              weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, std)))
+        init = paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, std))
+        if groups == in_channels and kernel_size > 1:
+            self.conv = DepthwiseConv2D(in_channels, out_channels, kernel_size, stride, weight_attr=init)
+        else:
+            self.conv = nn.Conv2D(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
+                                  groups=groups, bias_attr=False, weight_attr=init)
         self.bn = nn.BatchNorm2D(out_channels, momentum=0.9, epsilon=1e-5)
         self.shuffle_groups = shuffle_groups
 
@@ -93,12 +97,8 @@ class DynamicReLU(nn.Layer):
 
     def forward(self, x: paddle.Tensor, token: paddle.Tensor) -> paddle.Tensor:
         theta = hard_sigmoid(self.fc2(F.relu(self.fc1(token))))          # [B, 2C]
-        slopes = ((theta - 0.5) * 2.0).reshape([-1, 2 * self.channels, 1, 1])
-        slope1, slope2 = paddle.split(slopes, 2, axis=1)                  # [B, C, 1, 1] each
-        slope1 = slope1 + 1.0
-        # max(u, v) = u + relu(v - u): elementwise ops and relu all have oneDNN kernels (and fuse),
-        # `maximum` has none, so the exported model avoids layout conversions around it.
-        return x * slope1 + F.relu(x * (slope2 - slope1))
+        slope1, slope2 = paddle.split((theta - 0.5) * 2.0, 2, axis=1)     # [B, C] each
+        return dynamic_relu(x, slope1 + 1.0, slope2)
 
 
 @register_madds(DynamicReLU)

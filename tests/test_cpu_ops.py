@@ -156,7 +156,8 @@ def test_export_uses_only_standard_ops(kernels, tmp_path):
         names = {op.name() for op in program.global_block().ops}
     finally:
         paddle.disable_static()
-    assert 'pd_op.depthwise_conv2d' in names and 'pd_op.maximum' in names
+    # the dynamic ReLU is exported as u + relu(v - u): no `maximum`, which has no oneDNN kernel
+    assert {'pd_op.depthwise_conv2d', 'pd_op.relu'} <= names and 'pd_op.maximum' not in names
     assert all(name.split('.')[0] in ('pd_op', 'builtin') for name in names), names
 
 
