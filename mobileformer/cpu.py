@@ -8,7 +8,7 @@ its AVX2 kernels: measured on a 2-vCPU AMD EPYC, a 2048^3 fp32 GEMM in dygraph w
 from __future__ import annotations
 
 import os
-from typing import MutableMapping, Optional
+from typing import Mapping, MutableMapping, Optional
 
 CPUINFO = '/proc/cpuinfo'
 
@@ -37,3 +37,24 @@ def prefer_mkl_avx2_on_amd(environ: MutableMapping[str, str] = os.environ, cpuin
         return False
     environ['MKL_DEBUG_CPU_TYPE'] = '5'
     return True
+
+
+def cpu_threads(environ: Mapping[str, str] = os.environ) -> int:
+    """Threads for Paddle's CPU math in this process: OMP_NUM_THREADS when set, else the CPUs this
+    process may run on, shared among the ranks `paddle.distributed.launch` started on this machine."""
+    requested = environ.get('OMP_NUM_THREADS', '')
+    if requested.isdigit() and int(requested) > 0:
+        return int(requested)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    local_ranks = environ.get('PADDLE_LOCAL_SIZE', '')
+    return max(1, cpus // (int(local_ranks) if local_ranks.isdigit() and int(local_ranks) > 0 else 1))
+
+
+def use_cpu_threads() -> int:
+    """Sets Paddle's CPU math threads (its default is 1, where PyTorch uses every core) to
+    `cpu_threads()`; returns the count. The compiled kernels of `cpu_ops` share this thread pool."""
+    import paddle
+
+    threads = cpu_threads()
+    paddle.base.core.set_num_threads(threads)
+    return threads
