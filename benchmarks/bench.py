@@ -254,7 +254,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     try:
         machine = {'record': 'machine', 'cpu': cpu_name(), 'threads': args.threads, 'iters': args.iters,
                    'warmup': args.warmup, 'paddle': paddle.__version__, 'load_avg_1m': os.getloadavg()[0],
-                   'matmul_size': args.matmul_size,
+                   'matmul_size': args.matmul_size, 'mkl_debug_cpu_type': os.environ.get('MKL_DEBUG_CPU_TYPE'),
                    **matmul_gflops(args.matmul_size, args.threads)}
         print(json.dumps(machine), file=out, flush=True)
         results = []

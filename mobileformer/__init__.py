@@ -2,6 +2,10 @@
 
 Importing a model module registers its builder (and weight converters) with `build_model`.
 """
+from mobileformer.cpu import prefer_mkl_avx2_on_amd
+
+prefer_mkl_avx2_on_amd()
+
 from mobileformer.config import ConfigError, get_config
 from mobileformer.registry import build_model, register_model, registered_models
 from mobileformer.mobile_former import build_mformer

@@ -17,6 +17,7 @@ import paddle.nn as nn
 from paddle.static import InputSpec
 from yacs.config import CfgNode
 
+from mobileformer.cpu import cpu_threads
 from mobileformer.layers import re_parameterize_model
 from mobileformer.registry import build_model
 from mobileformer.weights import load_weights
@@ -61,14 +62,14 @@ def _model_file(model_dir: str) -> str:
 class InferenceModel:
     """An exported model run by `paddle.inference` (CPU, oneDNN): `model(batch) -> logits`."""
 
-    def __init__(self, model_dir: str, threads: int = 1):
+    def __init__(self, model_dir: str, threads: Optional[int] = None):
         from paddle import inference
         config = inference.Config(_model_file(model_dir), os.path.join(model_dir, INFERENCE_PREFIX + '.pdiparams'))
         config.disable_gpu()
         # oneDNN kernels plus its fusion passes (conv+BN+act, matmul+bias+act, fc); they also cover
         # the GEMMs, which Paddle's own CPU BLAS runs several times slower on AMD CPUs.
         config.enable_mkldnn()
-        config.set_cpu_math_library_num_threads(threads)
+        config.set_cpu_math_library_num_threads(threads or cpu_threads())
         # enable_memory_optim() is left off: in Paddle 3.3 its pass fails on PIR programs (.json)
         config.disable_glog_info()
         self.predictor = inference.create_predictor(config)

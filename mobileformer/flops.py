@@ -84,7 +84,9 @@ def count_madds(model: nn.Layer, input_shape: Sequence[int]) -> int:
     total = [0]
     hooks = []
     for layer in model.sublayers(include_self=True):
-        rule = next((r for t, r in _RULES.items() if type(layer) is t), None)
+        # the most derived registered type: a subclass that computes the same (e.g. a Conv2D with a
+        # faster kernel) inherits its parent's rule, one that computes more registers its own
+        rule = next((_RULES[t] for t in type(layer).__mro__ if t in _RULES), None)
         if rule is not None:
             hooks.append(layer.register_forward_post_hook(
                 lambda lyr, inputs, output, rule=rule: total.__setitem__(0, total[0] + rule(lyr, inputs, output))))

@@ -7,6 +7,8 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
+from mobileformer.cpu_ops import depthwise_conv2d
+
 
 def drop_path_rates(max_rate: float, num_blocks: int) -> List[float]:
     """Linear stochastic-depth ramp: 0 at the first block up to `max_rate` at the last."""
@@ -32,6 +34,21 @@ class DropPath(nn.Layer):
 
     def extra_repr(self) -> str:
         return f'rate={self.rate}'
+
+
+class DepthwiseConv2D(nn.Conv2D):
+    """Bias-free k x k conv with groups = in_channels (out_channels = m * in_channels), padding k // 2,
+    run by `cpu_ops.depthwise_conv2d`: the compiled CPU kernel in dygraph, `F.conv2d` elsewhere.
+    Same parameter and state-dict name as the nn.Conv2D it replaces."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 weight_attr: paddle.ParamAttr | None = None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
+                         groups=in_channels, weight_attr=weight_attr, bias_attr=False)
+        self.stride, self.padding = stride, kernel_size // 2
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return depthwise_conv2d(x, self.weight, self.stride, self.padding)
 
 
 def count_trainable(model: nn.Layer) -> int:

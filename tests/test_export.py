@@ -18,6 +18,7 @@ from mobileformer.deploy import (InferenceModel, OnnxModel, build_for_inference,
 
 # (tag, checkpoint); RepMLPNet is exported from its training checkpoint, so it is folded first
 MODELS = [('official_mobile_former_tiny_g1', 'official_mobile_former_tiny_g1.pth.tar'),
+          ('official_mobile_former_tiny_g4', 'official_mobile_former_tiny_g4.pth.tar'),  # channel shuffles
           ('timm_mixer_tiny', 'timm_mixer_tiny.pth'),
           ('official_repmlpnet_tiny_train', 'official_repmlpnet_tiny_train.pth')]
 

@@ -1,0 +1,200 @@
+"""The compiled CPU kernels (mobileformer/cpu_ops.py) against the standard Paddle ops they replace:
+forward and gradients, the export path (standard ops only), the disabled and failed-build paths."""
+import os
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+from mobileformer import cpu_ops
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+class _CountingLibrary:
+    """Stands in for the compiled library and counts the kernel calls that reach it."""
+
+    def __init__(self, library):
+        self.library, self.calls = library, 0
+
+    def __getattr__(self, name):
+        function = getattr(self.library, name)
+
+        def counted(*args):
+            self.calls += 1
+            return function(*args)
+        return counted
+
+
+@pytest.fixture(scope='session')
+def compiled():
+    library = cpu_ops._kernels()  # the one-time build (cached across runs)
+    assert library is not None, 'the CPU kernels did not build (see the warning above)'
+    return library
+
+
+@pytest.fixture
+def kernels(compiled, monkeypatch):
+    counting = _CountingLibrary(compiled)
+    monkeypatch.setattr(cpu_ops, '_library', counting)
+    return counting
+
+
+def _leaf(array: np.ndarray) -> paddle.Tensor:
+    tensor = paddle.to_tensor(array)
+    tensor.stop_gradient = False
+    return tensor
+
+
+def _value_and_grads(fn, arrays, upstream):
+    inputs = [_leaf(a) for a in arrays]
+    out = fn(*inputs)
+    grads = paddle.grad(out, inputs, paddle.to_tensor(upstream))
+    return [out.numpy()] + [g.numpy() for g in grads]
+
+
+def _assert_matches(fn, reference, arrays, out_shape):
+    upstream = np.random.randn(*out_shape).astype('float32')
+    for got, want in zip(_value_and_grads(fn, arrays, upstream),
+                         _value_and_grads(reference, arrays, upstream)):
+        np.testing.assert_allclose(got, want, **TOL)
+
+
+@pytest.mark.parametrize('n, h, w', [(1, 7, 7), (3, 8, 13), (3, 13, 8)])
+@pytest.mark.parametrize('k', [3, 5])
+@pytest.mark.parametrize('multiplier', [1, 3, 6])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_depthwise_matches_conv2d(kernels, n, h, w, k, multiplier, stride):
+    c, padding = 4, k // 2
+    x = np.random.randn(n, c, h, w).astype('float32')
+    weight = np.random.randn(c * multiplier, 1, k, k).astype('float32')
+    out_shape = (n, c * multiplier, (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1)
+    _assert_matches(lambda a, b: cpu_ops.depthwise_conv2d(a, b, stride, padding),
+                    lambda a, b: F.conv2d(a, b, stride=stride, padding=padding, groups=c),
+                    [x, weight], out_shape)
+    assert kernels.calls == 1
+
+
+@pytest.mark.parametrize('k, padding, stride, h, w', [
+    (3, 0, 1, 9, 10), (3, 2, 2, 9, 10), (5, 0, 2, 9, 10), (5, 4, 1, 9, 10),  # unused last column
+    (3, 1, 1, 1, 1), (3, 1, 2, 2, 2), (5, 2, 2, 3, 1)])  # planes smaller than the kernel
+def test_depthwise_other_paddings_and_tiny_planes(kernels, k, padding, stride, h, w):
+    x = np.random.randn(2, 3, h, w).astype('float32')
+    weight = np.random.randn(6, 1, k, k).astype('float32')
+    out_shape = (2, 6, (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1)
+    _assert_matches(lambda a, b: cpu_ops.depthwise_conv2d(a, b, stride, padding),
+                    lambda a, b: F.conv2d(a, b, stride=stride, padding=padding, groups=3),
+                    [x, weight], out_shape)
+    assert kernels.calls == 1
+
+
+def test_non_contiguous_inputs(kernels):
+    # e.g. after channel_shuffle, whose transpose is a strided view in Paddle 3
+    x = np.random.randn(2, 4, 6, 9).astype('float32')
+    weight = np.random.randn(4, 1, 3, 3).astype('float32')
+    slopes = np.random.randn(2, 4).astype('float32')
+
+    def ours(a, b, s):
+        view = a.transpose([0, 1, 3, 2])
+        assert not view.is_contiguous()
+        return cpu_ops.dynamic_relu(cpu_ops.depthwise_conv2d(view, b, 1, 1), s, -s)
+
+    def reference(a, b, s):
+        y = F.conv2d(a.transpose([0, 1, 3, 2]), b, padding=1, groups=4)
+        return _dynamic_relu_reference(y, s, -s)
+    _assert_matches(ours, reference, [x, weight, slopes], (2, 4, 9, 6))
+    assert kernels.calls == 2
+
+
+def _dynamic_relu_reference(x, slope1, slope2):
+    return paddle.maximum(x * slope1[:, :, None, None], x * slope2[:, :, None, None])
+
+
+@pytest.mark.parametrize('shape', [(1, 5, 7, 7), (3, 6, 8, 13)])
+def test_dynamic_relu_matches_maximum(kernels, shape):
+    n, c = shape[:2]
+    x = np.random.randn(*shape).astype('float32')
+    x[:, :, 0, :3] = 0.0  # ties x * a1 == x * a2: Paddle's maximum splits the gradient in half
+    slope1 = np.random.randn(n, c).astype('float32')  # mixed signs, a1 < a2 and a1 > a2
+    slope2 = np.random.randn(n, c).astype('float32')
+    slope2[0, 1] = slope1[0, 1]  # a whole plane of ties
+    assert (slope1 < slope2).any() and (slope1 > slope2).any()
+    _assert_matches(cpu_ops.dynamic_relu, _dynamic_relu_reference, [x, slope1, slope2], shape)
+    assert kernels.calls == 1
+
+
+def test_dynamic_relu_rejects_unbroadcast_slopes():
+    with pytest.raises(ValueError, match=r'slopes \[N, C\]'):
+        cpu_ops.dynamic_relu(paddle.ones([1, 2, 3, 3]), paddle.ones([1, 2, 1, 1]), paddle.ones([1, 2, 1, 1]))
+
+
+class _TinyBlock(paddle.nn.Layer):
+    def __init__(self, channels: int = 4, multiplier: int = 2):
+        super().__init__()
+        self.weight = self.create_parameter([channels * multiplier, 1, 3, 3])
+        self.slopes = paddle.nn.Linear(channels * multiplier, 2 * channels * multiplier)
+
+    def forward(self, x):
+        x = cpu_ops.depthwise_conv2d(x, self.weight, 2, 1)
+        slope1, slope2 = paddle.split(self.slopes(x.mean([2, 3])), 2, axis=1)
+        return cpu_ops.dynamic_relu(x, slope1, slope2)
+
+
+def test_export_uses_only_standard_ops(kernels, tmp_path):
+    model = _TinyBlock()
+    model.eval()
+    x = paddle.randn([3, 4, 9, 9])
+    eager = model(x)
+    assert kernels.calls == 2
+    path = str(tmp_path / 'tiny')
+    paddle.jit.save(model, path, input_spec=[paddle.static.InputSpec([None, 4, 9, 9], 'float32')])
+    np.testing.assert_allclose(paddle.jit.load(path)(x).numpy(), eager.numpy(), **TOL)
+    paddle.enable_static()
+    try:
+        program = paddle.static.load_inference_model(path, paddle.static.Executor(paddle.CPUPlace()))[0]
+        names = {op.name() for op in program.global_block().ops}
+    finally:
+        paddle.disable_static()
+    # the dynamic ReLU is exported as u + relu(v - u): no `maximum`, which has no oneDNN kernel
+    assert {'pd_op.depthwise_conv2d', 'pd_op.relu'} <= names and 'pd_op.maximum' not in names
+    assert all(name.split('.')[0] in ('pd_op', 'builtin') for name in names), names
+
+
+def _fresh_state(monkeypatch):
+    monkeypatch.setattr(cpu_ops, '_library', None)
+    monkeypatch.setattr(cpu_ops, '_load_attempted', False)
+
+
+def _check_fallback_result():
+    x, weight = paddle.randn([2, 3, 8, 8]), paddle.randn([3, 1, 3, 3])
+    np.testing.assert_allclose(cpu_ops.depthwise_conv2d(x, weight, 1, 1).numpy(),
+                               F.conv2d(x, weight, padding=1, groups=3).numpy(), **TOL)
+
+
+def test_disabled_by_environment(monkeypatch):
+    _fresh_state(monkeypatch)
+    monkeypatch.setenv('MOBILEFORMER_CPU_OPS', '0')
+    monkeypatch.setattr(cpu_ops, '_build', lambda: pytest.fail('built although disabled'))
+    _check_fallback_result()
+    assert cpu_ops._load_attempted and cpu_ops._library is None
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, capfd):
+    broken = tmp_path / 'broken.cc'
+    broken.write_text('#error this source is broken on purpose\n')
+    _fresh_state(monkeypatch)
+    monkeypatch.setattr(cpu_ops, '_SOURCE', str(broken))
+    monkeypatch.setenv('MOBILEFORMER_OPS_CACHE', str(tmp_path / 'cache'))
+    builds = []
+    build = cpu_ops._build
+    monkeypatch.setattr(cpu_ops, '_build', lambda: builds.append(1) or build())
+    _check_fallback_result()
+    _check_fallback_result()  # no second attempt, no second warning
+    out, err = capfd.readouterr()
+    assert builds == [1]
+    assert out == ''
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and 'using the Paddle-op fallback' in lines[0], err
+    log = lines[0].split('build log: ')[1].rstrip(')')
+    assert os.path.exists(log) and 'broken on purpose' in open(log).read()
