@@ -68,6 +68,12 @@ def fuse_conv_bn(weight: paddle.Tensor, bn: nn.Layer, bias: paddle.Tensor | None
     return weight * scale.reshape([-1] + [1] * (weight.ndim - 1)), shift
 
 
+def has_foldable_layers(model: nn.Layer) -> bool:
+    """True if `model` holds a re-parameterisable layer (PaddleClas convention)."""
+    return any(hasattr(layer, 're_parameterize') and hasattr(layer, 'is_repped')
+               for layer in model.sublayers(include_self=True))
+
+
 def re_parameterize_model(model: nn.Layer) -> nn.Layer:
     """Folds every re-parameterisable layer (PaddleClas convention: `re_parameterize()` and
     `is_repped`) into its deploy structure, in place, outermost first (a block folds its own

@@ -8,6 +8,9 @@ import numpy as np
 import paddle.nn as nn
 from yacs.config import CfgNode
 
+from mobileformer.config import ConfigError
+from mobileformer.layers import has_foldable_layers
+
 Builder = Callable[[CfgNode], nn.Layer]
 StateDict = Mapping[str, np.ndarray]
 
@@ -33,7 +36,11 @@ def build_model(config: CfgNode) -> nn.Layer:
     model_type = config.MODEL.TYPE
     if model_type not in _BUILDERS:
         raise ValueError(f'unknown MODEL.TYPE {model_type!r}; registered types: {", ".join(registered_models())}')
-    return _BUILDERS[model_type](config)
+    model = _BUILDERS[model_type](config)
+    if config.MODEL.DEPLOY and not has_foldable_layers(model):
+        raise ConfigError(f'MODEL.DEPLOY True builds the folded form of a re-parameterisable model '
+                          f'(RepMLPNet, RepMLP-ResNet-50); {model_type} has none: set MODEL.DEPLOY False')
+    return model
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,8 @@ import paddle
 import paddle.nn as nn
 
 from mobileformer import build_model, cli, get_config
-from mobileformer.layers import re_parameterize_model
+from mobileformer.layers import has_foldable_layers, re_parameterize_model
 from mobileformer.weights import save_atomic
-
-
-def _has_foldable_layers(model: nn.Layer) -> bool:
-    return any(hasattr(layer, 're_parameterize') and hasattr(layer, 'is_repped')
-               for layer in model.sublayers(include_self=True))
 
 
 def load_exact(model: nn.Layer, path: str) -> None:
@@ -63,7 +58,7 @@ def reparameterize_checkpoint(cfg_file: str, pretrained: str, output: str,
         raise ValueError(f"{cfg_file} sets MODEL.DEPLOY True; pass the training config (DEPLOY False): "
                          'the command folds a training checkpoint into the deploy structure')
     model = build_model(config)
-    if not _has_foldable_layers(model):
+    if not has_foldable_layers(model):
         raise ValueError(f"MODEL.TYPE {config.MODEL.TYPE!r} has no re-parameterisable blocks; "
                          'its checkpoint is already a deploy checkpoint')
     load_exact(model, pretrained)

@@ -1,6 +1,7 @@
 import os
 
 import pytest
+from conftest import CONFIGS
 
 from mobileformer import ConfigError, build_model, get_config
 
@@ -81,4 +82,11 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_unknown_model_type_lists_registered():
     config = get_config(None, ['MODEL.TYPE', 'resnet9000'])
     with pytest.raises(ValueError, match='registered types:'):
+        build_model(config)
+
+
+@pytest.mark.parametrize('name, model_type', [('mobileformer_26m', 'mobileformer'), ('fnet_cifar_64', 'fnet')])
+def test_deploy_is_refused_by_models_without_a_folded_form(name, model_type):
+    config = get_config(os.path.join(CONFIGS, f'{name}.yaml'), ['MODEL.DEPLOY', 'True'])
+    with pytest.raises(ConfigError, match=f'{model_type} has none: set MODEL.DEPLOY False$'):
         build_model(config)
