@@ -10,7 +10,7 @@ from conftest import CONFIGS, FIXTURES
 
 from mobileformer import ConfigError, build_mformer, build_model, get_config
 from mobileformer.flops import count_madds
-from mobileformer.layers import count_trainable
+from mobileformer.layers import DepthwiseConv2D, count_trainable
 from mobileformer.mobile_former import DynamicReLU, MobileFormerBlock, convert_official
 from mobileformer.registry import converters
 from mobileformer.weights import check_state
@@ -401,3 +401,31 @@ def test_released_key_lists_convert_exactly(size):
 def test_detection_rejects_our_own_names():
     config = tiny_config('g1')
     assert not converters()['official-mobileformer'].detect(build_model(config).state_dict().keys())
+
+
+def test_export_runs_shuffled_expanding_depthwise_as_a_tiled_depthwise(tmp_path):
+    """The traced form of an expanding depthwise conv + BN + shuffle (1x1 groups > 1): one depthwise
+    conv on the tiled input, BN folded, no shuffle; numbers unchanged, with BN statistics that matter."""
+    model = build_model(get_config(os.path.join(FIXTURES, 'official_mobile_former_tiny_g4.yaml')))
+    for layer in model.sublayers():
+        if isinstance(layer, paddle.nn.BatchNorm2D):
+            layer._mean.set_value(paddle.randn(layer._mean.shape) * 0.1)
+            layer._variance.set_value(paddle.rand(layer._variance.shape) + 0.5)
+    model.eval()
+    tiled = [layer for layer in model.sublayers() if getattr(layer, 'tiles', 1) > 1]
+    assert len(tiled) == 5  # the lite block's dw, and dw1 + dw2 of both down blocks
+    x = paddle.randn([3, 3, 64, 64])
+    with paddle.no_grad():
+        expected = model(x).numpy()
+    path = str(tmp_path / 'g4')
+    paddle.jit.save(model, path, input_spec=[paddle.static.InputSpec([None, 3, 64, 64], 'float32')])
+    np.testing.assert_allclose(paddle.jit.load(path)(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    paddle.enable_static()
+    try:
+        program = paddle.static.load_inference_model(path, paddle.static.Executor(paddle.CPUPlace()))[0]
+        names = [op.name() for op in program.global_block().ops]
+    finally:
+        paddle.disable_static()
+    # one concat per tiled conv plus the head's [pooled map, token]; a depthwise conv in place of each
+    assert names.count('pd_op.concat') == len(tiled) + 1
+    assert names.count('pd_op.depthwise_conv2d') == sum(1 for l in model.sublayers() if isinstance(l, DepthwiseConv2D))
