@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mobileformer import build_model, get_config  # noqa: E402  (after the path)
+from mobileformer.cpu import keep_freed_memory  # noqa: E402
 from mobileformer.deploy import INFERENCE_PREFIX, InferenceModel, build_for_inference, export_inference  # noqa: E402
 from mobileformer.flops import count_madds  # noqa: E402
 from mobileformer.layers import count_trainable  # noqa: E402
@@ -249,6 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = str(args.threads)
     paddle.set_device('cpu')
     paddle.base.core.set_num_threads(args.threads)
+    keep_freed_memory()  # as every command and InferenceModel do
 
     out = open(args.json, 'w') if args.json else sys.stdout
     try:

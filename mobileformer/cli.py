@@ -91,7 +91,7 @@ def run(main: Callable[[List[str]], Optional[int]], argv: Optional[Sequence[str]
     as one line and raises SystemExit with its status, unless debugging is on (then it re-raises)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)
-    use_cpu_threads()  # every command computes: on the CPU, with all its cores
+    use_cpu_threads()  # every command computes: on the CPU, with all its cores and reused buffers
     _forget_old_failures()
     try:
         return main([a for a in argv if a != DEBUG_FLAG]) or 0

@@ -7,6 +7,7 @@ its AVX2 kernels: measured on a 2-vCPU AMD EPYC, a 2048^3 fp32 GEMM in dygraph w
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import Mapping, MutableMapping, Optional
 
@@ -52,9 +53,35 @@ def cpu_threads(environ: Mapping[str, str] = os.environ) -> int:
 
 def use_cpu_threads() -> int:
     """Sets Paddle's CPU math threads (its default is 1, where PyTorch uses every core) to
-    `cpu_threads()`; returns the count. The compiled kernels of `cpu_ops` share this thread pool."""
+    `cpu_threads()` and applies `keep_freed_memory()`; returns the thread count. The compiled
+    kernels of `cpu_ops` share this thread pool."""
     import paddle
 
     threads = cpu_threads()
     paddle.base.core.set_num_threads(threads)
+    keep_freed_memory()
     return threads
+
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for it
+
+
+def keep_freed_memory(environ: Mapping[str, str] = os.environ, libc_name: str = 'libc.so.6') -> bool:
+    """Lets glibc keep freed buffers of up to 32 MiB for reuse instead of unmapping them (and never
+    trim the heap), unless MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set; True if applied.
+
+    Paddle's CPU allocator frees every intermediate tensor back to malloc, and glibc returns
+    blocks above its adaptive mmap threshold to the OS, so the next forward page-faults them in
+    again. Measured: exported Mobile-Former-26M, batch 32, 0.14-0.19 -> 0.12-0.13 s; a `scale` on
+    14 MB 9.2 -> 0.8 ms. The cost is a process that keeps its peak heap."""
+    if 'MALLOC_MMAP_THRESHOLD_' in environ or 'MALLOC_TRIM_THRESHOLD_' in environ:
+        return False
+    try:
+        libc = ctypes.CDLL(libc_name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -17,7 +17,7 @@ import paddle.nn as nn
 from paddle.static import InputSpec
 from yacs.config import CfgNode
 
-from mobileformer.cpu import cpu_threads
+from mobileformer.cpu import cpu_threads, keep_freed_memory
 from mobileformer.layers import re_parameterize_model
 from mobileformer.registry import build_model
 from mobileformer.weights import load_weights
@@ -66,6 +66,7 @@ class InferenceModel:
         from paddle import inference
         config = inference.Config(_model_file(model_dir), os.path.join(model_dir, INFERENCE_PREFIX + '.pdiparams'))
         config.disable_gpu()
+        keep_freed_memory()
         # oneDNN kernels plus its fusion passes (conv+BN+act, matmul+bias+act, fc); they also cover
         # the GEMMs, which Paddle's own CPU BLAS runs several times slower on AMD CPUs.
         config.enable_mkldnn()

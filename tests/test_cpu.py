@@ -50,3 +50,12 @@ def test_commands_set_paddle_threads(monkeypatch):
     cli.run(lambda argv: None, [])
     assert chosen == [3]
     assert cpu.use_cpu_threads() == 3
+
+
+def test_keep_freed_memory_applies_through_glibc_unless_the_user_tuned_malloc():
+    from mobileformer.cpu import keep_freed_memory
+
+    assert keep_freed_memory({})  # glibc accepted both mallopt settings
+    assert not keep_freed_memory({'MALLOC_MMAP_THRESHOLD_': '0'})
+    assert not keep_freed_memory({'MALLOC_TRIM_THRESHOLD_': '0'})
+    assert not keep_freed_memory({}, libc_name='libdoes-not-exist.so')
