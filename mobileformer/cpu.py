@@ -1,9 +1,11 @@
-"""CPU math-library set-up, applied when `mobileformer` is imported (before Paddle's first GEMM).
+"""CPU set-up: the MKL request below is applied when `mobileformer` is imported (before Paddle's
+first GEMM); the thread count and glibc's buffer reuse are applied by every command
+(`cli.run` -> `use_cpu_threads`), by `InferenceModel` and by the benchmark.
 
 Paddle's CPU build runs dense GEMMs (dygraph `matmul`, `linear`, and the im2col GEMMs of `conv2d`)
 through Intel MKL. On AMD CPUs MKL picks its generic code path unless `MKL_DEBUG_CPU_TYPE=5` asks for
 its AVX2 kernels: measured on a 2-vCPU AMD EPYC, a 2048^3 fp32 GEMM in dygraph went from 44 to
-154 GFLOP/s. MKL reads the variable at its first call, so setting it here is early enough.
+154 GFLOP/s. MKL reads the variable at its first call, so setting it at import is early enough.
 """
 from __future__ import annotations
 

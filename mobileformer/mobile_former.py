@@ -27,7 +27,7 @@ from yacs.config import CfgNode
 from mobileformer.config import ConfigError
 from mobileformer.flops import register_madds
 from mobileformer.cpu_ops import dynamic_relu
-from mobileformer.layers import DepthwiseConv2D, DropPath, drop_path_rates
+from mobileformer.layers import DepthwiseConv2D, DropPath, drop_path_rates, fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
 from mobileformer.weights import list_names
 
@@ -92,16 +92,14 @@ class ConvBN(nn.Layer):
         folded in) are reordered alike. The shuffle disappears and the tile is 1/tiles of its size
         (measured: MF-26M exported, batch 32, median of per-run minima 0.165 -> 0.145 s)."""
         channels, tiles, k = x.shape[1], self.tiles, self.conv.weight.shape[-1]
-        scale = self.bn.weight / paddle.sqrt(self.bn._variance + self.bn._epsilon)     # [C*tiles]
-        bias = self.bn.bias - self.bn._mean * scale
+        weight, bias = fuse_conv_bn(self.conv.weight, self.bn)                          # [C*tiles, ...]
 
         def reorder(t: paddle.Tensor) -> paddle.Tensor:   # [C*tiles, ...] index c*tiles+t -> t*C+c
             rest = list(t.shape[1:])
             t = t.reshape([channels, tiles] + rest).transpose([1, 0] + list(range(2, 2 + len(rest))))
             return t.reshape([channels * tiles] + rest)
 
-        weight = reorder(self.conv.weight * scale.reshape([-1, 1, 1, 1]))
-        return F.conv2d(paddle.concat([x] * tiles, axis=1), weight, reorder(bias),
+        return F.conv2d(paddle.concat([x] * tiles, axis=1), reorder(weight), reorder(bias),
                         stride=self.conv.stride, padding=k // 2, groups=channels * tiles)
 
 
