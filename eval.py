@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import mobileformer  # noqa: F401  (first: it filters notices Paddle prints when imported)
 import argparse
 import sys
 from typing import List, Optional

@@ -7,6 +7,7 @@ dygraph model on a random batch; the largest absolute difference of the logits i
 """
 from __future__ import annotations
 
+import mobileformer  # noqa: F401  (first: it filters notices Paddle prints when imported)
 import argparse
 import os
 from typing import Optional, Sequence

@@ -10,6 +10,7 @@ IMAGE_SIZE / CROP_PCT, center crop, normalise). Class names: the built-in ImageN
 """
 from __future__ import annotations
 
+import mobileformer  # noqa: F401  (first: it filters notices Paddle prints when imported)
 import argparse
 import os
 from typing import Callable, List, Optional, Sequence

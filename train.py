@@ -6,10 +6,11 @@
 """
 from __future__ import annotations
 
+import mobileformer  # noqa: F401  (first: it filters notices Paddle prints when imported)
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import paddle
 
@@ -37,7 +38,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_config(args: argparse.Namespace):
+def load_config(args: argparse.Namespace, notices: Optional[List[str]] = None):
+    """The config the flags describe (OUTPUT defaults to output/<MODEL.NAME>); notices about
+    adjustments (a shortened schedule) are appended to `notices`."""
     opts = []
     for flag, key in (('dataset', 'DATA.DATASET'), ('data_path', 'DATA.DATA_PATH'),
                       ('batch_size', 'DATA.BATCH_SIZE'), ('epochs', 'TRAIN.EPOCHS'), ('output', 'OUTPUT')):
@@ -45,9 +48,11 @@ def load_config(args: argparse.Namespace):
             opts += [key, getattr(args, flag)]
     if args.amp:
         opts += ['TRAIN.AMP', True]
-    config = get_config(args.cfg, opts + list(args.opts))
+    config = get_config(args.cfg, opts + list(args.opts), notices)
     if not config.OUTPUT:
-        config = get_config(args.cfg, opts + list(args.opts) + ['OUTPUT', os.path.join('output', config.MODEL.NAME)])
+        config.defrost()
+        config.OUTPUT = os.path.join('output', config.MODEL.NAME)
+        config.freeze()
     return config
 
 
@@ -71,14 +76,18 @@ def make_logger(output: str):
     return log
 
 
-def train(args: argparse.Namespace) -> Optional[paddle.Model]:
-    """Runs the training `args` describe; returns the trained paddle.Model (None if already done)."""
-    config = load_config(args)
+def train(args: argparse.Namespace, extra_callbacks: Sequence[paddle.callbacks.Callback] = ()) -> Optional[paddle.Model]:
+    """Runs the training `args` describe; returns the trained paddle.Model (None if already done).
+    `extra_callbacks` run before the built-in ones at every event (e.g. an experiment's hooks)."""
+    notices: List[str] = []
+    config = load_config(args, notices)
     output = config.OUTPUT
     if engine.is_main_process():
         atomic.check_writable(output)  # a read-only folder or a full disk fails now, not after an epoch
         atomic.recover(output)  # finishes (or drops) a checkpoint write a killed run left halfway
     log = make_logger(output)
+    for notice in notices:
+        log(f'Notice: {notice}.')
     resume = engine.resolve_resume(args.resume, output)
     if args.resume == 'auto' and resume is None:
         log(f'No checkpoint in {output} to resume from; starting from scratch.')
@@ -122,7 +131,7 @@ def train(args: argparse.Namespace) -> Optional[paddle.Model]:
         f'{engine.world_size()} process(es) x batch {config.DATA.BATCH_SIZE} x accum {config.TRAIN.ACCUM_ITER}, '
         f'epochs {start_epoch + 1}-{config.TRAIN.EPOCHS}, output {output}')
 
-    callbacks = [engine.EpochProgBar(start_epoch, config.TRAIN.EPOCHS, config.TRAIN.LOG_FREQ),
+    callbacks = [*extra_callbacks, engine.EpochProgBar(start_epoch, config.TRAIN.EPOCHS, config.TRAIN.LOG_FREQ),
                  engine.StopOnNonFiniteLoss(output, start_epoch, sampler),  # before the LR and EMA step
                  engine.StepLROnUpdate(config.TRAIN.ACCUM_ITER, batches_per_epoch, sampler),
                  engine.EpochSeeder(config.SEED, start_epoch, sampler)]
@@ -130,7 +139,7 @@ def train(args: argparse.Namespace) -> Optional[paddle.Model]:
         callbacks.append(ema)
     checkpoint = engine.EvaluateAndCheckpoint(config, val_loader, output, start_epoch, history, best_top1, ema, log)
     graceful_stop = engine.GracefulStop(checkpoint, config.TRAIN.ACCUM_ITER, batches_per_epoch, sampler)
-    callbacks += [checkpoint, graceful_stop, engine.FailureInjection()]
+    callbacks += [checkpoint, graceful_stop]
     visualdl = engine.visualdl_callback(output)
     if visualdl is not None:
         callbacks.append(visualdl)
@@ -139,15 +148,16 @@ def train(args: argparse.Namespace) -> Optional[paddle.Model]:
                   accumulate_grad_batches=config.TRAIN.ACCUM_ITER, callbacks=callbacks)
     finally:
         graceful_stop.on_train_end()
+        train_loader.stop_workers()
     final = history[-1]
     log(f"Done: top1={final.get('val_top1', float('nan')):.4f} (best {max(r.get('val_top1', -1) for r in history):.4f}); "
         f"weights in {output}/best.pdparams and last.pdparams")
     return model
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, extra_callbacks: Sequence[paddle.callbacks.Callback] = ()) -> int:
     """Errors the user can fix end the process with one line (mobileformer.cli; --debug: traceback)."""
-    return cli.run(lambda args: train(parse_args(args)) and None, argv)
+    return cli.run(lambda args: train(parse_args(args), extra_callbacks) and None, argv)
 
 
 if __name__ == '__main__':

@@ -2,7 +2,17 @@
 
 Importing a model module registers its builder (and weight converters) with `build_model`.
 """
-from mobileformer.cpu import prefer_mkl_avx2_on_amd
+import warnings
+
+# Notices of Paddle that tell a user of this repository nothing: ccache (for compiling custom
+# operators) is missing, printed at every `import paddle`; BatchNorm tracks running statistics,
+# printed by every training forward; paddle.Model copies label tensors. Filtered before Paddle is
+# imported: every command imports this package first.
+warnings.filterwarnings('ignore', message='No ccache found')
+warnings.filterwarnings('ignore', message='When training, we now always track global mean and variance')
+warnings.filterwarnings('ignore', message='To copy construct from a tensor')
+
+from mobileformer.cpu import prefer_mkl_avx2_on_amd  # noqa: E402  (after the filters)
 
 prefer_mkl_avx2_on_amd()
 

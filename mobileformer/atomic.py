@@ -12,16 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import paddle
 
 JOURNAL = 'checkpoint.journal'
-# Test hook: MOBILEFORMER_TEST_PAUSE_IN_SAVE=n makes the n-th commit of the process stop for an hour
-# with its temporaries written, so a test can kill the process inside the write window.
-PAUSE_ENV = 'MOBILEFORMER_TEST_PAUSE_IN_SAVE'
-_commits = [0]
 _TEMPORARY = re.compile(r'\.tmp\d+$')
 
 
@@ -56,18 +51,18 @@ def write_file(obj, path: str) -> None:
             os.remove(temporary)
 
 
-def write_together(items: Dict[str, object]) -> None:
+def write_together(items: Dict[str, object], before_commit: Optional[Callable[[], None]] = None) -> None:
     """Commits every `{path: object}` at once (see the module docstring). All paths share a folder.
-    On an error (e.g. a full disk) the temporaries are removed and the previous files stay."""
+    On an error (e.g. a full disk) the temporaries are removed and the previous files stay.
+    `before_commit` runs with every temporary written, just before the commit point."""
     folder = os.path.dirname(os.path.abspath(next(iter(items))))
     renames = {}
     try:
         for path, obj in items.items():
             renames[temporary_path(path)] = os.path.abspath(path)
             _write(obj, temporary_path(path), as_json=path.endswith('.json'))
-        _commits[0] += 1
-        if os.environ.get(PAUSE_ENV) == str(_commits[0]):
-            time.sleep(3600)
+        if before_commit is not None:
+            before_commit()
         journal = os.path.join(folder, JOURNAL)
         _write(renames, temporary_path(journal), as_json=True)
         os.replace(temporary_path(journal), journal)  # the commit point

@@ -7,13 +7,17 @@ shown with `--debug` anywhere on the command line or with MOBILEFORMER_DEBUG=1 i
 An exception of any other type is a bug: it keeps its traceback.
 
 In a `paddle.distributed.launch` run, a rank that fails writes its error to
-<log_dir>/rank_failures.log; the other ranks, which then fail waiting for it (a collective times
-out), print that error first, so the log the launcher points to (workerlog.0) names the cause.
+<log_dir>/rank_failures.<launcher pid>.log. Every other rank on the machine watches that file and,
+as soon as the error appears, prints it as `error: rank R: ... (this rank stopped because of it; see that rank's
+workerlog)` and exits with status 2: it would otherwise wait in a collective until gloo or NCCL
+times out and aborts the process, and the log the launcher points to would not name the cause.
 """
 from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 import traceback
 from typing import Callable, List, Optional, Sequence
 
@@ -50,13 +54,12 @@ def one_line(error: BaseException) -> str:
     return text
 
 
-FAILURES_FILE = 'rank_failures.log'
-
-
 def _failures_path() -> Optional[str]:
+    """<log_dir>/rank_failures.<launcher pid>.log in a multi-process launch, else None: the ranks
+    of one machine are children of one launcher, and a later launch never reads this one's file."""
     folder = os.environ.get('PADDLE_LOG_DIR')
     ranks = int(os.environ.get('PADDLE_TRAINERS_NUM', '1') or 1)
-    return os.path.join(folder, FAILURES_FILE) if folder and ranks > 1 else None
+    return os.path.join(folder, f'rank_failures.{os.getppid()}.log') if folder and ranks > 1 else None
 
 
 def _rank() -> str:
@@ -68,11 +71,8 @@ def _share_failure(error: BaseException) -> List[str]:
     path = _failures_path()
     if path is None:
         return []
-    others = []
+    others = _other_failures(path)
     try:
-        if os.path.exists(path):
-            with open(path, encoding='utf-8') as f:
-                others = [line.rstrip('\n') for line in f if not line.startswith(f'rank {_rank()}:')]
         with open(path, 'a', encoding='utf-8') as f:
             f.write(f'rank {_rank()}: {type(error).__name__}: {one_line(error)}\n')
     except OSError:  # reporting must never hide the error itself
@@ -80,10 +80,38 @@ def _share_failure(error: BaseException) -> List[str]:
     return others
 
 
-def _forget_old_failures() -> None:
+def _other_failures(path: str) -> List[str]:
+    try:
+        with open(path, encoding='utf-8') as f:
+            return [line.rstrip('\n') for line in f if not line.startswith(f'rank {_rank()}:')]
+    except OSError:
+        return []
+
+
+def _stop_because_of_another_rank(other: str) -> str:
+    return f"error: {other} (this rank stopped because of it; see that rank's workerlog)"
+
+
+FAILURE_POLL_SECONDS = 0.2
+
+
+def _watch_other_ranks() -> None:
+    """Ends this process as soon as another rank records a failure (see the module docstring).
+    A thread, because the main thread may be blocked inside a collective, which no Python signal
+    handler or exception can interrupt."""
     path = _failures_path()
-    if path is not None and _rank() == '0' and os.path.exists(path):
-        os.remove(path)
+    if path is None:
+        return
+
+    def watch() -> None:
+        while not os.path.exists(path) or not _other_failures(path):
+            time.sleep(FAILURE_POLL_SECONDS)
+        sys.stderr.write(_stop_because_of_another_rank(_other_failures(path)[0]) + '\n')
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(USAGE_ERROR)
+
+    threading.Thread(target=watch, name='mobileformer-rank-watch', daemon=True).start()
 
 
 def run(main: Callable[[List[str]], Optional[int]], argv: Optional[Sequence[str]] = None) -> int:
@@ -92,7 +120,7 @@ def run(main: Callable[[List[str]], Optional[int]], argv: Optional[Sequence[str]
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)
     use_cpu_threads()  # every command computes: on the CPU, with all its cores and reused buffers
-    _forget_old_failures()
+    _watch_other_ranks()
     try:
         return main([a for a in argv if a != DEBUG_FLAG]) or 0
     except Exception as e:
@@ -106,8 +134,7 @@ def run(main: Callable[[List[str]], Optional[int]], argv: Optional[Sequence[str]
             print(f'error: {one_line(e)}', file=sys.stderr, flush=True)
             code = getattr(e, 'exit_code', USAGE_ERROR)
         for other in others:  # last, where the launcher's tail of this log shows it
-            print(f"error: {other} (this rank stopped because of it; see that rank's workerlog)",
-                  file=sys.stderr, flush=True)
+            print(_stop_because_of_another_rank(other), file=sys.stderr, flush=True)
         raise SystemExit(code) from None
     except KeyboardInterrupt:
         if debug:

@@ -6,8 +6,10 @@ full name and the file it came from, so a typo never silently falls back to a de
 from __future__ import annotations
 
 import difflib
+import math
 import os
-from typing import Any, Iterable, Optional, Sequence
+import re
+from typing import Any, Iterable, List, Optional, Sequence
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -128,10 +130,12 @@ _C.TRAIN.BASE_LR = 1e-3
 # Training engine (mobileformer/engine.py). The LR schedule is stepped per iteration: linear
 # warm-up WARMUP_START_LR -> BASE_LR over WARMUP_EPOCHS, cosine BASE_LR -> END_LR until
 # EPOCHS - COOLDOWN_EPOCHS, then END_LR for the cool-down epochs (EPOCHS counts all of them).
-_C.TRAIN.WARMUP_EPOCHS = 0
+# Warm-up and cool-down may be fractions of an epoch: a recipe shortened with -epochs / -opts
+# TRAIN.EPOCHS scales both by the same factor (see _fit_schedule).
+_C.TRAIN.WARMUP_EPOCHS = 0.0
 _C.TRAIN.WARMUP_START_LR = 1e-6
 _C.TRAIN.END_LR = 1e-5
-_C.TRAIN.COOLDOWN_EPOCHS = 0
+_C.TRAIN.COOLDOWN_EPOCHS = 0.0
 _C.TRAIN.OPTIMIZER = 'adamw'  # 'adamw' or 'momentum' (SGD with momentum)
 _C.TRAIN.WEIGHT_DECAY = 0.05  # never applied to 1-D parameters (norm weights) and biases
 _C.TRAIN.BETAS = [0.9, 0.999]
@@ -150,10 +154,21 @@ _C.TRAIN.LOG_FREQ = 10  # progress-bar update every N iterations
 _BASE_KEY = '_BASE_'
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as YAML 1.2 and Python do: its YAML 1.1 rules take
+    `5e-4` and `1e6` (no dot, or no exponent sign) for strings."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r'^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$'),
+    list('-+0123456789.'))
+
+
 def _load_yaml(path: str) -> dict:
     try:
         with open(path, encoding='utf-8') as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_Yaml12Loader)
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist; pass a YAML from configs/") from None
     except yaml.YAMLError as e:
@@ -183,11 +198,22 @@ def _resolve_bases(path: str, stack: tuple[str, ...] = ()) -> list[tuple[str, di
     return merged + [(path, data)]
 
 
+def _python_float(value: Any) -> Any:
+    """`value` as a float when it is text Python reads as one (`1_000.5`, `inf`), else unchanged."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     """Returns `value` typed like `default`, or raises naming the key and where it came from."""
     if isinstance(default, bool) or default is None:
         ok = isinstance(value, bool) if default is not None else True
     elif isinstance(default, float):
+        value = _python_float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, int):
@@ -226,7 +252,7 @@ def _parse_opt_value(text: Any) -> Any:
     if not isinstance(text, str):
         return text
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Yaml12Loader)
     except yaml.YAMLError:
         return text
 
@@ -243,14 +269,44 @@ def merge_opts(config: CN, opts: Sequence[Any]) -> None:
         _merge(config, data, 'command-line -opts')
 
 
-def get_config(cfg_file: Optional[str] = None, opts: Optional[Iterable[Any]] = None) -> CN:
-    """Returns a frozen config: defaults, then `cfg_file` and its `_BASE_` files, then `opts`."""
+_SCHEDULE_KEYS = ('TRAIN.WARMUP_EPOCHS', 'TRAIN.COOLDOWN_EPOCHS')
+
+
+def _fit_schedule(config: CN, file_epochs: int, overridden: set) -> Optional[str]:
+    """Scales the files' warm-up and cool-down when the command line shortens their TRAIN.EPOCHS
+    (a smoke run, a quick fine-tune of a 460-epoch recipe), so the schedule keeps its shape; keys
+    the command line sets itself are kept. Returns the notice to show, or None."""
+    epochs = config.TRAIN.EPOCHS
+    if 'TRAIN.EPOCHS' not in overridden or epochs >= file_epochs:
+        return None
+    changes = []
+    for key in _SCHEDULE_KEYS:
+        leaf = key.split('.')[1]
+        before = config.TRAIN[leaf]
+        if key not in overridden and before > 0:
+            config.TRAIN[leaf] = before * epochs / file_epochs
+            changes.append(f'{key} {before:g} -> {config.TRAIN[leaf]:.3g}')
+    if not changes:
+        return None
+    return (f'TRAIN.EPOCHS {epochs} shortens the config\'s {file_epochs} epochs, so warm-up and cool-down '
+            f'are scaled by {epochs}/{file_epochs}: ' + ', '.join(changes))
+
+
+def get_config(cfg_file: Optional[str] = None, opts: Optional[Iterable[Any]] = None,
+               notices: Optional[List[str]] = None) -> CN:
+    """Returns a frozen config: defaults, then `cfg_file` and its `_BASE_` files, then `opts`.
+    Notices about adjustments (a shortened schedule) are appended to `notices` when given."""
     config = _C.clone()
     if cfg_file:
         for path, data in _resolve_bases(cfg_file):
             _merge(config, data, os.path.relpath(path))
     if opts:
-        merge_opts(config, list(opts))
+        opts = list(opts)
+        file_epochs = config.TRAIN.EPOCHS
+        merge_opts(config, opts)
+        notice = _fit_schedule(config, file_epochs, {str(key) for key in opts[0::2]})
+        if notice and notices is not None:
+            notices.append(notice)
     check_ranges(config)
     config.freeze()
     return config
@@ -275,6 +331,9 @@ def _value(config: CN, key: str) -> Any:
 
 def check_ranges(config: CN) -> None:
     """Raises a ConfigError for the first shared key whose value is out of its range."""
+    for key in _POSITIVE + _NON_NEGATIVE + tuple(_UNIT_INTERVAL):
+        if not math.isfinite(_value(config, key)):
+            raise ConfigError(f'{key} must be a finite number, got {_value(config, key)!r}; fix it in the YAML or with -opts')
     for key in _POSITIVE:
         if _value(config, key) <= 0:
             raise ConfigError(f'{key} must be > 0, got {_value(config, key)!r}; fix it in the YAML or with -opts')
@@ -297,5 +356,5 @@ def check_ranges(config: CN) -> None:
         raise ConfigError(f'DATA.STD must be > 0 for every channel, got {list(config.DATA.STD)}')
     scheduled = config.TRAIN.WARMUP_EPOCHS + config.TRAIN.COOLDOWN_EPOCHS
     if scheduled > config.TRAIN.EPOCHS:
-        raise ConfigError(f'TRAIN.WARMUP_EPOCHS + TRAIN.COOLDOWN_EPOCHS ({scheduled}) exceed TRAIN.EPOCHS '
+        raise ConfigError(f'TRAIN.WARMUP_EPOCHS + TRAIN.COOLDOWN_EPOCHS ({scheduled:g}) exceed TRAIN.EPOCHS '
                           f'({config.TRAIN.EPOCHS}); shorten them or train longer')

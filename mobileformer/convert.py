@@ -11,7 +11,7 @@ out with a notice and keeps the model's fresh initialisation. OUT is written ato
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import paddle
@@ -20,7 +20,7 @@ from yacs.config import CfgNode
 from mobileformer import build_model, cli, get_config
 from mobileformer.registry import Converter, converters
 from mobileformer.torch_io import load_state_dict
-from mobileformer.weights import cast_like, check_state, mismatches, save_atomic, state_shapes
+from mobileformer.weights import cast_like, check_state, classifier_to_drop, save_atomic
 
 
 def _names(items: Iterable[str]) -> str:
@@ -55,25 +55,6 @@ def pick_converter(keys: Iterable[str], model_type: str, name: Optional[str] = N
                      f"pass --from with one of: {_names(registry)}")
 
 
-def head_keys(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple],
-              num_classes: int) -> Tuple[list, Optional[int]]:
-    """The classifier keys to drop when only the number of classes differs: every mis-shaped key
-    differs in exactly one axis, where the model has `num_classes` and the checkpoint one other
-    count. Returns (keys, checkpoint classes) or ([], None)."""
-    wrong = mismatches(state, expected)
-    source_classes = set()
-    for given, ours in wrong.values():
-        if len(given) != len(ours):
-            return [], None
-        axes = [i for i, (a, b) in enumerate(zip(given, ours)) if a != b]
-        if len(axes) != 1 or ours[axes[0]] != num_classes:
-            return [], None
-        source_classes.add(given[axes[0]])
-    if len(source_classes) != 1:
-        return [], None
-    return list(wrong), source_classes.pop()
-
-
 def _lazy_model(config: CfgNode):
     """The model of `config` with shapes and dtypes but no allocated weights."""
     with paddle.LazyGuard():
@@ -87,7 +68,7 @@ def convert_state(reference: Mapping[str, np.ndarray], config: CfgNode, converte
     the model's dtypes."""
     state = converter.convert(reference, config)
     model = _lazy_model(config)
-    dropped, source_classes = head_keys(state, state_shapes(model), config.MODEL.NUM_CLASSES)
+    dropped, source_classes = classifier_to_drop(state, model)
     if dropped:
         log(f'notice: classifier ({", ".join(dropped)}) left out: the checkpoint has {source_classes} classes, '
             f'MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}; it keeps its fresh initialisation')

@@ -12,7 +12,8 @@ import os
 import random
 import signal
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+import weakref
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import paddle
@@ -23,6 +24,7 @@ from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from yacs.config import CfgNode
 
 from mobileformer import atomic
+from mobileformer.weights import classifier_keys, classifier_to_drop
 from mobileformer.cli import TrainingStopped
 
 
@@ -131,9 +133,9 @@ def build_lr_schedule(config: CfgNode, batches_per_epoch: int) -> WarmupCosineLR
     train = config.TRAIN
     steps = updates_per_epoch(batches_per_epoch, train.ACCUM_ITER)
     return WarmupCosineLR(train.BASE_LR, train.EPOCHS * steps,
-                          warmup_steps=train.WARMUP_EPOCHS * steps,
+                          warmup_steps=round(train.WARMUP_EPOCHS * steps),
                           warmup_start_lr=train.WARMUP_START_LR, end_lr=train.END_LR,
-                          cooldown_steps=train.COOLDOWN_EPOCHS * steps)
+                          cooldown_steps=round(train.COOLDOWN_EPOCHS * steps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +279,15 @@ def sample_error(dataset: Dataset, index: int) -> str:
     return 'it failed in a worker process only'
 
 
+def leave_interrupts_to_the_main_process(worker_id: int) -> None:
+    """worker_init_fn: Ctrl-C and cluster schedulers signal every process of the group or job, and
+    a worker killed by SIGINT/SIGTERM makes paddle abort the main process mid-step. Workers ignore
+    both, so the main process alone decides (GracefulStop saves a checkpoint); they still exit when
+    the loader shuts them down or the main process is gone."""
+    for signum in GracefulStop.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class SafeLoader(DataLoader):
     """DataLoader over a GuardedDataset: a bad sample is skipped with a notice (skip_bad) or stops
     the run with its path; a worker that dies becomes one clear error instead of a SystemError."""
@@ -284,23 +295,42 @@ class SafeLoader(DataLoader):
     def __init__(self, dataset: Dataset, batch_sampler: DistributedBatchSampler, num_workers: int,
                  skip_bad: bool, log: Callable[[str], None]) -> None:
         super().__init__(GuardedDataset(dataset), batch_sampler=batch_sampler, num_workers=num_workers,
-                         return_list=True)
+                         return_list=True, worker_init_fn=leave_interrupts_to_the_main_process)
         self.samples, self.skip_bad, self.log = dataset, skip_bad, log
         self.skipped: List[int] = []
+        self._passes: 'weakref.WeakSet' = weakref.WeakSet()
 
     def __iter__(self):
+        batches = self._batches()
+        self._passes.add(batches)
+        return batches
+
+    def stop_workers(self) -> None:
+        """Ends every unfinished pass over the data and its worker processes. Call it when the
+        consumer stopped early (an exception, a signal): the workers ignore SIGTERM, so exiting
+        with them alive would wait for them forever."""
+        for batches in list(self._passes):
+            batches.close()
+
+    def _batches(self):
         batches = super().__iter__()
-        while True:
-            try:
-                images, labels, failed = next(batches)
-            except StopIteration:
-                return
-            except SystemError:  # paddle's only sign that a worker process exited
-                raise TrainingStopped('a data loader worker process died (often killed for lack of memory); '
-                                      'lower DATA.NUM_WORKERS or the batch size, then resume with -resume auto') from None
-            for index in sorted({int(i) - 1 for i in failed.numpy() if i}):
-                self._bad_sample(index)
-            yield [images, labels]
+        try:
+            while True:
+                try:
+                    images, labels, failed = next(batches)
+                except StopIteration:
+                    return
+                except SystemError:  # paddle's only sign that a worker process exited
+                    raise TrainingStopped('a data loader worker process died (often killed for lack of memory); '
+                                          'lower DATA.NUM_WORKERS or the batch size, then resume with -resume '
+                                          'auto') from None
+                for index in sorted({int(i) - 1 for i in failed.numpy() if i}):
+                    self._bad_sample(index)
+                yield [images, labels]
+        finally:
+            # at once, not when the garbage collector finds the iterator (its reader thread keeps
+            # it alive); single-process iterators have nothing to stop
+            getattr(batches, '_try_shutdown_all', lambda: None)()
 
     def _bad_sample(self, index: int) -> None:
         path, why = sample_path(self.samples, index), sample_error(self.samples, index)
@@ -355,44 +385,29 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
     return state
 
 
-def _head_mismatch(model_shape: Sequence[int], file_shape: Sequence[int], num_classes: int) -> Optional[int]:
-    """The checkpoint's class count if the shapes differ only along one axis of size num_classes."""
-    if len(model_shape) != len(file_shape):
-        return None
-    differing = [i for i, (m, f) in enumerate(zip(model_shape, file_shape)) if m != f]
-    if len(differing) == 1 and model_shape[differing[0]] == num_classes:
-        return int(file_shape[differing[0]])
-    return None
-
-
-def match_state_dict(network: nn.Layer, state: Dict[str, np.ndarray], num_classes: int,
-                     path: str) -> tuple:
-    """Returns (state restricted to matching entries, names of classifier entries whose class
-    count differs, the checkpoint's class count); raises on any other mismatch."""
+def match_state_dict(network: nn.Layer, state: Dict[str, np.ndarray], path: str) -> tuple:
+    """Returns (state without a classifier trained for another class count, the names left out,
+    that class count); raises naming the tensor and both shapes on any other mismatch."""
     own = network.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise ValueError(f"'{path}' does not fit this model ({len(missing)} missing entries, e.g. "
                          f"{(missing or unexpected)[0]!r}); check -cfg matches the checkpoint")
-    head, other_classes = [], None
+    head, other_classes = classifier_to_drop(state, network)
     for key, value in own.items():
         model_shape, file_shape = list(value.shape), list(np.shape(state[key]))
-        if model_shape == file_shape:
-            continue
-        classes = _head_mismatch(model_shape, file_shape, num_classes)
-        if classes is None:
+        if model_shape != file_shape and key not in head:
             raise ValueError(f"'{path}' does not fit this model: {key} has shape {file_shape}, the "
-                             f"model expects {model_shape}; check -cfg matches the checkpoint")
-        head.append(key)
-        other_classes = classes
+                             f"model expects {model_shape}; check -cfg matches the checkpoint "
+                             f"(only the classifier, {', '.join(classifier_keys(network))}, may differ)")
     return {k: v for k, v in state.items() if k not in head}, head, other_classes
 
 
 def load_pretrained(network: nn.Layer, path: str, num_classes: int) -> List[str]:
     """Loads weights for fine-tuning; a classifier for another class count is left at its
     initialization, with a one-line notice. Returns the dropped entries."""
-    state, head, other_classes = match_state_dict(network, load_state_dict(path), num_classes, path)
+    state, head, other_classes = match_state_dict(network, load_state_dict(path), path)
     network.set_state_dict(state)
     if head and is_main_process():
         print(f"Notice: '{path}' was trained for {other_classes} classes, the model has {num_classes}: "
@@ -402,7 +417,7 @@ def load_pretrained(network: nn.Layer, path: str, num_classes: int) -> List[str]
 
 def load_for_evaluation(network: nn.Layer, path: str, num_classes: int) -> None:
     """Loads every weight; a checkpoint for another class count is an error."""
-    state, head, other_classes = match_state_dict(network, load_state_dict(path), num_classes, path)
+    state, head, other_classes = match_state_dict(network, load_state_dict(path), path)
     if head:
         raise ValueError(f"'{path}' was trained for {other_classes} classes but MODEL.NUM_CLASSES is "
                          f"{num_classes}; pass -opts MODEL.NUM_CLASSES {other_classes} or a matching checkpoint")
@@ -702,17 +717,6 @@ class GracefulStop(Callback):
                               'continue with -resume auto', exit_code=128 + self.received)
 
 
-class FailureInjection(Callback):
-    """Test hook: MOBILEFORMER_TEST_FAIL_RANK=r makes rank r raise at its second training step, to
-    show that a multi-process run with one failing rank ends with that rank's error."""
-
-    ENV = 'MOBILEFORMER_TEST_FAIL_RANK'
-
-    def on_train_batch_end(self, step: int, logs=None) -> None:
-        if step == 1 and os.environ.get(self.ENV) == str(rank()):
-            raise RuntimeError(f'test failure injected on rank {rank()} at step {step} ({self.ENV})')
-
-
 def visualdl_callback(output: str) -> Optional[Callback]:
     """VisualDL scalars under <output>/vdl when visualdl is installed (rank 0 only)."""
     try:
@@ -750,9 +754,12 @@ def plot_curves(history: List[dict], path: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # evaluation
 # ---------------------------------------------------------------------------------------------
-def evaluate_model(model: paddle.Model, loader: DataLoader, verbose: int = 0) -> dict:
+def evaluate_model(model: paddle.Model, loader: SafeLoader, verbose: int = 0) -> dict:
     """Top-1, top-5 and mean cross-entropy over the whole dataset (all ranks together)."""
-    result = model.evaluate(loader, verbose=verbose)
+    try:
+        result = model.evaluate(loader, verbose=verbose)
+    finally:
+        loader.stop_workers()
     top1_name, top5_name = model._metrics[0].name()  # acc_top1, acc_top5 (top-k for < 5 classes)
     return {'top1': float(result[top1_name]), 'top5': float(result[top5_name]), 'loss': float(result['ce']),
             'samples': len(loader.dataset)}

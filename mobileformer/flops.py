@@ -11,23 +11,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import Callable, Dict, Iterator, List, Sequence
+from typing import Iterator, List, Sequence
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 
-MaddsRule = Callable[[nn.Layer, tuple, paddle.Tensor], int]
-_RULES: Dict[type, MaddsRule] = {}
-
-
-def register_madds(layer_type: type) -> Callable[[MaddsRule], MaddsRule]:
-    """Registers `rule(layer, inputs, output) -> MAdds` for layers of `layer_type`."""
-    def wrap(rule: MaddsRule) -> MaddsRule:
-        _RULES[layer_type] = rule
-        return rule
-    return wrap
-
+from mobileformer.registry import MADDS_RULES, register_madds
 
 def _numel(shape: Sequence[int]) -> int:
     return int(np.prod([int(s) for s in shape]))
@@ -86,7 +76,7 @@ def count_madds(model: nn.Layer, input_shape: Sequence[int]) -> int:
     for layer in model.sublayers(include_self=True):
         # the most derived registered type: a subclass that computes the same (e.g. a Conv2D with a
         # faster kernel) inherits its parent's rule, one that computes more registers its own
-        rule = next((_RULES[t] for t in type(layer).__mro__ if t in _RULES), None)
+        rule = next((MADDS_RULES[t] for t in type(layer).__mro__ if t in MADDS_RULES), None)
         if rule is not None:
             hooks.append(layer.register_forward_post_hook(
                 lambda lyr, inputs, output, rule=rule: total.__setitem__(0, total[0] + rule(lyr, inputs, output))))
@@ -119,7 +109,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    # `python -m` runs a second copy of this module as __main__; model files register their MAdds
-    # rules (e.g. dynamic ReLU) in the package's copy, so run that one.
-    from mobileformer.flops import main as package_main
-    package_main()
+    main()

@@ -15,7 +15,7 @@ import paddle.nn as nn
 from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError
-from mobileformer.flops import register_madds
+from mobileformer.registry import register_madds
 from mobileformer.layers import DropPath, drop_path_rates
 from mobileformer.mlp_mixer import Mlp, PatchEmbed, num_patches
 from mobileformer.registry import register_model
@@ -81,6 +81,10 @@ class FNet(nn.Layer):
         limit = math.sqrt(6.0 / (patch_fan_in + embed_dim))
         I.Uniform(-limit, limit)(self.stem.proj.weight)
         I.Constant(0.0)(self.stem.proj.bias)
+
+    def get_classifier(self) -> nn.Linear:
+        """The layer mapping features to class logits (replaced when fine-tuning on other classes)."""
+        return self.head
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         x = self.blocks(self.stem(x) + self.pos_embed)

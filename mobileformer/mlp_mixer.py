@@ -158,6 +158,10 @@ class MlpMixer(nn.Layer):
         self.head_drop = nn.Dropout(dropout)
         self.head = nn.Linear(embed_dim, num_classes)
 
+    def get_classifier(self) -> nn.Linear:
+        """The layer mapping features to class logits (replaced when fine-tuning on other classes)."""
+        return self.head
+
     def forward_features(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.norm(self.blocks(self.stem(x)))  # [B, N, C]
 

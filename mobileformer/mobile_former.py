@@ -25,7 +25,7 @@ import paddle.nn.functional as F
 from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError
-from mobileformer.flops import register_madds
+from mobileformer.registry import register_madds
 from mobileformer.cpu_ops import dynamic_relu
 from mobileformer.layers import DepthwiseConv2D, DropPath, drop_path_rates, fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
@@ -341,6 +341,10 @@ class MobileFormer(nn.Layer):
         self.final_bridge = MobileToFormer(channels, mf.TOKEN_DIM, mf.BRIDGE_HEADS, config.MODEL.DROPPATH)
         self.head = ClassifierHead(channels, mf.LAST_EXPANSION, mf.TOKEN_DIM, mf.HEAD_HIDDEN,
                                    mf.GROUPS, config.MODEL.DROPOUT, config.MODEL.NUM_CLASSES)
+
+    def get_classifier(self) -> nn.Linear:
+        """The layer mapping features to class logits (replaced when fine-tuning on other classes)."""
+        return self.head.classifier
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         tokens = self.tokens.unsqueeze(0).expand([x.shape[0], -1, -1])  # [B, M, d], shared table

@@ -1,10 +1,12 @@
-"""Registries that every model family joins: model builders by MODEL.TYPE, and weight converters."""
+"""Registries that every model family joins: model builders by MODEL.TYPE, weight converters, and
+MAdds rules for layers the counter (mobileformer.flops) does not know."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Mapping, Optional
 
 import numpy as np
+import paddle
 import paddle.nn as nn
 from yacs.config import CfgNode
 
@@ -15,6 +17,17 @@ Builder = Callable[[CfgNode], nn.Layer]
 StateDict = Mapping[str, np.ndarray]
 
 _BUILDERS: Dict[str, Builder] = {}
+
+MaddsRule = Callable[[nn.Layer, tuple, paddle.Tensor], int]
+MADDS_RULES: Dict[type, MaddsRule] = {}
+
+
+def register_madds(layer_type: type) -> Callable[[MaddsRule], MaddsRule]:
+    """Registers `rule(layer, inputs, output) -> MAdds` for layers of `layer_type`."""
+    def wrap(rule: MaddsRule) -> MaddsRule:
+        MADDS_RULES[layer_type] = rule
+        return rule
+    return wrap
 
 
 def register_model(model_type: str) -> Callable[[Builder], Builder]:

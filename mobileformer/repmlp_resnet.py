@@ -170,6 +170,10 @@ class RepMLPResNet(nn.Layer):
             setattr(self, f'stage{i + 1}', nn.Sequential(*blocks))
         self.linear = nn.Linear(channels, num_classes)
 
+    def get_classifier(self) -> nn.Linear:
+        """The layer mapping features to class logits (replaced when fine-tuning on other classes)."""
+        return self.linear
+
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         x = self.stage0(x)
         for i in range(1, 5):

@@ -127,6 +127,10 @@ class RepMLPNet(nn.Layer):
         self.head_norm = nn.BatchNorm2D(channels[-1])
         self.head = nn.Linear(channels[-1], num_classes)
 
+    def get_classifier(self) -> nn.Linear:
+        """The layer mapping features to class logits (replaced when fine-tuning on other classes)."""
+        return self.head
+
     def forward_features(self, x: paddle.Tensor) -> paddle.Tensor:
         x = self.conv_embedding(x)
         for i, stage in enumerate(self.stages):

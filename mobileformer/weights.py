@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import paddle
@@ -51,8 +51,23 @@ def check_state(state: Mapping[str, np.ndarray], model: nn.Layer, what: str, all
                          + '; ' + (hint or 'check that the config matches the weights'))
 
 
-def to_numpy(state: Mapping) -> Dict[str, np.ndarray]:
-    return {k: v.numpy() if isinstance(v, paddle.Tensor) else np.asarray(v) for k, v in state.items()}
+def classifier_keys(model: nn.Layer) -> List[str]:
+    """The state-dict keys of `model.get_classifier()`."""
+    classifier = model.get_classifier()
+    prefix = next(name for name, layer in model.named_sublayers() if layer is classifier)
+    return [f'{prefix}.{key}' for key in classifier.state_dict()]
+
+
+def classifier_to_drop(state: Mapping[str, np.ndarray], model: nn.Layer) -> Tuple[List[str], Optional[int]]:
+    """The classifier entries of `state` trained for another class count than `model` has (they
+    are left out when fine-tuning), and that class count; ([], None) when the classifier fits.
+    Only the layer `get_classifier()` names can be dropped: any other mismatch is the caller's error."""
+    expected = state_shapes(model)
+    keys = [k for k in classifier_keys(model) if k in state and tuple(np.shape(state[k])) != expected[k]]
+    if not keys:
+        return [], None
+    # a Paddle Linear: weight [in, classes], bias [classes]
+    return keys, int(np.shape(state[keys[0]])[-1])
 
 
 def read_pdparams(path: str) -> Dict[str, np.ndarray]:

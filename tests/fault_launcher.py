@@ -1,0 +1,106 @@
+"""Runs train.py's main() with faults installed, for the tests that need a separate process.
+
+    PYTHONPATH=<repo> python tests/fault_launcher.py FAULT [FAULT ...] -- TRAIN.PY ARGUMENTS
+    PYTHONPATH=<repo> python -m paddle.distributed.launch ... tests/fault_launcher.py FAULT -- ...
+
+The production code carries no test switches: every fault is installed here, through the seams
+the code offers (train.main's extra callbacks, atomic.write_together's before_commit).
+
+    fail_rank=R             rank R raises at its second training step
+    hold=E:S:FILE           after batch S (1-based) of epoch E, create FILE, then wait until the
+                            run has received SIGINT or SIGTERM (the test sends it, or SIGKILLs)
+    hold_commit=N:FILE      the N-th checkpoint commit creates FILE with every temporary written,
+                            then waits forever before its commit point (the test SIGKILLs)
+"""
+import os
+import signal
+import sys
+import threading
+import time
+from typing import List, Sequence
+
+import train  # first: through mobileformer, it filters notices Paddle prints when imported
+from mobileformer import atomic, engine
+
+import paddle
+
+SIGNAL_WAIT_SECONDS = 120
+
+
+class FailOnRank(paddle.callbacks.Callback):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def on_train_batch_end(self, step: int, logs=None) -> None:
+        if step == 1 and engine.rank() == self.rank:
+            raise ValueError(f'test failure injected on rank {self.rank} at step {step}')
+
+
+def touch(path: str) -> None:
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(str(os.getpid()))
+
+
+def received_signal() -> bool:
+    """Whether the graceful-stop handler installed for the run has caught SIGINT or SIGTERM."""
+    handler = signal.getsignal(signal.SIGTERM)
+    return getattr(getattr(handler, '__self__', None), 'received', None) is not None
+
+
+class HoldAt(paddle.callbacks.Callback):
+    """Stops the run after a given batch until a signal arrives, so the test signals at a known step."""
+
+    def __init__(self, epoch: int, step: int, path: str) -> None:
+        super().__init__()
+        self.epoch, self.step, self.path, self.current_epoch = epoch, step, path, 0
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self.current_epoch += 1
+
+    def on_train_batch_end(self, step: int, logs=None) -> None:
+        if (self.current_epoch, step + 1) != (self.epoch, self.step):
+            return
+        touch(self.path)
+        deadline = time.monotonic() + SIGNAL_WAIT_SECONDS
+        while not received_signal():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f'no signal arrived within {SIGNAL_WAIT_SECONDS} s of {self.path}')
+            time.sleep(0.01)
+
+
+def hold_commit(number: int, path: str) -> None:
+    commits = [0]
+    write_together = atomic.write_together
+
+    def hold() -> None:
+        touch(path)
+        threading.Event().wait()
+
+    def counting(items, before_commit=None):
+        commits[0] += 1
+        write_together(items, hold if commits[0] == number else before_commit)
+
+    atomic.write_together = counting
+
+
+def install(faults: Sequence[str]) -> List[paddle.callbacks.Callback]:
+    callbacks = []
+    for fault in faults:
+        name, _, value = fault.partition('=')
+        if name == 'fail_rank':
+            callbacks.append(FailOnRank(int(value)))
+        elif name == 'hold':
+            epoch, step, path = value.split(':', 2)
+            callbacks.append(HoldAt(int(epoch), int(step), path))
+        elif name == 'hold_commit':
+            number, path = value.split(':', 1)
+            hold_commit(int(number), path)
+        else:
+            raise SystemExit(f'unknown fault {fault!r}')
+    return callbacks
+
+
+if __name__ == '__main__':
+    split = sys.argv.index('--')
+    sys.exit(train.main(sys.argv[split + 1:], install(sys.argv[1:split])))
