@@ -13,7 +13,8 @@ from __future__ import annotations
 import mobileformer  # noqa: F401  (first: it filters notices Paddle prints when imported)
 import argparse
 import os
-from typing import Callable, List, Optional, Sequence
+import re
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -69,23 +70,41 @@ def predict(run: Callable[[np.ndarray], np.ndarray], images: Sequence[str], conf
     return results
 
 
+CONFIG_KEY = re.compile(r'[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)*')
+
+
+def split_opts_and_paths(opts: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """`-opts KEY VALUE ... image.jpg ...` (argparse gives `-opts` everything after it): the
+    KEY VALUE pairs, then the image paths that follow them."""
+    pairs = 0
+    while 2 * pairs + 1 < len(opts) and CONFIG_KEY.fullmatch(opts[2 * pairs]):
+        pairs += 1
+    return list(opts[:2 * pairs]), list(opts[2 * pairs:])
+
+
 def run(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('-cfg', required=True, help='model config YAML (preprocessing, classes)')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('-pretrained', help='weights (.pdparams), run in dygraph')
     source.add_argument('-model', help='folder written by export.py, run by paddle.inference')
-    parser.add_argument('images', nargs='+')
+    parser.add_argument('-data_path', help='DATA.DATA_PATH, for the class names of a folder dataset')
+    parser.add_argument('images', nargs='*', help='image files')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
     args = parser.parse_args(argv)
-    config = get_config(args.cfg, args.opts)
+    opts, trailing_images = split_opts_and_paths(args.opts)
+    images = args.images + trailing_images
+    if not images:
+        parser.error('give at least one image file')
+    data_path = ['DATA.DATA_PATH', args.data_path] if args.data_path else []
+    config = get_config(args.cfg, data_path + opts)
     if args.model:
         run = InferenceModel(args.model)
     else:
         model = build_for_inference(config, args.pretrained)
         run = lambda batch: dygraph_logits(model, batch)  # noqa: E731
     names = class_names(config)
-    for path, top in zip(args.images, predict(run, args.images, config, config.DATA.BATCH_SIZE_EVAL)):
+    for path, top in zip(images, predict(run, images, config, config.DATA.BATCH_SIZE_EVAL)):
         print(f'{path}:')
         for probability, index in top:
             print(f'  {probability:.4f}  {names[index]} ({index})')

@@ -16,7 +16,7 @@ import paddle
 
 from datasets import build_dataset, build_mixup
 from mobileformer import ConfigError, build_model, get_config
-from mobileformer import atomic, cli, engine
+from mobileformer import atomic, cli, cpu_ops, engine
 
 QUICKSTART_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                  'configs', 'digits', 'mobileformer_26m.yaml')
@@ -100,6 +100,7 @@ def train(args: argparse.Namespace, extra_callbacks: Sequence[paddle.callbacks.C
     network = build_model(config)
     if args.pretrained:
         engine.load_pretrained(network, args.pretrained, config.MODEL.NUM_CLASSES)
+    cpu_ops.prepare(network, log)
 
     skip_bad = config.DATA.SKIP_BAD_IMAGES
     train_loader = engine.build_loader(train_set, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, train=True,

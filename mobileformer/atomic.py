@@ -9,6 +9,7 @@ never a mix of epochs or a half-written file.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -97,6 +98,8 @@ def recover(folder: str) -> List[str]:
 def check_writable(folder: str) -> None:
     """Creates `folder` and writes, flushes and deletes a small file in it, so a read-only folder or
     a full disk is reported before training starts rather than at the first checkpoint."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise OSError(f"the output folder '{folder}' is a file; pass -output with a folder") from None
     probe = os.path.join(folder, temporary_path('.write_test'))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -106,5 +109,6 @@ def check_writable(folder: str) -> None:
             os.fsync(f.fileno())
         os.remove(probe)
     except OSError as e:
-        raise OSError(f"cannot write to the output folder '{folder}' ({e.strerror or e}); free disk space "
-                      f'or pass -output with a writable folder') from None
+        remedy = ('free disk space or pass -output with a folder on another disk'
+                  if e.errno in (errno.ENOSPC, errno.EDQUOT) else 'pass -output with a writable folder')
+        raise OSError(f"cannot write to the output folder '{folder}' ({e.strerror or e}); {remedy}") from None

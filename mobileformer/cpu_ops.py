@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 from types import ModuleType
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import paddle
 import paddle.nn.functional as F
@@ -34,6 +34,7 @@ _KERNEL_SIZES = (3, 5)
 _STRIDES = (1, 2)
 
 _library: Optional[ModuleType] = None
+_failure: Optional[str] = None  # why the build failed
 _load_attempted = False  # once per process, successful or not
 
 
@@ -96,18 +97,45 @@ def _build() -> ModuleType:
             raise RuntimeError(f'{str(error).splitlines()[0][:300]} (build log: {log})') from error
 
 
+def _load() -> None:
+    """Loads the library, building it first where the cache has none; records a failure."""
+    global _library, _failure, _load_attempted
+    _load_attempted = True
+    if os.environ.get('MOBILEFORMER_CPU_OPS', '1') == '0':
+        return
+    try:
+        _library = _build()
+    except Exception as error:  # no compiler, no headers, ...: never fatal
+        _failure = (f'the CPU kernels did not build, so Mobile-Former runs on the slower Paddle-op fallback: '
+                    f'{error}')
+
+
 def _kernels() -> Optional[ModuleType]:
     """The compiled library, built on first use; None if disabled or if the build failed."""
-    global _library, _load_attempted
     if not _load_attempted:
-        _load_attempted = True
-        if os.environ.get('MOBILEFORMER_CPU_OPS', '1') != '0':
-            try:
-                _library = _build()
-            except Exception as error:  # no compiler, no headers, ...: never fatal
-                print(f'mobileformer.cpu_ops: using the Paddle-op fallback, the CPU kernels did '
-                      f'not build: {error}', file=sys.stderr)
+        _load()
+        if _failure:
+            print(f'mobileformer.cpu_ops: {_failure}', file=sys.stderr)
     return _library
+
+
+def prepare(network: paddle.nn.Layer, log: Callable[[str], None] = print) -> bool:
+    """Builds or loads the kernels `network` runs (layers marked `runs_cpu_kernels`) now, saying so
+    while a first build compiles and stating a failed build in one line; returns whether they are
+    used. Commands call it before any data-loader worker starts: a build on first use would run
+    mid-epoch, where a worker that ends (or a signal) can interrupt the compiler."""
+    if _load_attempted or os.environ.get('MOBILEFORMER_CPU_OPS', '1') == '0':
+        return _library is not None
+    if (not paddle.device.get_device().startswith('cpu')
+            or not any(getattr(layer, 'runs_cpu_kernels', False) for layer in network.sublayers())):
+        return False
+    if not os.path.exists(os.path.join(_cache_dir(), _NAME, _NAME + '.so')):
+        log(f'Compiling the CPU kernels of mobileformer/csrc once for this machine and Paddle version '
+            f'(about 20 s; cached in {_cache_dir()}) ...')
+    _load()
+    if _failure:
+        log(f'Notice: {_failure}')
+    return _library is not None
 
 
 def _eligible(*tensors: paddle.Tensor) -> bool:

@@ -655,18 +655,19 @@ class StopOnNonFiniteLoss(Callback):
         if np.isfinite(losses).all():
             return
         raise TrainingStopped(f'the loss is {losses[~np.isfinite(losses)][0]} at epoch {self.epoch} step '
-                              f'{step + batch_offset(self.sampler) + 1}: training diverged; {last_good(self.output)} '
-                              'is untouched: lower TRAIN.BASE_LR or set TRAIN.GRAD_CLIP, then resume from it')
+                              f'{step + batch_offset(self.sampler) + 1}: training diverged; {after_divergence(self.output)}')
 
 
-def last_good(output: str) -> str:
-    """Names the last complete checkpoint in `output` for messages."""
+def after_divergence(output: str) -> str:
+    """What is left and what to do after a diverged run, naming the last complete checkpoint."""
+    remedy = 'lower TRAIN.BASE_LR or set TRAIN.GRAD_CLIP'
     path = os.path.join(output, 'last.json')
     if not os.path.exists(path):
-        return f'no checkpoint was written yet (no {path})'
+        return f'no checkpoint was written yet: {remedy}, then start again'
     info = read_checkpoint_file(path)
     where = f"epoch {info['epoch'] + 1} step {info['step']}" if info.get('step') else f"epoch {info['epoch']}"
-    return f"the last good checkpoint {os.path.join(output, 'last')}.* (after {where})"
+    return (f"the last good checkpoint {os.path.join(output, 'last')}.* (after {where}) is untouched: "
+            f'{remedy}, then resume from it')
 
 
 class GracefulStop(Callback):

@@ -41,6 +41,8 @@ class DepthwiseConv2D(nn.Conv2D):
     run by `cpu_ops.depthwise_conv2d`: the compiled CPU kernel in dygraph, `F.conv2d` elsewhere.
     Same parameter and state-dict name as the nn.Conv2D it replaces."""
 
+    runs_cpu_kernels = True  # see cpu_ops.prepare
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  weight_attr: paddle.ParamAttr | None = None):
         super().__init__(in_channels, out_channels, kernel_size, stride, kernel_size // 2,

@@ -110,6 +110,8 @@ class DynamicReLU(nn.Layer):
     a1 = 2 (theta1 - 0.5) + 1, a2 = 2 (theta2 - 0.5). Near init theta ~ 0.5, i.e. a plain ReLU.
     """
 
+    runs_cpu_kernels = True  # see cpu_ops.prepare
+
     def __init__(self, channels: int, token_dim: int, reduction: int):
         super().__init__()
         self.channels = channels

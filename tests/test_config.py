@@ -90,3 +90,48 @@ def test_deploy_is_refused_by_models_without_a_folded_form(name, model_type):
     config = get_config(os.path.join(CONFIGS, f'{name}.yaml'), ['MODEL.DEPLOY', 'True'])
     with pytest.raises(ConfigError, match=f'{model_type} has none: set MODEL.DEPLOY False$'):
         build_model(config)
+
+
+@pytest.mark.parametrize('text, value', [('5e-4', 5e-4), ('1e6', 1e6), ('1.0e6', 1e6), ('+2E+3', 2e3), ('.5e1', 5.0),
+                                         ('1_000.5', 1000.5), ('8.0e-4', 8e-4)])
+def test_every_float_spelling_is_a_float_on_the_command_line_and_in_yaml(tmp_path, text, value):
+    assert get_config(None, ['TRAIN.BASE_LR', text]).TRAIN.BASE_LR == value
+    path = tmp_path / 'lr.yaml'
+    path.write_text(f'TRAIN:\n  BASE_LR: {text}\n')
+    assert get_config(str(path)).TRAIN.BASE_LR == value
+
+
+def test_non_finite_numbers_are_refused():
+    with pytest.raises(ConfigError, match=r'TRAIN.BASE_LR must be a finite number, got nan'):
+        get_config(None, ['TRAIN.BASE_LR', 'nan'])
+
+
+RECIPE = os.path.join(CONFIGS, 'mobileformer_26m.yaml')  # 460 epochs: 3 warm-up, 10 cool-down
+
+
+def test_a_recipe_shortened_on_the_command_line_scales_warm_up_and_cool_down():
+    notices = []
+    config = get_config(RECIPE, ['TRAIN.EPOCHS', '5', 'TRAIN.BASE_LR', '5e-4'], notices)
+    assert config.TRAIN.WARMUP_EPOCHS == pytest.approx(3 * 5 / 460)
+    assert config.TRAIN.COOLDOWN_EPOCHS == pytest.approx(10 * 5 / 460)
+    assert notices == ["TRAIN.EPOCHS 5 shortens the config's 460 epochs, so warm-up and cool-down are scaled by "
+                       "5/460: TRAIN.WARMUP_EPOCHS 3 -> 0.0326, TRAIN.COOLDOWN_EPOCHS 10 -> 0.109"]
+    # at 14 epochs the cosine part keeps its share instead of one epoch
+    config = get_config(RECIPE, ['TRAIN.EPOCHS', '14'])
+    cosine = config.TRAIN.EPOCHS - config.TRAIN.WARMUP_EPOCHS - config.TRAIN.COOLDOWN_EPOCHS
+    assert cosine / 14 == pytest.approx(447 / 460)
+
+
+def test_schedule_keys_given_with_the_shorter_run_are_kept_or_refused():
+    config = get_config(RECIPE, ['TRAIN.EPOCHS', '20', 'TRAIN.WARMUP_EPOCHS', '2'])
+    assert (config.TRAIN.WARMUP_EPOCHS, config.TRAIN.COOLDOWN_EPOCHS) == (2, pytest.approx(10 * 20 / 460))
+    with pytest.raises(ConfigError, match=r'TRAIN.WARMUP_EPOCHS \+ TRAIN.COOLDOWN_EPOCHS \(20.4348\) exceed '
+                                          r'TRAIN.EPOCHS \(20\)'):
+        get_config(RECIPE, ['TRAIN.EPOCHS', '20', 'TRAIN.WARMUP_EPOCHS', '20'])
+
+
+def test_a_contradiction_in_the_yaml_itself_stays_an_error(tmp_path):
+    path = tmp_path / 'short.yaml'
+    path.write_text(f'_BASE_: {RECIPE}\nTRAIN:\n  EPOCHS: 5\n')
+    with pytest.raises(ConfigError, match=r'\(13\) exceed TRAIN.EPOCHS \(5\)'):
+        get_config(str(path))

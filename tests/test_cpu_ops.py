@@ -163,6 +163,7 @@ def test_export_uses_only_standard_ops(kernels, tmp_path):
 
 def _fresh_state(monkeypatch):
     monkeypatch.setattr(cpu_ops, '_library', None)
+    monkeypatch.setattr(cpu_ops, '_failure', None)
     monkeypatch.setattr(cpu_ops, '_load_attempted', False)
 
 
@@ -195,6 +196,41 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, capfd):
     assert builds == [1]
     assert out == ''
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and 'using the Paddle-op fallback' in lines[0], err
+    assert len(lines) == 1 and 'runs on the slower Paddle-op fallback' in lines[0], err
     log = lines[0].split('build log: ')[1].rstrip(')')
     assert os.path.exists(log) and 'broken on purpose' in open(log).read()
+
+
+class _KernelUser(paddle.nn.Layer):
+    runs_cpu_kernels = True
+
+
+def test_prepare_says_it_compiles_then_builds_before_training(monkeypatch, tmp_path):
+    _fresh_state(monkeypatch)
+    monkeypatch.setenv('MOBILEFORMER_OPS_CACHE', str(tmp_path / 'empty cache'))
+    monkeypatch.setattr(cpu_ops, '_build', lambda: 'library')
+    network, lines = paddle.nn.Sequential(_KernelUser()), []
+    assert cpu_ops.prepare(network, lines.append) and cpu_ops._library == 'library'
+    assert len(lines) == 1 and lines[0].startswith('Compiling the CPU kernels') and 'empty cache' in lines[0]
+    assert cpu_ops.prepare(network, lines.append) and len(lines) == 1  # once per process
+
+
+def test_prepare_skips_models_without_kernel_layers(monkeypatch):
+    _fresh_state(monkeypatch)
+    monkeypatch.setattr(cpu_ops, '_build', lambda: pytest.fail('built for a model that does not use the kernels'))
+    assert not cpu_ops.prepare(paddle.nn.Sequential(paddle.nn.Linear(2, 2)), pytest.fail)
+
+
+def test_failed_build_is_stated_in_one_line_when_training_starts(monkeypatch, capfd):
+    _fresh_state(monkeypatch)
+
+    def failing_build():
+        raise RuntimeError('no compiler (build log: /x/build.log)')
+
+    monkeypatch.setattr(cpu_ops, '_build', failing_build)
+    lines = []
+    assert not cpu_ops.prepare(paddle.nn.Sequential(_KernelUser()), lines.append)
+    assert lines[-1] == ('Notice: the CPU kernels did not build, so Mobile-Former runs on the slower Paddle-op '
+                         'fallback: no compiler (build log: /x/build.log)')
+    _check_fallback_result()  # the fallback computes, without a second attempt or a second notice
+    assert capfd.readouterr().err == ''

@@ -169,6 +169,33 @@ def test_pretrained_with_other_class_count_drops_head(tmp_path, capsys):
             np.testing.assert_array_equal(own[key].numpy(), saved[key].numpy())
 
 
+def test_fine_tuning_drops_exactly_the_classifier_even_where_other_shapes_look_like_it(tmp_path, capsys):
+    """The quickstart's 10-class checkpoint onto 8 classes: 8 is also the stem's width, which a
+    guess by shape took for the classifier."""
+    path = _save_model(tmp_path, 10)
+    config = get_config(DIGITS, SMALL_MODEL + ['MODEL.NUM_CLASSES', '8'])
+    assert config.MODEL.MF.STEM_CHANNELS == 8
+    model = build_model(config)
+    dropped = engine.load_pretrained(model, path, config.MODEL.NUM_CLASSES)
+    assert dropped == ['head.classifier.weight', 'head.classifier.bias']
+    assert capsys.readouterr().out.strip() == (
+        f"Notice: '{path}' was trained for 10 classes, the model has 8: the classifier "
+        '(head.classifier.weight, head.classifier.bias) starts from scratch (fine-tuning).')
+
+
+@pytest.mark.parametrize('classes', [3, 5])
+def test_fine_tuning_refuses_any_other_mismatch_naming_the_tensor_and_both_shapes(tmp_path, classes):
+    """The quickstart's 1-channel checkpoint onto RGB images: the stem does not fit."""
+    path = _save_model(tmp_path, 10)
+    model = build_model(get_config(DIGITS, SMALL_MODEL + ['MODEL.NUM_CLASSES', str(classes), 'DATA.IN_CHANNELS', '3',
+                                                          'DATA.MEAN', '[0.5, 0.5, 0.5]', 'DATA.STD', '[0.5, 0.5, 0.5]']))
+    with pytest.raises(ValueError) as error:
+        engine.load_pretrained(model, path, classes)
+    assert str(error.value) == (f"'{path}' does not fit this model: stem.conv.weight has shape [8, 1, 3, 3], the "
+                                'model expects [8, 3, 3, 3]; check -cfg matches the checkpoint (only the classifier, '
+                                'head.classifier.weight, head.classifier.bias, may differ)')
+
+
 def test_eval_on_other_class_count_is_one_clear_sentence(tmp_path):
     path = _save_model(tmp_path, 7)
     result = subprocess.run([sys.executable, 'eval.py', '-cfg', DIGITS, '-pretrained', path, '-opts', *SMALL_MODEL],

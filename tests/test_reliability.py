@@ -207,8 +207,8 @@ def test_journal_finishes_a_commit_killed_after_its_commit_point(tmp_path):
 
 # ------------------------------------------------------------------------------------ divergence
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
-def test_non_finite_loss_stops_with_step_and_untouched_checkpoint(tmp_path, monkeypatch, capsys, bad):
+@pytest.mark.parametrize('bad, batch', [(float('nan'), 4), (float('inf'), 4), (float('nan'), 1)])
+def test_non_finite_loss_stops_with_step_and_untouched_checkpoint(tmp_path, monkeypatch, capsys, bad, batch):
     out = tmp_path / 'out'
     data = make_folder(tmp_path / 'images')
     calls, snapshot = [], {}
@@ -217,7 +217,7 @@ def test_non_finite_loss_stops_with_step_and_untouched_checkpoint(tmp_path, monk
     def train_batch(self, inputs, labels=None, update=True):
         losses, metrics = original(self, inputs, labels, update)
         calls.append(1)
-        if len(calls) == 4:  # epoch 2 (2 batches an epoch), step 2
+        if len(calls) == batch:  # 2 batches an epoch: 4 is epoch 2 step 2, 1 is before any checkpoint
             snapshot.update(digests(out))
             return [np.full_like(loss, bad) for loss in losses], metrics
         return losses, metrics
@@ -226,6 +226,11 @@ def test_non_finite_loss_stops_with_step_and_untouched_checkpoint(tmp_path, monk
     code, _, err = run_main(train_script.main, ['-cfg', TINY, '-data_path', data, '-output', out,
                                                 '-opts', *FOLDER_OPTS], capsys)
     assert code == 2
+    if batch == 1:
+        assert one_error_line(err) == (f'error: the loss is {bad} at epoch 1 step 1: training diverged; no checkpoint '
+                                       'was written yet: lower TRAIN.BASE_LR or set TRAIN.GRAD_CLIP, then start again')
+        assert not os.path.exists(out / 'last.json')
+        return
     assert one_error_line(err) == (f'error: the loss is {bad} at epoch 2 step 2: training diverged; the last good '
                                    f"checkpoint {out / 'last'}.* (after epoch 1) is untouched: lower TRAIN.BASE_LR "
                                    'or set TRAIN.GRAD_CLIP, then resume from it')
@@ -234,20 +239,24 @@ def test_non_finite_loss_stops_with_step_and_untouched_checkpoint(tmp_path, monk
 
 # ----------------------------------------------------------------------------- full / read-only disk
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize('fault', ['not a folder', 'disk full'])
+@pytest.mark.parametrize('fault', ['a file', 'inside a file', 'disk full'])
 def test_unwritable_output_is_reported_before_training(tmp_path, monkeypatch, capsys, fault):
     blocker = tmp_path / 'file'
     blocker.write_text('')
-    out = blocker / 'out' if fault == 'not a folder' else tmp_path / 'out'
+    out = {'a file': blocker, 'inside a file': blocker / 'out', 'disk full': tmp_path / 'out'}[fault]
     if fault == 'disk full':
         def full(fd):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         monkeypatch.setattr(atomic.os, 'fsync', full)
     monkeypatch.setattr(train_script, 'build_dataset', lambda *a: pytest.fail('training started'))
     code, _, err = run_main(train_script.main, ['-cfg', TINY, '-output', out], capsys)
-    reason = 'Not a directory' if fault == 'not a folder' else 'No space left on device'
-    assert code == 2 and one_error_line(err) == (f"error: cannot write to the output folder '{out}' ({reason}); free "
-                                                 'disk space or pass -output with a writable folder')
+    expected = {
+        'a file': f"error: the output folder '{out}' is a file; pass -output with a folder",
+        'inside a file': f"error: cannot write to the output folder '{out}' (Not a directory); pass -output with a "
+                         'writable folder',
+        'disk full': f"error: cannot write to the output folder '{out}' (No space left on device); free disk space "
+                     'or pass -output with a folder on another disk'}[fault]
+    assert code == 2 and one_error_line(err) == expected
 
 
 @pytest.mark.timeout(90)
@@ -390,6 +399,19 @@ def resume_folder(tmp_path, weights):
     if os.path.exists(weights):
         (tmp_path / 'last.pdparams').write_bytes(open(weights, 'rb').read())
     return str(tmp_path / 'last')
+
+
+@pytest.mark.timeout(60)
+def test_predict_takes_images_after_opts_and_names_the_classes_of_a_data_path(tmp_path, capsys):
+    data = make_folder(tmp_path / 'images')
+    weights = str(tmp_path / 'w.pdparams')
+    paddle.save(build_model(get_config(TINY, FOLDER_OPTS)).state_dict(), weights)
+    images = [os.path.join(data, 'val', 'a', '0.png'), os.path.join(data, 'val', 'b', '1.png')]
+    code, out, err = run_main(predict_script.main, ['-cfg', TINY, '-pretrained', weights, '-data_path', data,
+                                                    '-opts', *FOLDER_OPTS, *images], capsys)
+    assert code == 0 and err == '', err
+    assert [line for line in out.splitlines() if not line.startswith(' ')] == [f'{path}:' for path in images]
+    assert {line.split()[1] for line in out.splitlines() if line.startswith(' ')} == {'a', 'b'}
 
 
 COMMANDS = {  # name: (family of the weights it reads, main, argv for a weights file)
