@@ -2,6 +2,7 @@
 
 Importing a model module registers its builder (and weight converters) with `build_model`.
 """
+import os
 import warnings
 
 # Notices of Paddle that tell a user of this repository nothing: ccache (for compiling custom
@@ -11,6 +12,9 @@ import warnings
 warnings.filterwarnings('ignore', message='No ccache found')
 warnings.filterwarnings('ignore', message='When training, we now always track global mean and variance')
 warnings.filterwarnings('ignore', message='To copy construct from a tensor')
+# Paddle's C++ log below errors (glog INFO and WARNING) is internal detail, e.g. a notice that PIR
+# "not support input out tensor" at every export; GLOG_minloglevel=0 brings it back.
+os.environ.setdefault('GLOG_minloglevel', '2')
 
 from mobileformer.cpu import prefer_mkl_avx2_on_amd  # noqa: E402  (after the filters)
 

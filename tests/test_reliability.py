@@ -449,6 +449,28 @@ def test_bad_checkpoint_is_one_sentence(tmp_path, capsys, bad_checkpoints, comma
     assert f"{named}'" in line, line
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize('command', [['train.py', '-h'], ['eval.py', '-h'], ['export.py', '-h'], ['predict.py', '-h'],
+                                     ['-m', 'mobileformer.flops', '-cfg', 'configs/mobileformer_26m.yaml']])
+def test_commands_print_only_what_the_user_needs(command):
+    """No notice of Paddle's (ccache, PIR) or of Python's (runpy) on stderr; a training run's stderr
+    is checked by the signal tests (its one line is the stop)."""
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0 and result.stderr == '', result.stderr
+    if 'mobileformer.flops' in command:
+        assert result.stdout == 'mobileformer_26m: params=3,232,788 MAdds=25.2M at 224x224\n'
+
+
+@pytest.mark.timeout(120)
+def test_export_prints_no_notice_of_paddle(tmp_path):
+    weights = str(tmp_path / 'w.pdparams')
+    paddle.save(build_model(get_config(TINY)).state_dict(), weights)
+    result = subprocess.run([sys.executable, 'export.py', '-cfg', TINY, '-pretrained', weights, '-o', str(tmp_path / 'e')],
+                            cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0 and result.stderr == '', result.stderr
+    assert result.stdout.startswith('exported tiny_mobileformer to ') and len(result.stdout.splitlines()) == 1
+
+
 @pytest.mark.timeout(60)
 def test_debug_switch_shows_the_traceback(tmp_path, capsys, monkeypatch, bad_checkpoints):
     argv = ['-cfg', TINY, '-pretrained', bad_checkpoints['mf', 'truncated']]
