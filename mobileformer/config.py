@@ -64,7 +64,7 @@ _C.MODEL.DROPOUT = 0.0
 _C.MODEL.DROPPATH = 0.0
 _C.MODEL.DEPLOY = False
 
-# Mobile-Former (spec: ../shared/specs/mobileformer.md). Each BLOCKS row is
+# Mobile-Former (docs/mobileformer.md, block table). Each BLOCKS row is
 # [kind, e1, out_channels, stride, e2] with kind in {lite, mf, down}; hidden = in*e1 (and out*e2
 # for the second expansion of a `down` block).
 _C.MODEL.MF = CN()
@@ -80,8 +80,8 @@ _C.MODEL.MF.FFN_RATIO = 2
 _C.MODEL.MF.DYRELU_REDUCTION = 4
 _C.MODEL.MF.BLOCKS = []
 
-# MLP-Mixer, gMLP and ResMLP (spec: ../shared/specs/mlp_family.md), one timm-style skeleton whose
-# block type is MODEL.TYPE. TOKEN_MLP_RATIO (Mixer only) sizes the token MLP from EMBED_DIM (timm);
+# MLP-Mixer, gMLP and ResMLP (docs/mlp_mixer.md), one timm-style skeleton whose block type is
+# MODEL.TYPE. TOKEN_MLP_RATIO (Mixer only) sizes the token MLP from EMBED_DIM (timm);
 # MLP_RATIO is the channel MLP (gMLP: fc1 width, half of it gates); LAYERSCALE_INIT is ResMLP's.
 _C.MODEL.MIXER = CN()
 _C.MODEL.MIXER.PATCH_SIZE = 16
@@ -91,14 +91,15 @@ _C.MODEL.MIXER.TOKEN_MLP_RATIO = 0.5
 _C.MODEL.MIXER.MLP_RATIO = 4.0
 _C.MODEL.MIXER.LAYERSCALE_INIT = 0.1
 
-# FNet image model: patch embedding + learned position embedding, Fourier-mixing post-norm blocks.
+# FNet image model (docs/fnet.md): patch embedding + learned position embedding, Fourier-mixing
+# post-norm blocks.
 _C.MODEL.FNET = CN()
 _C.MODEL.FNET.PATCH_SIZE = 16
 _C.MODEL.FNET.EMBED_DIM = 512
 _C.MODEL.FNET.DEPTH = 8
 _C.MODEL.FNET.MLP_RATIO = 4.0
 
-# RepMLPNet (spec: ../shared/specs/mlp_family.md, RepMLPNet). One entry per stage; PARTITIONS lists the
+# RepMLPNet (docs/repmlpnet.md). One entry per stage; PARTITIONS lists the
 # partition size h = w per stage, empty = each stage's feature-map size (IMAGE_SIZE / PATCH_SIZE / 2^i),
 # i.e. one partition per map as in all official configurations.
 _C.MODEL.REPMLPNET = CN()
@@ -111,7 +112,7 @@ _C.MODEL.REPMLPNET.REPARAM_KERNELS = [1, 3]
 _C.MODEL.REPMLPNET.GP_REDUCTION = 4
 _C.MODEL.REPMLPNET.FFN_EXPAND = 4
 
-# RepMLP-ResNet-50 (spec: mlp_family.md, RepMLP v1). BLOCK: light | bottleneck | plain (the ResNet-50
+# RepMLP-ResNet-50 (docs/repmlp_resnet.md). BLOCK: light | bottleneck | plain (the ResNet-50
 # baseline: the RepMLP keys below then have no effect). RepMLP blocks replace the stride-1 blocks of
 # stages 2 and 3 with PARTITION x PARTITION partitions; BOTTLENECK_R is the bottleneck flavour's extra
 # channel reduction r in stage 2 and stage 3.

@@ -1,10 +1,13 @@
-"""FNet as an image classifier (arXiv 2105.03824; image version after the Keras example).
+"""FNet as an image classifier ("FNet: Mixing Tokens with Fourier Transforms", Lee-Thorp et al.,
+NAACL 2022, arXiv 2105.03824), an NLP model; the image version follows the Keras example "Image
+classification with modern MLP models" (keras.io/examples/vision/mlp_image_classification).
 
     image -> patch conv -> tokens [B, N, C] + learned position embedding
     -> depth x (x = LN(x + Re(FFT2(x))); x = LN(x + FFN(x))) -> mean over N -> dropout -> Linear
 
 The Fourier layer has no parameters; the 2-D transform runs over (tokens, hidden) and only the
-real part is kept. Spec: ../shared/specs/mlp_family.md (FNet).
+real part is kept. Differs from the Keras example: no dropout inside the FFN (MODEL.DROPOUT acts
+before the classifier only). See docs/fnet.md.
 """
 from __future__ import annotations
 

@@ -3,8 +3,12 @@
     image [B, 3, S, S] -> patch conv -> tokens [B, N, C] -> depth x block -> norm -> mean over N
     -> dropout -> Linear(C, classes)
 
-Spec: ../shared/specs/mlp_family.md. Layer names follow timm's checkpoints, so the timm converter
-only transposes Linear weights; the authors' ResMLP layout (deit repository) is renamed.
+Papers: MLP-Mixer (Tolstikhin et al., NeurIPS 2021, arXiv 2105.01601), gMLP ("Pay Attention to
+MLPs", Liu et al., NeurIPS 2021, arXiv 2105.08050), ResMLP (Touvron et al., TPAMI 2023, arXiv
+2105.03404). Reference code: timm `timm/models/mlp_mixer.py`; for ResMLP also the authors'
+facebookresearch/deit `resmlp_models.py`. Layer names follow timm's checkpoints, so the timm converter
+only transposes Linear weights; the authors' ResMLP layout is renamed. Differs from timm only where
+ResMLP follows its authors (init, LayerScale 0.1 at depth 12). See docs/mlp_mixer.md.
 """
 from __future__ import annotations
 

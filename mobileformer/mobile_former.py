@@ -1,4 +1,9 @@
-"""Mobile-Former (Chen et al., CVPR 2022), as released by the authors (spec: specs/mobileformer.md).
+"""Mobile-Former ("Mobile-Former: Bridging MobileNet and Transformer", Chen et al., CVPR 2022,
+arXiv 2108.05895), following the authors' release (github.com/AAboys/MobileFormer).
+
+Differs from the release in form only: our parameter names (the converter renames), block rows
+without the repeat count, export-time rewrites that compute the same numbers, and the linear
+drop-path ramp (equal at the released rate, 0). Architecture, sizes and recipe: docs/mobileformer.md.
 
 A MobileNet-style branch (feature map, NCHW) and a tiny Transformer (M learnable tokens of width d)
 run in parallel and talk through two light cross-attention bridges in every block:

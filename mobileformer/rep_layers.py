@@ -3,7 +3,9 @@
 Training-time conv + BatchNorm branches fold into plain convs (`ConvBN.fused_kernel_bias`), several
 branches of different kernel sizes merge into one kernel (`merge_conv_bn_branches`), and a conv over
 an h x w partition turns into the equivalent fully-connected layer (`conv_to_fc`); `PartitionFC3` is
-the fold both RepMLP blocks share.
+the fold both RepMLP blocks share. The folds are those of the RepMLP papers (arXiv 2105.01883,
+2112.11081; code github.com/DingXiaoH/RepMLP), exposed the PaddleClas way; docs/repmlpnet.md and
+docs/repmlp_resnet.md describe them.
 """
 from __future__ import annotations
 

@@ -1,11 +1,14 @@
-"""RepMLP v1 (Ding et al., arXiv 2105.01883 v1): the RepMLP block and RepMLP-ResNet-50.
+"""RepMLP v1 ("RepMLP: Re-parameterizing Convolutions into Fully-connected Layers for Image
+Recognition", Ding et al., arXiv 2105.01883 v1): the RepMLP block and RepMLP-ResNet-50, following
+the authors' original release (github.com/DingXiaoH/RepMLP, before RepMLPNet replaced it).
 
 The RepMLP block mixes each h x w partition of a feature map with one fully-connected layer (fc3),
 adds a global perceptron across partitions, and trains with parallel conv + BN branches that fold
 into fc3 for deployment. RepMLP-ResNet-50 puts it into the stride-1 bottlenecks of stages 2 and 3
 (`light` or `bottleneck` flavour); `plain` is the ResNet-50 baseline of the same release. At deploy
 time every ConvBN pair is folded too, so the deployed network holds no BatchNorm.
-Spec: ../shared/specs/mlp_family.md (RepMLP v1). Parameter names follow the authors' release.
+Parameter names follow the authors' release. Differs from it in the folding API only (PaddleClas
+`re_parameterize()` / `is_repped`, MODEL.DEPLOY). See docs/repmlp_resnet.md.
 """
 from __future__ import annotations
 

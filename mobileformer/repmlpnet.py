@@ -1,10 +1,13 @@
-"""RepMLPNet (Ding et al., arXiv 2112.11081): hierarchical MLP with structural re-parameterisation.
+"""RepMLPNet ("RepMLPNet: Hierarchical Vision MLP with Re-parameterized Locality", Ding et al.,
+CVPR 2022, arXiv 2112.11081): hierarchical MLP with structural re-parameterisation, following the
+authors' release (github.com/DingXiaoH/RepMLP, repmlpnet.py).
 
 Each RepMLPBlock mixes tokens inside h x w partitions with a grouped fully-connected layer (fc3); during
 training, depthwise conv + BN branches run in parallel and are folded into fc3 for deployment
 (`re_parameterize()`), so the deployed network is a pure MLP with the conv's locality prior built in.
-Spec: ../shared/specs/mlp_family.md (RepMLPNet). Parameter names follow the authors' release so
-their checkpoints convert by renaming BN statistics only.
+Parameter names follow the authors' release so their checkpoints convert by renaming BN statistics
+only. Differs from the release in the folding API only (PaddleClas `re_parameterize()` / `is_repped`,
+MODEL.DEPLOY); the release's partition order is kept. See docs/repmlpnet.md.
 """
 from __future__ import annotations
 

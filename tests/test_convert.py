@@ -237,8 +237,9 @@ def test_unreadable_source_is_one_sentence(tmp_path, capsys):
 
 
 def test_deit_resmlp_layout_is_detected_and_converted(tmp_path, capsys):
-    """The authors' ResMLP names (spec: `patch_embed`, `attn` = token linear, `mlp`, `gamma_1/2`,
-    Affine vectors of shape (C,)), written from the timm fixture inside {'model': ...} as DeiT saves."""
+    """The authors' ResMLP names (docs/mlp_mixer.md: `patch_embed`, `attn` = token linear, `mlp`,
+    `gamma_1/2`, Affine vectors of shape (C,)), written from the timm fixture inside {'model': ...} as
+    DeiT saves."""
     renames = [('stem.proj.', 'patch_embed.proj.'), ('.linear_tokens.', '.attn.'), ('.mlp_channels.', '.mlp.'),
                ('.ls1', '.gamma_1'), ('.ls2', '.gamma_2')]
     authors = {}

@@ -54,9 +54,9 @@ def test_params_exact_and_madds_near_paper(size):
     model = build_model(config_of(size))
     assert count_trainable(model) == params
     madds = count_madds(model, [1, 3, 224, 224])
-    # The spec: our count (conv + linear + attention matmuls + 2 per dynamic-ReLU element) lands
-    # within 1-2M of the paper for every size; that is within 3% except for the 26M (25.2M,
-    # 3.1% below "26M"), so both bounds are checked, the absolute one everywhere.
+    # docs/mobileformer.md, sizes: our count (conv + linear + attention matmuls + 2 per dynamic-ReLU
+    # element) lands within 1-2M of the paper for every size; that is within 3% except for the 26M
+    # (25.2M, 3.1% below "26M"), so both bounds are checked, the absolute one everywhere.
     assert abs(madds - paper_madds) <= 2e6
     if size != '26m':
         assert abs(madds - paper_madds) <= 0.03 * paper_madds

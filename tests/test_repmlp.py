@@ -16,7 +16,8 @@ from mobileformer.weights import check_state
 from rep_utils import (constant_init, eval_output, lazy_model, load_fixture, randomise_batchnorms, reference_keys,
                        relative_error, state_shapes, synthetic_state)
 
-# config: (params training, params folded, GMACs training, GMACs folded) from the spec
+# config: (params training, params folded, GMACs training, GMACs folded) of the release
+# (docs/repmlp_resnet.md, sizes)
 FLAVOURS = {
     'repmlp_res50_light_224': (87_038_248, 86_142_440, 3.30, 3.08),
     'repmlp_res50_bottleneck_224': (41_071_144, 40_871_528, 3.95, 3.89),
@@ -56,12 +57,12 @@ def test_plain_baseline_is_resnet50():
 
 @pytest.mark.usefixtures('constant_fc3_init')
 @pytest.mark.parametrize('name', sorted(FLAVOURS))
-def test_madds_match_spec(name):
-    for deploy, spec in ((False, FLAVOURS[name][2]), (True, FLAVOURS[name][3])):
+def test_madds_match_published(name):
+    for deploy, published in ((False, FLAVOURS[name][2]), (True, FLAVOURS[name][3])):
         with constant_init():
             model = build_model(config_of(name, deploy))
         madds = count_madds(model, [1, 3, 224, 224]) / 1e9
-        assert abs(madds - spec) <= 0.03 * spec
+        assert abs(madds - published) <= 0.03 * published
 
 
 @pytest.mark.parametrize('tag', ['train', 'deploy'])

@@ -18,7 +18,7 @@ from mobileformer.weights import check_state
 from rep_utils import (constant_init, eval_output, lazy_model, load_fixture, randomise_batchnorms, reference_keys,
                        relative_error, state_shapes, synthetic_state)
 
-# name: (params training, params deploy, spec GMACs)
+# name: (params training, params deploy, paper GMACs) (docs/repmlpnet.md, sizes)
 SIZES = {
     't224': (38_293_608, 38_331_720, 2.81),
     'b224': (68_242_712, 68_332_664, 6.68),
@@ -45,7 +45,7 @@ def test_parameter_counts(name):
 
 
 @pytest.mark.parametrize('name', sorted(SIZES))
-def test_madds_match_spec(name):
+def test_madds_match_published(name):
     config = config_of(name)
     with constant_init():
         model = build_model(config)
