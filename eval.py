@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from datasets import build_dataset
 from mobileformer import build_model, get_config
-from mobileformer import cli, cpu_ops, engine
+from mobileformer import checkpoint, cli, cpu_ops, engine
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -35,7 +35,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             opts += [key, getattr(args, flag)]
     config = get_config(args.cfg, opts + list(args.opts))
     network = build_model(config)
-    engine.load_for_evaluation(network, args.pretrained, config.MODEL.NUM_CLASSES)
+    checkpoint.load_weights(network, args.pretrained)
     cpu_ops.prepare(network, print if engine.is_main_process() else lambda line: None)
     dataset = build_dataset(config, 'val')
     loader = engine.build_loader(dataset, config.DATA.BATCH_SIZE_EVAL, config.DATA.NUM_WORKERS, train=False,

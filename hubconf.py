@@ -12,7 +12,7 @@ import glob as _glob
 import os as _os
 
 import mobileformer as _mobileformer
-from mobileformer.weights import load_weights as _load_weights
+from mobileformer.checkpoint import load_weights as _load_weights
 
 dependencies = ['paddle', 'yacs', 'yaml', 'numpy']
 

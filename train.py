@@ -16,7 +16,7 @@ import paddle
 
 from datasets import build_dataset, build_mixup
 from mobileformer import ConfigError, build_model, get_config
-from mobileformer import atomic, cli, cpu_ops, engine
+from mobileformer import checkpoint, cli, cpu_ops, engine
 
 QUICKSTART_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                  'configs', 'digits', 'mobileformer_26m.yaml')
@@ -83,8 +83,8 @@ def train(args: argparse.Namespace, extra_callbacks: Sequence[paddle.callbacks.C
     config = load_config(args, notices)
     output = config.OUTPUT
     if engine.is_main_process():
-        atomic.check_writable(output)  # a read-only folder or a full disk fails now, not after an epoch
-        atomic.recover(output)  # finishes (or drops) a checkpoint write a killed run left halfway
+        checkpoint.check_writable(output)  # a read-only folder or a full disk fails now, not after an epoch
+        checkpoint.recover(output)  # finishes (or drops) a checkpoint write a killed run left halfway
     log = make_logger(output)
     for notice in notices:
         log(f'Notice: {notice}.')
@@ -99,7 +99,7 @@ def train(args: argparse.Namespace, extra_callbacks: Sequence[paddle.callbacks.C
                           f'{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES: {train_set.num_classes} in the YAML')
     network = build_model(config)
     if args.pretrained:
-        engine.load_pretrained(network, args.pretrained, config.MODEL.NUM_CLASSES)
+        checkpoint.load_weights(network, args.pretrained, drop_classifier=True, log=log)
     cpu_ops.prepare(network, log)
 
     skip_bad = config.DATA.SKIP_BAD_IMAGES
@@ -120,7 +120,7 @@ def train(args: argparse.Namespace, extra_callbacks: Sequence[paddle.callbacks.C
 
     start_epoch, history, best_top1 = 0, [], -1.0
     if resume:
-        state = engine.load_checkpoint(resume, network, optimizer, ema, config.MODEL.NUM_CLASSES)
+        state = engine.load_checkpoint(resume, network, optimizer, ema)
         start_epoch, history, best_top1 = state['epoch'], state['history'], state['best_top1']
         sampler.skip = state.get('step', 0)  # a mid-epoch checkpoint (SIGTERM) continues its epoch
         log(f'Resumed from {resume} after epoch {start_epoch}' + (f' and {sampler.skip} batches of epoch '
@@ -138,9 +138,9 @@ def train(args: argparse.Namespace, extra_callbacks: Sequence[paddle.callbacks.C
                  engine.EpochSeeder(config.SEED, start_epoch, sampler)]
     if ema is not None:
         callbacks.append(ema)
-    checkpoint = engine.EvaluateAndCheckpoint(config, val_loader, output, start_epoch, history, best_top1, ema, log)
-    graceful_stop = engine.GracefulStop(checkpoint, config.TRAIN.ACCUM_ITER, batches_per_epoch, sampler)
-    callbacks += [checkpoint, graceful_stop]
+    checkpointing = engine.EvaluateAndCheckpoint(config, val_loader, output, start_epoch, history, best_top1, ema, log)
+    graceful_stop = engine.GracefulStop(checkpointing, config.TRAIN.ACCUM_ITER, batches_per_epoch, sampler)
+    callbacks += [checkpointing, graceful_stop]
     visualdl = engine.visualdl_callback(output)
     if visualdl is not None:
         callbacks.append(visualdl)

@@ -22,19 +22,10 @@ import traceback
 from typing import Callable, List, Optional, Sequence
 
 from mobileformer.cpu import use_cpu_threads
+from mobileformer.errors import USAGE_ERROR, TrainingStopped
 
 DEBUG_FLAG = '--debug'
 DEBUG_ENV = 'MOBILEFORMER_DEBUG'
-USAGE_ERROR = 2
-
-
-class TrainingStopped(Exception):
-    """Training ended early for a reason the message explains (divergence, a signal, a failed
-    checkpoint write); `exit_code` is the process status."""
-
-    def __init__(self, message: str, exit_code: int = USAGE_ERROR) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 # errors whose message is the whole story: ValueError covers ConfigError, OSError covers

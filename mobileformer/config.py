@@ -14,9 +14,7 @@ from typing import Any, Iterable, List, Optional, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
-
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be used as written."""
+from mobileformer.errors import ConfigError
 
 
 _C = CN()

@@ -20,7 +20,7 @@ from yacs.config import CfgNode
 from mobileformer import build_model, cli, get_config
 from mobileformer.registry import Converter, converters
 from mobileformer.torch_io import load_state_dict
-from mobileformer.weights import cast_like, check_state, classifier_to_drop, save_atomic
+from mobileformer.checkpoint import cast_like, check_state, classifier_to_drop, save_weights
 
 
 def _names(items: Iterable[str]) -> str:
@@ -84,7 +84,7 @@ def convert_checkpoint(src: str, config: CfgNode, out: str, source: Optional[str
     reference = load_state_dict(src, key)
     converter = pick_converter(reference, config.MODEL.TYPE, source, source=f"'{src}'")
     state = convert_state(reference, config, converter, f"'{src}'", log)
-    save_atomic(state, out)
+    save_weights(state, out)
     count = sum(int(v.size) for v in state.values())
     log(f"converted '{src}' ({len(reference)} tensors, format {converter.name!r}) -> '{out}': "
         f'{len(state)} tensors, {count:,} values for {config.MODEL.NAME} ({config.MODEL.TYPE})')

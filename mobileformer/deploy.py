@@ -20,7 +20,7 @@ from yacs.config import CfgNode
 from mobileformer.cpu import cpu_threads, keep_freed_memory
 from mobileformer.layers import re_parameterize_model
 from mobileformer.registry import build_model
-from mobileformer.weights import load_weights
+from mobileformer.checkpoint import load_weights
 
 INFERENCE_PREFIX = 'inference'
 ONNX_FILE = 'inference.onnx'

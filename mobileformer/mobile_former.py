@@ -34,7 +34,7 @@ from mobileformer.registry import register_madds
 from mobileformer.cpu_ops import dynamic_relu
 from mobileformer.layers import DepthwiseConv2D, DropPath, drop_path_rates, fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
-from mobileformer.weights import list_names
+from mobileformer.checkpoint import list_names
 
 BLOCK_KINDS = ('lite', 'mf', 'down')
 _STRIDES = {'lite': (1, 2), 'mf': (1,), 'down': (2,)}
@@ -526,7 +526,7 @@ def convert_official(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str,
 
     Linear weights are transposed to Paddle's [in, out]; BN running stats become `_mean` /
     `_variance`; `num_batches_tracked` is dropped. Raises ValueError listing the release keys that
-    have no place in the model; keys and shapes are checked by `weights.check_state`."""
+    have no place in the model; keys and shapes are checked by `checkpoint.check_state`."""
     kinds = [row[0] for row in validate_config(config)]
     converted, unplaced = {}, []
     for name, value in state.items():

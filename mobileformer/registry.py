@@ -63,7 +63,7 @@ class Converter:
     `detect(keys)` says whether a set of reference keys is in this converter's layout;
     `convert(state, config)` returns our state dict (numpy), Linear weights already transposed. It
     is a pure mapping: it raises only for keys it cannot place, and leaves checking the result
-    against the model to `mobileformer.weights.check_state`. `hint(keys, config)`, if given, says
+    against the model to `mobileformer.checkpoint.check_state`. `hint(keys, config)`, if given, says
     why the reference may not fit the model of `config` (e.g. a folded checkpoint for a training
     config), or None; it ends the check's error message.
     """

@@ -10,43 +10,13 @@ file in the output's folder, then `os.replace`), so an interrupted run never lea
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Optional, Sequence
 
-import paddle
 import paddle.nn as nn
 
 from mobileformer import build_model, cli, get_config
 from mobileformer.layers import has_foldable_layers, re_parameterize_model
-from mobileformer.weights import save_atomic
-
-
-def load_exact(model: nn.Layer, path: str) -> None:
-    """Loads `path` into `model`, raising a ValueError unless every key and shape matches."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint '{path}' does not exist; pass the trained .pdparams file with -pretrained")
-    try:
-        state = paddle.load(path)
-    except Exception as e:  # paddle raises assorted types for foreign or truncated files
-        raise ValueError(f"checkpoint '{path}' could not be read as a Paddle state dict ({e}); "
-                         'pass a .pdparams file written by paddle.save') from None
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint '{path}' holds a {type(state).__name__}, not a state dict; "
-                         'pass a .pdparams file of model.state_dict()')
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise ValueError(f"checkpoint '{path}' does not fit this config's training structure: "
-                         f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(extra)} unexpected keys "
-                         f"(e.g. {extra[:3]}); pass the config the model was trained with")
-    wrong = [k for k in expected if list(state[k].shape) != list(expected[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise ValueError(f"checkpoint '{path}' has {len(wrong)} tensors of the wrong shape (e.g. {k}: "
-                         f"{list(state[k].shape)} instead of {list(expected[k].shape)}); "
-                         'pass the config the model was trained with')
-    model.set_state_dict(state)
+from mobileformer.checkpoint import load_weights, save_weights
 
 
 def reparameterize_checkpoint(cfg_file: str, pretrained: str, output: str,
@@ -61,9 +31,9 @@ def reparameterize_checkpoint(cfg_file: str, pretrained: str, output: str,
     if not has_foldable_layers(model):
         raise ValueError(f"MODEL.TYPE {config.MODEL.TYPE!r} has no re-parameterisable blocks; "
                          'its checkpoint is already a deploy checkpoint')
-    load_exact(model, pretrained)
+    load_weights(model, pretrained)
     re_parameterize_model(model)
-    save_atomic(model.state_dict(), output)
+    save_weights(model.state_dict(), output)
     return model
 
 

@@ -4,7 +4,7 @@
     PYTHONPATH=<repo> python -m paddle.distributed.launch ... tests/fault_launcher.py FAULT -- ...
 
 The production code carries no test switches: every fault is installed here, through the seams
-the code offers (train.main's extra callbacks, atomic.write_together's before_commit).
+the code offers (train.main's extra callbacks, checkpoint.write_together's before_commit).
 
     fail_rank=R             rank R raises at its second training step
     hold=E:S:FILE           after batch S (1-based) of epoch E, create FILE, then wait until the
@@ -20,7 +20,7 @@ import time
 from typing import List, Sequence
 
 import train  # first: through mobileformer, it filters notices Paddle prints when imported
-from mobileformer import atomic, engine
+from mobileformer import checkpoint, engine
 
 import paddle
 
@@ -71,7 +71,7 @@ class HoldAt(paddle.callbacks.Callback):
 
 def hold_commit(number: int, path: str) -> None:
     commits = [0]
-    write_together = atomic.write_together
+    write_together = checkpoint.write_together
 
     def hold() -> None:
         touch(path)
@@ -81,7 +81,7 @@ def hold_commit(number: int, path: str) -> None:
         commits[0] += 1
         write_together(items, hold if commits[0] == number else before_commit)
 
-    atomic.write_together = counting
+    checkpoint.write_together = counting
 
 
 def install(faults: Sequence[str]) -> List[paddle.callbacks.Callback]:

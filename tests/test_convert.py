@@ -15,7 +15,7 @@ from mobileformer import convert as convert_module
 from mobileformer.convert import convert_state, main, pick_converter
 from mobileformer.registry import Converter, converters
 from mobileformer.torch_io import load_state_dict
-from mobileformer.weights import load_weights, read_pdparams
+from mobileformer.checkpoint import load_weights, read_state_dict
 from rep_utils import reference_keys, synthetic_state
 
 # (tag, checkpoint file, converter it is detected as, tolerance relative to the largest logit?)
@@ -46,7 +46,8 @@ def run_convert(capsys, *argv) -> tuple:
 
 
 def logits(config, weights: str, images: np.ndarray) -> np.ndarray:
-    model = load_weights(build_model(config), weights)
+    model = build_model(config)
+    load_weights(model, weights)
     model.eval()
     with paddle.no_grad():
         return model(paddle.to_tensor(images)).numpy()
@@ -74,7 +75,7 @@ def test_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "format 'timm') -> " in result.stdout and 'timm_mixer_tiny (mixer)' in result.stdout
     reference = load_state_dict(fixture('timm_mixer_tiny.pth'))
-    converted = read_pdparams(str(out))
+    converted = read_state_dict(str(out))
     np.testing.assert_array_equal(converted['head.weight'], reference['head.weight'].T)
 
 
@@ -97,12 +98,12 @@ def test_other_class_count_drops_the_head_with_a_notice(tmp_path, capsys, tag, c
     notices = [line for line in stdout.splitlines() if line.startswith('notice:')]
     assert notices == [f'notice: classifier ({head}.weight, {head}.bias) left out: the checkpoint has 10 classes, '
                        f'MODEL.NUM_CLASSES is 7; it keeps its fresh initialisation']
-    converted = read_pdparams(str(out))
+    converted = read_state_dict(str(out))
     model = build_model(get_config(fixture(f'{tag}.yaml'), ['MODEL.NUM_CLASSES', 7]))
     assert sorted(set(model.state_dict()) - set(converted)) == [f'{head}.bias', f'{head}.weight']
     same_classes = tmp_path / 'same.pdparams'
     assert run_convert(capsys, fixture(checkpoint), '-cfg', fixture(f'{tag}.yaml'), '-o', same_classes)[0] == 0
-    reference = read_pdparams(str(same_classes))
+    reference = read_state_dict(str(same_classes))
     for name, value in converted.items():
         np.testing.assert_array_equal(value, reference[name], err_msg=name)
 

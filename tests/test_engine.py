@@ -14,6 +14,7 @@ import eval as eval_script
 import train as train_script
 from conftest import CONFIGS, ROOT
 from mobileformer import build_model, engine, get_config
+from mobileformer.checkpoint import load_weights
 
 DIGITS = os.path.join(CONFIGS, 'digits', 'mobileformer_26m.yaml')
 # a small Mobile-Former (same block kinds as 26M) so end-to-end runs stay fast on 2 CPU cores
@@ -159,7 +160,7 @@ def test_pretrained_with_other_class_count_drops_head(tmp_path, capsys):
     path = _save_model(tmp_path, 7)
     config = get_config(DIGITS, SMALL_MODEL)
     model = build_model(config)
-    dropped = engine.load_pretrained(model, path, config.MODEL.NUM_CLASSES)
+    dropped = load_weights(model, path, drop_classifier=True)
     notice = capsys.readouterr().out.strip().splitlines()
     assert len(notice) == 1 and '7 classes' in notice[0] and 'has 10' in notice[0]
     saved, own = paddle.load(path), model.state_dict()
@@ -176,7 +177,7 @@ def test_fine_tuning_drops_exactly_the_classifier_even_where_other_shapes_look_l
     config = get_config(DIGITS, SMALL_MODEL + ['MODEL.NUM_CLASSES', '8'])
     assert config.MODEL.MF.STEM_CHANNELS == 8
     model = build_model(config)
-    dropped = engine.load_pretrained(model, path, config.MODEL.NUM_CLASSES)
+    dropped = load_weights(model, path, drop_classifier=True)
     assert dropped == ['head.classifier.weight', 'head.classifier.bias']
     assert capsys.readouterr().out.strip() == (
         f"Notice: '{path}' was trained for 10 classes, the model has 8: the classifier "
@@ -190,10 +191,9 @@ def test_fine_tuning_refuses_any_other_mismatch_naming_the_tensor_and_both_shape
     model = build_model(get_config(DIGITS, SMALL_MODEL + ['MODEL.NUM_CLASSES', str(classes), 'DATA.IN_CHANNELS', '3',
                                                           'DATA.MEAN', '[0.5, 0.5, 0.5]', 'DATA.STD', '[0.5, 0.5, 0.5]']))
     with pytest.raises(ValueError) as error:
-        engine.load_pretrained(model, path, classes)
-    assert str(error.value) == (f"'{path}' does not fit this model: stem.conv.weight has shape [8, 1, 3, 3], the "
-                                'model expects [8, 3, 3, 3]; check -cfg matches the checkpoint (only the classifier, '
-                                'head.classifier.weight, head.classifier.bias, may differ)')
+        load_weights(model, path, drop_classifier=True)
+    assert str(error.value) == (f"'{path}' does not fit the model: 1 with a wrong shape (stem.conv.weight: "
+                                '[8, 1, 3, 3] vs model [8, 3, 3, 3]); check that -cfg matches the checkpoint')
 
 
 def test_eval_on_other_class_count_is_one_clear_sentence(tmp_path):

@@ -14,7 +14,7 @@ from mobileformer.fnet import FourierMixing
 from mobileformer.layers import count_trainable
 from mobileformer.mlp_mixer import ResBlock, SpatialGatingUnit
 from mobileformer.registry import converters
-from mobileformer.weights import check_state
+from mobileformer.checkpoint import check_state
 
 # timm 1.0.31 parameter counts at 1000 classes and GMACs (docs/mlp_mixer.md, size tables).
 PUBLISHED = {

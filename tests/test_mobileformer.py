@@ -13,7 +13,7 @@ from mobileformer.flops import count_madds
 from mobileformer.layers import DepthwiseConv2D, count_trainable
 from mobileformer.mobile_former import DynamicReLU, MobileFormerBlock, convert_official
 from mobileformer.registry import converters
-from mobileformer.weights import check_state
+from mobileformer.checkpoint import check_state
 
 # size -> (exact trainable params of the release at 1000 classes, paper MAdds)
 SIZES = {

@@ -21,7 +21,7 @@ import predict as predict_script
 import train as train_script
 from conftest import FIXTURES, ROOT
 from datasets import build_dataset
-from mobileformer import atomic, build_model, cli, convert, engine, get_config, reparam
+from mobileformer import build_model, checkpoint, cli, convert, engine, get_config, reparam
 
 TINY = os.path.join(FIXTURES, 'tiny_mobileformer.yaml')
 FOLDER_OPTS = ['DATA.DATASET', 'folder', 'MODEL.NUM_CLASSES', '2', 'DATA.IN_CHANNELS', '3',
@@ -135,7 +135,7 @@ def wait_for_file(path, process, timeout=120):
 def resume_and_compare(output, reference):
     assert train_script.main(['-cfg', TINY, '-output', str(output), '-resume', 'auto']) == 0
     assert json.load(open(output / 'last.json'))['epoch'] == 2
-    assert not [f for f in os.listdir(output) if '.tmp' in f or f == atomic.JOURNAL]
+    assert not [f for f in os.listdir(output) if '.tmp' in f or f == checkpoint.JOURNAL]
     for name in ('last.pdparams', 'best.pdparams'):
         assert_same_weights(output / name, reference / name)
     expected = json.load(open(reference / 'last.json'))['history']
@@ -194,13 +194,13 @@ def test_journal_finishes_a_commit_killed_after_its_commit_point(tmp_path):
         (tmp_path / name).write_text(text)
     renames = {}
     for name in ('last.json', 'last.pdparams'):
-        temporary = atomic.temporary_path(str(tmp_path / name))
+        temporary = checkpoint.temporary_path(str(tmp_path / name))
         open(temporary, 'w').write('new')
         renames[temporary] = str(tmp_path / name)
     os.replace(next(iter(renames)), str(tmp_path / 'last.json'))  # one rename happened before the kill
-    (tmp_path / atomic.JOURNAL).write_text(json.dumps(renames))
+    (tmp_path / checkpoint.JOURNAL).write_text(json.dumps(renames))
     (tmp_path / 'best.json.tmp999').write_text('uncommitted')
-    assert atomic.recover(str(tmp_path)) == [str(tmp_path / 'last.pdparams')]
+    assert checkpoint.recover(str(tmp_path)) == [str(tmp_path / 'last.pdparams')]
     assert sorted(os.listdir(tmp_path)) == ['last.json', 'last.pdparams']
     assert {(tmp_path / n).read_text() for n in ('last.json', 'last.pdparams')} == {'new'}
 
@@ -247,7 +247,7 @@ def test_unwritable_output_is_reported_before_training(tmp_path, monkeypatch, ca
     if fault == 'disk full':
         def full(fd):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        monkeypatch.setattr(atomic.os, 'fsync', full)
+        monkeypatch.setattr(checkpoint.os, 'fsync', full)
     monkeypatch.setattr(train_script, 'build_dataset', lambda *a: pytest.fail('training started'))
     code, _, err = run_main(train_script.main, ['-cfg', TINY, '-output', out], capsys)
     expected = {
@@ -264,7 +264,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, c
     out = tmp_path / 'out'
     data = make_folder(tmp_path / 'images')
     writes, snapshot = [], {}
-    original = atomic._write
+    original = checkpoint._write
 
     def write(obj, path, as_json):  # epoch 1 writes 5 files and its journal; epoch 2 fails at its 3rd file
         writes.append(path)
@@ -273,14 +273,14 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, c
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         original(obj, path, as_json)
 
-    monkeypatch.setattr(atomic, '_write', write)
+    monkeypatch.setattr(checkpoint, '_write', write)
     code, _, err = run_main(train_script.main, ['-cfg', TINY, '-data_path', data, '-output', out,
                                                 '-opts', *FOLDER_OPTS], capsys)
     assert code == 2 and one_error_line(err) == (
         f"error: could not write the checkpoint of epoch 2 to '{out}' (No space left on device); the previous "
         'checkpoint there is intact: free disk space, then continue with -resume auto')
     assert snapshot and digests(out) == snapshot and json.load(open(out / 'last.json'))['epoch'] == 1
-    assert not [f for f in os.listdir(out) if '.tmp' in f or f == atomic.JOURNAL]
+    assert not [f for f in os.listdir(out) if '.tmp' in f or f == checkpoint.JOURNAL]
 
 
 # -------------------------------------------------------------------------------------- data faults
@@ -429,8 +429,8 @@ FAULTS = ['truncated', 'corrupt', 'another model', 'another class count', 'missi
 # fine-tuning from another class count is not an error for -pretrained (the classifier restarts)
 # nor for convert (the classifier is left out with a notice); a timm Mixer checkpoint is the
 # "another model" source for convert
-FAULT_WORDS = {'truncated': 'truncated or corrupt|not a Paddle weights file|could not be read',
-               'corrupt': 'truncated or corrupt|not a Paddle weights file|could not be read|neither a PyTorch',
+FAULT_WORDS = {'truncated': 'truncated or corrupt',
+               'corrupt': 'truncated or corrupt|neither a PyTorch',
                'another model': 'does not fit|is a checkpoint for converter',
                'another class count': r'trained for 7 classes|\[64, 7\]', 'missing': 'does not exist'}
 CASES = [(c, f) for c in COMMANDS for f in FAULTS
@@ -447,6 +447,23 @@ def test_bad_checkpoint_is_one_sentence(tmp_path, capsys, bad_checkpoints, comma
     assert code == 2 and re.search(FAULT_WORDS[fault], line), line
     named = 'last.pdparams' if command == 'train -resume' else os.path.basename(weights)
     assert f"{named}'" in line, line
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize('fault', FAULTS)
+def test_the_same_bad_file_gets_the_same_sentence_in_every_command(tmp_path, capsys, bad_checkpoints, fault):
+    """Every command that reads Paddle weights reads them through mobileformer.checkpoint."""
+    sentences = {}
+    for command, (family, main, argv) in COMMANDS.items():
+        if family != 'mf' or (command, fault) not in CASES:
+            continue
+        weights, folder = bad_checkpoints[family, fault], tmp_path / command.replace(' ', '_')
+        folder.mkdir()
+        _, _, err = run_main(main, argv(weights, folder), capsys)
+        line = one_error_line(err)
+        named = re.escape(str(tmp_path / 'train_-resume' / 'last.pdparams')) + '|' + re.escape(weights)
+        sentences[command] = re.sub(named, 'FILE', line)
+    assert len(sentences) >= 4 and len(set(sentences.values())) == 1, sentences
 
 
 @pytest.mark.timeout(120)
@@ -486,10 +503,10 @@ def test_debug_switch_shows_the_traceback(tmp_path, capsys, monkeypatch, bad_che
     quiet = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     errors = [line for line in quiet.stderr.splitlines() if line.startswith('error: ')]
     assert quiet.returncode == 2 and 'Traceback' not in quiet.stderr and len(errors) == 1
-    assert 'could not be read as a Paddle state dict' in errors[0]
+    assert 'is truncated or corrupt' in errors[0]
     loud = subprocess.run(command + ['--debug'], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert loud.returncode == 1 and 'Traceback (most recent call last)' in loud.stderr
-    assert 'could not be read as a Paddle state dict' in loud.stderr.strip().splitlines()[-1]
+    assert 'is truncated or corrupt' in loud.stderr.strip().splitlines()[-1]
 
 
 # ------------------------------------------------------------------------------ input validation

@@ -12,7 +12,7 @@ from mobileformer.layers import count_trainable, re_parameterize_model
 from mobileformer.registry import converters
 from mobileformer.reparam import reparameterize_checkpoint
 from mobileformer.repmlp_resnet import RepMLP, official_repmlp_to_paddle
-from mobileformer.weights import check_state
+from mobileformer.checkpoint import check_state
 from rep_utils import (constant_init, eval_output, lazy_model, load_fixture, randomise_batchnorms, reference_keys,
                        relative_error, state_shapes, synthetic_state)
 

@@ -1,0 +1,247 @@
+"""Weights and checkpoint files: one reader, one checker, one crash-safe writer for every command.
+
+Reading: `read_file` (paddle.load or JSON) and `read_state_dict` (a `.pdparams` as numpy arrays,
+also when a training checkpoint nests it under `model` or `state_dict`) say what is wrong with a
+file in one sentence, the same sentence in every command.
+
+Checking: `fit_state` compares a state dict with a model. Strictly, every key and shape must match
+(evaluation, export, prediction, folding, resuming); with `drop_classifier`, the layer the model's
+`get_classifier()` names may have been trained for another class count and is left out
+(fine-tuning). Any other difference names the tensor and both shapes.
+
+Writing: `write_file` writes one file atomically (a temporary next to it, flushed, then renamed).
+`write_together` commits a set of files (weights, optimizer, EMA, the JSON record) as one unit with
+a redo journal: every file is first written in full to a temporary and flushed; then a journal
+naming the renames is written atomically; then the renames happen and the journal is deleted. A
+process killed at any point leaves either the previous set (no journal yet: `recover` deletes the
+temporaries) or the new one (`recover` finishes the renames), never a mix of epochs or a
+half-written file.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+
+JOURNAL = 'checkpoint.journal'
+_TEMPORARY = re.compile(r'\.tmp\d+$')
+_LISTED = 8  # keys named per kind of problem before "... and N more"
+
+StateDict = Dict[str, np.ndarray]
+
+
+# ------------------------------------------------------------------------------------------ reading
+def read_file(path: str, **load_kwargs):
+    """paddle.load (json for .json) of `path`, with one sentence for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint file '{path}' does not exist; check the path")
+    try:
+        if path.endswith('.json'):
+            with open(path, encoding='utf-8') as f:
+                return json.load(f)
+        return paddle.load(path, **load_kwargs)
+    except Exception as e:  # paddle raises assorted types on a truncated or foreign file
+        raise ValueError(f"checkpoint file '{path}' is truncated or corrupt ({type(e).__name__}); replace it, "
+                         'or convert PyTorch weights with python -m mobileformer.convert') from None
+
+
+def read_state_dict(path: str) -> StateDict:
+    """The weights in a `.pdparams` file (`path` may omit the suffix) as numpy arrays."""
+    if not path.endswith('.pdparams') and os.path.exists(path + '.pdparams'):
+        path += '.pdparams'
+    state = read_file(path, return_numpy=True)
+    for key in ('model', 'state_dict'):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
+        raise ValueError(f"checkpoint file '{path}' does not hold a state dict of weights; pass a .pdparams "
+                         'file written by paddle.save(model.state_dict())')
+    return state
+
+
+# ----------------------------------------------------------------------------------------- checking
+def list_names(keys: Iterable[str], limit: int = _LISTED) -> str:
+    """The first `limit` names, comma-separated, then "... and N more"."""
+    keys = list(keys)
+    more = f' ... and {len(keys) - limit} more' if len(keys) > limit else ''
+    return ', '.join(keys[:limit]) + more
+
+
+def state_shapes(model: nn.Layer) -> Dict[str, tuple]:
+    return {name: tuple(value.shape) for name, value in model.state_dict().items()}
+
+
+def classifier_keys(model: nn.Layer) -> List[str]:
+    """The state-dict keys of `model.get_classifier()`."""
+    classifier = model.get_classifier()
+    prefix = next(name for name, layer in model.named_sublayers() if layer is classifier)
+    return [f'{prefix}.{key}' for key in classifier.state_dict()]
+
+
+def classifier_to_drop(state: Mapping[str, np.ndarray], model: nn.Layer) -> Tuple[List[str], Optional[int]]:
+    """The classifier entries of `state` trained for another class count than `model` has, and
+    that class count; ([], None) when the classifier fits."""
+    expected = state_shapes(model)
+    keys = [k for k in classifier_keys(model) if k in state and tuple(np.shape(state[k])) != expected[k]]
+    if not keys:
+        return [], None
+    return keys, int(np.shape(state[keys[0]])[-1])  # a Paddle Linear: weight [in, classes], bias [classes]
+
+
+def check_state(state: Mapping[str, np.ndarray], model: nn.Layer, what: str, allow_missing: Iterable[str] = (),
+                hint: Optional[str] = None) -> None:
+    """Raises one ValueError listing every missing (beyond `allow_missing`), unexpected and
+    mis-shaped key of `state`, ending with `hint` (default: check that the config matches)."""
+    expected, allowed = state_shapes(model), set(allow_missing)
+    missing = [k for k in expected if k not in state and k not in allowed]
+    unexpected = [k for k in state if k not in expected]
+    wrong = {k: (tuple(np.shape(state[k])), expected[k]) for k in state
+             if k in expected and tuple(np.shape(state[k])) != expected[k]}
+    problems = []
+    if missing:
+        problems.append(f'{len(missing)} missing ({list_names(missing)})')
+    if unexpected:
+        problems.append(f'{len(unexpected)} unexpected ({list_names(unexpected)})')
+    if wrong:
+        problems.append(f'{len(wrong)} with a wrong shape ('
+                        + list_names(f'{k}: {list(a)} vs model {list(b)}' for k, (a, b) in wrong.items()) + ')')
+    if problems:
+        raise ValueError(f'{what} does not fit the model: ' + '; '.join(problems)
+                         + '; ' + (hint or 'check that the config matches the weights'))
+
+
+def fit_state(state: StateDict, model: nn.Layer, path: str, drop_classifier: bool = False) -> Tuple[StateDict, List[str], Optional[int]]:
+    """(`state` ready for `model.set_state_dict`, the classifier keys left out, their class count).
+    Without `drop_classifier` a classifier for another class count is an error naming both counts."""
+    dropped, classes = classifier_to_drop(state, model)
+    if dropped and not drop_classifier:
+        ours = state_shapes(model)[dropped[0]][-1]
+        raise ValueError(f"'{path}' was trained for {classes} classes but MODEL.NUM_CLASSES is {ours}; pass "
+                         f'-opts MODEL.NUM_CLASSES {classes} or a matching checkpoint')
+    kept = {k: v for k, v in state.items() if k not in dropped}
+    check_state(kept, model, f"'{path}'", allow_missing=dropped, hint='check that -cfg matches the checkpoint')
+    return cast_like(kept, model), dropped, classes
+
+
+def cast_like(state: Mapping[str, np.ndarray], model: nn.Layer) -> StateDict:
+    """`state` with each array in the dtype of the model's tensor (e.g. float64 -> float32)."""
+    dtypes = {k: np.dtype(str(v.dtype).split('.')[-1]) for k, v in model.state_dict().items()}
+    return {k: np.asarray(v).astype(dtypes.get(k, np.asarray(v).dtype), copy=False) for k, v in state.items()}
+
+
+def load_weights(model: nn.Layer, path: str, drop_classifier: bool = False,
+                 log: Callable[[str], None] = print) -> List[str]:
+    """Loads the `.pdparams` at `path` into `model` after `fit_state`; a classifier left out for
+    fine-tuning is announced through `log`. Returns the keys left out."""
+    state, dropped, classes = fit_state(read_state_dict(path), model, path, drop_classifier)
+    model.set_state_dict(state)
+    if dropped:
+        log(f"Notice: '{path}' was trained for {classes} classes, the model has "
+            f'{state_shapes(model)[dropped[0]][-1]}: the classifier ({", ".join(dropped)}) starts from scratch '
+            '(fine-tuning).')
+    return dropped
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _fsync(path: str) -> None:
+    with open(path, 'rb+') as f:
+        os.fsync(f.fileno())
+
+
+def _write(obj, path: str, as_json: bool) -> None:
+    """Writes `obj` (as JSON or with paddle.save) and flushes it to disk."""
+    if as_json:
+        with open(path, 'w', encoding='utf-8') as f:
+            json.dump(obj, f, indent=1)
+    else:
+        paddle.save(obj, path)
+    _fsync(path)
+
+
+def temporary_path(path: str) -> str:
+    return f'{path}.tmp{os.getpid()}'
+
+
+def write_file(obj, path: str) -> None:
+    """Writes one file atomically: in full to a temporary next to `path`, flushed, then renamed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = temporary_path(path)
+    try:
+        _write(obj, temporary, as_json=path.endswith('.json'))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def save_weights(state: Mapping[str, np.ndarray], path: str) -> None:
+    """paddle.save of a state dict (numpy or tensors) that never leaves `path` half written."""
+    write_file({k: paddle.to_tensor(v) for k, v in state.items()}, path)
+
+
+def write_together(items: Dict[str, object], before_commit: Optional[Callable[[], None]] = None) -> None:
+    """Commits every `{path: object}` at once (see the module docstring). All paths share a folder.
+    On an error (e.g. a full disk) the temporaries are removed and the previous files stay.
+    `before_commit` runs with every temporary written, just before the commit point."""
+    folder = os.path.dirname(os.path.abspath(next(iter(items))))
+    renames = {}
+    try:
+        for path, obj in items.items():
+            renames[temporary_path(path)] = os.path.abspath(path)
+            _write(obj, temporary_path(path), as_json=path.endswith('.json'))
+        if before_commit is not None:
+            before_commit()
+        journal = os.path.join(folder, JOURNAL)
+        _write(renames, temporary_path(journal), as_json=True)
+        os.replace(temporary_path(journal), journal)  # the commit point
+    except BaseException:
+        for temporary in renames:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        raise
+    recover(folder)
+
+
+def recover(folder: str) -> List[str]:
+    """Completes a commit whose journal exists and deletes temporaries of an uncommitted one;
+    returns the files it renamed into place (empty when there was nothing to finish)."""
+    journal = os.path.join(folder, JOURNAL)
+    renamed = []
+    if os.path.exists(journal):
+        with open(journal, encoding='utf-8') as f:
+            renames = json.load(f)
+        for temporary, target in renames.items():
+            if os.path.exists(temporary):  # absent: renamed before the interruption
+                os.replace(temporary, target)
+                renamed.append(target)
+        os.remove(journal)
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if _TEMPORARY.search(name):
+                os.remove(os.path.join(folder, name))
+    return renamed
+
+
+def check_writable(folder: str) -> None:
+    """Creates `folder` and writes, flushes and deletes a small file in it, so a read-only folder or
+    a full disk is reported before training starts rather than at the first checkpoint."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise OSError(f"the output folder '{folder}' is a file; pass -output with a folder") from None
+    probe = os.path.join(folder, temporary_path('.write_test'))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, 'wb') as f:
+            f.write(b'\0' * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        remedy = ('free disk space or pass -output with a folder on another disk'
+                  if e.errno in (errno.ENOSPC, errno.EDQUOT) else 'pass -output with a writable folder')
+        raise OSError(f"cannot write to the output folder '{folder}' ({e.strerror or e}); {remedy}") from None
