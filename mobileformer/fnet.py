@@ -19,8 +19,8 @@ from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError
 from mobileformer.registry import register_madds
-from mobileformer.layers import DropPath, drop_path_rates
-from mobileformer.mlp_mixer import Mlp, PatchEmbed, num_patches
+from mobileformer.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
+from mobileformer.mlp_mixer import num_patches
 from mobileformer.registry import register_model
 
 I = nn.initializer

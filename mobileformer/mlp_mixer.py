@@ -22,23 +22,10 @@ import paddle.nn as nn
 from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError, _C
-from mobileformer.layers import DropPath, drop_path_rates
+from mobileformer.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
 from mobileformer.registry import register_converter, register_model
 
 I = nn.initializer
-
-
-class Mlp(nn.Layer):
-    """Linear -> exact GELU -> Linear (timm `Mlp`)."""
-
-    def __init__(self, in_features: int, hidden_features: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()  # erf form, as the references
-        self.fc2 = nn.Linear(hidden_features, in_features)
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 def _over_tokens(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
@@ -137,17 +124,6 @@ class ResBlock(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         x = x + self.drop_path(self.ls1 * _over_tokens(self.linear_tokens, self.norm1(x)))
         return x + self.drop_path(self.ls2 * self.mlp_channels(self.norm2(x)))
-
-
-class PatchEmbed(nn.Layer):
-    """Non-overlapping P x P patches -> C channels (conv with bias): [B, 3, S, S] -> [B, N, C]."""
-
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: int):
-        super().__init__()
-        self.proj = nn.Conv2D(in_channels, embed_dim, patch_size, stride=patch_size)
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.proj(x).flatten(2).transpose([0, 2, 1])
 
 
 class MlpMixer(nn.Layer):

@@ -32,7 +32,8 @@ from yacs.config import CfgNode
 from mobileformer.config import ConfigError
 from mobileformer.registry import register_madds
 from mobileformer.cpu_ops import dynamic_relu
-from mobileformer.layers import DepthwiseConv2D, DropPath, drop_path_rates, fuse_conv_bn
+from mobileformer.layers import DepthwiseConv2D, DropPath, drop_path_rates
+from mobileformer.model_utils import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
 from mobileformer.weights import list_names
 
@@ -64,7 +65,7 @@ def _linear(in_features: int, out_features: int) -> nn.Linear:
                      bias_attr=paddle.ParamAttr(initializer=nn.initializer.Constant(0.0)))
 
 
-class ConvBN(nn.Layer):
+class ConvBNShuffle(nn.Layer):
     """Bias-free conv -> BatchNorm -> [channel shuffle]. Conv init N(0, sqrt(2 / (k*k*out)))."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
@@ -223,9 +224,9 @@ class LiteBlock(nn.Layer):
                  drop_path: float):
         super().__init__()
         hidden = in_channels * e1
-        self.dw = ConvBN(in_channels, hidden, 3, stride, groups=in_channels,
+        self.dw = ConvBNShuffle(in_channels, hidden, 3, stride, groups=in_channels,
                          shuffle_groups=in_channels if groups > 1 else 1)
-        self.pw = ConvBN(hidden, out_channels, groups=groups)
+        self.pw = ConvBNShuffle(hidden, out_channels, groups=groups)
         self.use_skip = stride == 1 and in_channels == out_channels
         self.drop_path = DropPath(drop_path)
 
@@ -242,11 +243,11 @@ class InvertedBottleneck(nn.Layer):
                  reduction: int):
         super().__init__()
         hidden = in_channels * e1
-        self.expand = ConvBN(in_channels, hidden, groups=groups, shuffle_groups=groups)
+        self.expand = ConvBNShuffle(in_channels, hidden, groups=groups, shuffle_groups=groups)
         self.act1 = DynamicReLU(hidden, token_dim, reduction)
-        self.dw = ConvBN(hidden, hidden, 3, groups=hidden)
+        self.dw = ConvBNShuffle(hidden, hidden, 3, groups=hidden)
         self.act2 = DynamicReLU(hidden, token_dim, reduction)
-        self.project = ConvBN(hidden, out_channels, groups=groups, shuffle_groups=groups)
+        self.project = ConvBNShuffle(hidden, out_channels, groups=groups, shuffle_groups=groups)
 
     def forward(self, x: paddle.Tensor, token: paddle.Tensor) -> paddle.Tensor:
         h = self.act1(self.expand(x), token)
@@ -263,14 +264,14 @@ class DownsampleBottleneck(nn.Layer):
         super().__init__()
         hidden1, hidden2 = in_channels * e1, out_channels * e2
         shuffle = groups > 1
-        self.dw1 = ConvBN(in_channels, hidden1, 3, 2, groups=in_channels,
+        self.dw1 = ConvBNShuffle(in_channels, hidden1, 3, 2, groups=in_channels,
                           shuffle_groups=in_channels if shuffle else 1)
         self.act1 = DynamicReLU(hidden1, token_dim, reduction)
-        self.pw1 = ConvBN(hidden1, out_channels, groups=groups)
-        self.dw2 = ConvBN(out_channels, hidden2, 3, groups=out_channels,
+        self.pw1 = ConvBNShuffle(hidden1, out_channels, groups=groups)
+        self.dw2 = ConvBNShuffle(out_channels, hidden2, 3, groups=out_channels,
                           shuffle_groups=out_channels if shuffle else 1)
         self.act2 = DynamicReLU(hidden2, token_dim, reduction)
-        self.pw2 = ConvBN(hidden2, out_channels, groups=groups)
+        self.pw2 = ConvBNShuffle(hidden2, out_channels, groups=groups)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: paddle.Tensor, token: paddle.Tensor) -> paddle.Tensor:
@@ -312,7 +313,7 @@ class ClassifierHead(nn.Layer):
                  dropout: float, num_classes: int):
         super().__init__()
         self.shuffle_groups = groups
-        self.conv = ConvBN(channels, channels * expansion, groups=groups)
+        self.conv = ConvBNShuffle(channels, channels * expansion, groups=groups)
         self.fc = _linear(channels * expansion + token_dim, hidden)
         self.norm = nn.BatchNorm1D(hidden, momentum=0.9, epsilon=1e-5)
         self.dropout = nn.Dropout(dropout)
@@ -335,7 +336,7 @@ class MobileFormer(nn.Layer):
         rows = validate_config(config)
         self.tokens = self.create_parameter([mf.NUM_TOKENS, mf.TOKEN_DIM],
                                             default_initializer=nn.initializer.Normal(0.0, 1.0))
-        self.stem = ConvBN(config.DATA.IN_CHANNELS, mf.STEM_CHANNELS, 3, 2)
+        self.stem = ConvBNShuffle(config.DATA.IN_CHANNELS, mf.STEM_CHANNELS, 3, 2)
         rates = drop_path_rates(config.MODEL.DROPPATH, len(rows))
         blocks, channels = [], mf.STEM_CHANNELS
         for (kind, e1, out, stride, e2), rate in zip(rows, rates):

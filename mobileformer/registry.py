@@ -11,7 +11,7 @@ import paddle.nn as nn
 from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError
-from mobileformer.layers import has_foldable_layers
+from mobileformer.model_utils import has_foldable_layers
 
 Builder = Callable[[CfgNode], nn.Layer]
 StateDict = Mapping[str, np.ndarray]

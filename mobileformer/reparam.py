@@ -17,7 +17,7 @@ import paddle
 import paddle.nn as nn
 
 from mobileformer import build_model, cli, get_config
-from mobileformer.layers import has_foldable_layers, re_parameterize_model
+from mobileformer.model_utils import has_foldable_layers, re_parameterize_model
 from mobileformer.weights import save_atomic
 
 

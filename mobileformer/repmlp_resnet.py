@@ -21,7 +21,7 @@ import paddle.nn.functional as F
 from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError
-from mobileformer.layers import fuse_conv_bn
+from mobileformer.model_utils import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
 from mobileformer.rep_layers import (FoldableConvBN, PartitionFC3, check_rep_config, deploy_layout_hint,
                                      torch_to_paddle_state)

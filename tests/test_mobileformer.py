@@ -10,7 +10,8 @@ from conftest import CONFIGS, FIXTURES
 
 from mobileformer import ConfigError, build_mformer, build_model, get_config
 from mobileformer.flops import count_madds
-from mobileformer.layers import DepthwiseConv2D, count_trainable
+from mobileformer.layers import DepthwiseConv2D
+from mobileformer.model_utils import count_trainable
 from mobileformer.mobile_former import DynamicReLU, MobileFormerBlock, convert_official
 from mobileformer.registry import converters
 from mobileformer.weights import check_state
