@@ -18,10 +18,9 @@ import paddle.nn as nn
 from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError
-from mobileformer.registry import register_madds
 from mobileformer.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
 from mobileformer.mlp_mixer import num_patches
-from mobileformer.registry import register_model
+from mobileformer.registry import register_madds, register_model
 
 I = nn.initializer
 
@@ -94,7 +93,18 @@ class FNet(nn.Layer):
         return self.head(self.head_drop(x.mean(axis=1)))
 
 
-@register_model('fnet')
+# MODEL.FNET (docs/fnet.md): patch embedding + learned position embedding, Fourier-mixing post-norm
+# blocks.
+FNET_DEFAULTS = CfgNode({
+    'PATCH_SIZE': 16,
+    'EMBED_DIM': 512,
+    'DEPTH': 8,
+    'MLP_RATIO': 4.0,
+})
+
+
+@register_model('fnet', defaults={'FNET': FNET_DEFAULTS},
+                reduced=['DATA.IMAGE_SIZE', 64, 'MODEL.FNET.DEPTH', 2, 'MODEL.FNET.EMBED_DIM', 64])
 def build_fnet(config: CfgNode) -> FNet:
     f = config.MODEL.FNET
     return FNet(config.DATA.IN_CHANNELS, config.DATA.IMAGE_SIZE, f.PATCH_SIZE, f.EMBED_DIM, f.DEPTH,

@@ -21,7 +21,7 @@ import paddle
 import paddle.nn as nn
 from yacs.config import CfgNode
 
-from mobileformer.config import ConfigError, _C
+from mobileformer.config import ConfigError
 from mobileformer.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
 from mobileformer.registry import register_converter, register_model
 
@@ -189,6 +189,20 @@ def init_deit_resmlp(model: MlpMixer) -> None:
 
 # ---- builders -------------------------------------------------------------------------------
 
+# MODEL.MIXER (docs/mlp_mixer.md), one subtree for the three block types (MODEL.TYPE).
+# TOKEN_MLP_RATIO (Mixer only) sizes the token MLP from EMBED_DIM (timm); MLP_RATIO is the channel
+# MLP (gMLP: fc1 width, half of it gates); LAYERSCALE_INIT is ResMLP's.
+MIXER_DEFAULTS = CfgNode({
+    'PATCH_SIZE': 16,
+    'EMBED_DIM': 512,
+    'DEPTH': 8,
+    'TOKEN_MLP_RATIO': 0.5,
+    'MLP_RATIO': 4.0,
+    'LAYERSCALE_INIT': 0.1,
+})
+# Same blocks (patch size, ratios, block type), fewer and narrower, on a smaller input.
+_REDUCED = ['DATA.IMAGE_SIZE', 64, 'MODEL.MIXER.DEPTH', 2, 'MODEL.MIXER.EMBED_DIM', 64]
+
 def num_patches(image_size: int, patch_size: int, patch_key: str) -> int:
     """Tokens per image; the token-mixing weights are N x N, so N is fixed at build time."""
     if patch_size <= 0 or image_size % patch_size:
@@ -201,7 +215,7 @@ def _reject_unused(config: CfgNode, keys: Iterable[str]) -> None:
     """Keys of the shared MODEL.MIXER subtree that this block type has no use for must keep their
     defaults: a value set there would otherwise be silently ignored."""
     for key in keys:
-        if config.MODEL.MIXER[key] != _C.MODEL.MIXER[key]:
+        if config.MODEL.MIXER[key] != MIXER_DEFAULTS[key]:
             raise ConfigError(f'MODEL.MIXER.{key} does not apply to MODEL.TYPE {config.MODEL.TYPE!r}; '
                               f'remove it from the config')
 
@@ -225,7 +239,7 @@ def _build(config: CfgNode, make_block: Callable[[int, int, float], nn.Layer], n
     return model
 
 
-@register_model('mixer')
+@register_model('mixer', defaults={'MIXER': MIXER_DEFAULTS}, reduced=_REDUCED)
 def build_mixer(config: CfgNode) -> MlpMixer:
     """MLP-Mixer (arXiv 2105.01601)."""
     _reject_unused(config, ['LAYERSCALE_INIT'])
@@ -236,7 +250,7 @@ def build_mixer(config: CfgNode) -> MlpMixer:
                   nn.LayerNorm(m.EMBED_DIM, epsilon=1e-6), init_timm_mixer)
 
 
-@register_model('gmlp')
+@register_model('gmlp', defaults={'MIXER': MIXER_DEFAULTS}, reduced=_REDUCED)
 def build_gmlp(config: CfgNode) -> MlpMixer:
     """gMLP (arXiv 2105.08050): MLP_RATIO sizes fc1; half of it is the gate."""
     _reject_unused(config, ['TOKEN_MLP_RATIO', 'LAYERSCALE_INIT'])
@@ -249,7 +263,7 @@ def build_gmlp(config: CfgNode) -> MlpMixer:
                   nn.LayerNorm(m.EMBED_DIM, epsilon=1e-6), init_timm_mixer)
 
 
-@register_model('resmlp')
+@register_model('resmlp', defaults={'MIXER': MIXER_DEFAULTS}, reduced=_REDUCED)
 def build_resmlp(config: CfgNode) -> MlpMixer:
     """ResMLP (arXiv 2105.03404), authors' init; LAYERSCALE_INIT 0.1 / 1e-5 / 1e-6 by depth."""
     _reject_unused(config, ['TOKEN_MLP_RATIO'])

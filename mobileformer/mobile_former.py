@@ -365,6 +365,22 @@ class MobileFormer(nn.Layer):
 
 # ----------------------------------------------------------------------------- configuration
 
+# MODEL.MF (docs/mobileformer.md, block table). Each BLOCKS row is [kind, e1, out_channels, stride, e2]
+# with kind in {lite, mf, down}; hidden = in*e1 (and out*e2 for the second expansion of a `down` block).
+MF_DEFAULTS = CfgNode({
+    'STEM_CHANNELS': 8,
+    'NUM_TOKENS': 3,
+    'TOKEN_DIM': 128,
+    'HEAD_HIDDEN': 1024,
+    'LAST_EXPANSION': 6,
+    'GROUPS': 1,
+    'BRIDGE_HEADS': 2,
+    'FORMER_HEADS': 4,
+    'FFN_RATIO': 2,
+    'DYRELU_REDUCTION': 4,
+    'BLOCKS': [],
+})
+
 Row = Tuple[str, int, int, int, int]
 
 
@@ -442,7 +458,7 @@ def validate_config(config: CfgNode) -> List[Row]:
     return rows
 
 
-@register_model('mobileformer')
+@register_model('mobileformer', defaults={'MF': MF_DEFAULTS})
 def build_mformer(config: CfgNode) -> MobileFormer:
     """Mobile-Former from `config.MODEL` (MF subtree, NUM_CLASSES, DROPOUT, DROPPATH) and DATA.IN_CHANNELS."""
     return MobileFormer(config)

@@ -178,7 +178,23 @@ def _check_config(config: CfgNode) -> None:
     check_rep_config(config, 'REPMLPNET', 'RepMLPNet')
 
 
-@register_model('repmlpnet')
+# MODEL.REPMLPNET (docs/repmlpnet.md). One entry per stage; PARTITIONS lists the partition size
+# h = w per stage, empty = each stage's feature-map size (IMAGE_SIZE / PATCH_SIZE / 2^i), i.e. one
+# partition per map as in all official configurations.
+REPMLPNET_DEFAULTS = CfgNode({
+    'PATCH_SIZE': 4,
+    'CHANNELS': [64, 128, 256, 512],
+    'DEPTHS': [2, 2, 6, 2],
+    'SHARESETS': [1, 4, 16, 128],
+    'PARTITIONS': [],
+    'REPARAM_KERNELS': [1, 3],
+    'GP_REDUCTION': 4,
+    'FFN_EXPAND': 4,
+})
+
+
+@register_model('repmlpnet', defaults={'REPMLPNET': REPMLPNET_DEFAULTS},
+                reduced=['DATA.IMAGE_SIZE', 64, 'MODEL.REPMLPNET.DEPTHS', [1, 1, 1, 1]])
 def build_repmlpnet(config: CfgNode) -> RepMLPNet:
     """RepMLPNet from MODEL.REPMLPNET; MODEL.DEPLOY builds the folded structure directly."""
     partitions = _stage_partitions(config)
