@@ -275,6 +275,14 @@ _UNIT_INTERVAL = {'DATA.CROP_PCT': (0.0, 1.0, '(0, 1]'), 'TRAIN.EMA_DECAY': (0.0
                   'AUG.HFLIP': (0.0, 1.0, '[0, 1]'), 'AUG.LABEL_SMOOTHING': (0.0, 1.0, '[0, 1)')}
 
 
+def check_patch_grid(image_size: int, patch_size: int, patch_key: str) -> None:
+    """For patch-token models (their token-mixing weights are N x N, so N is fixed at build time):
+    DATA.IMAGE_SIZE must be a multiple of the family's patch size, named `patch_key`."""
+    if patch_size <= 0 or image_size % patch_size:
+        raise ConfigError(f'DATA.IMAGE_SIZE {image_size} is not divisible by {patch_key} {patch_size}; '
+                          f'use an image size that is a multiple of the patch size')
+
+
 def _value(config: CN, key: str) -> Any:
     node = config
     for part in key.split('.'):

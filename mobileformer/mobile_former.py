@@ -38,6 +38,7 @@ from mobileformer.registry import register_converter, register_model
 from mobileformer.weights import list_names
 
 BLOCK_KINDS = ('lite', 'mf', 'down')
+Row = Tuple[str, int, int, int, int]  # (kind, e1, out_channels, stride, e2), one block
 _STRIDES = {'lite': (1, 2), 'mf': (1,), 'down': (2,)}
 
 
@@ -282,18 +283,19 @@ class DownsampleBottleneck(nn.Layer):
 class MobileFormerBlock(nn.Layer):
     """Mobile->Former bridge, Former, mobile branch, identity skip, Former->Mobile bridge."""
 
-    def __init__(self, kind: str, in_channels: int, e1: int, out_channels: int, e2: int,
-                 mf: CfgNode, drop_path: float):
+    def __init__(self, kind: str, in_channels: int, e1: int, out_channels: int, e2: int, token_dim: int,
+                 groups: int = 1, bridge_heads: int = 2, former_heads: int = 4, ffn_ratio: int = 2,
+                 dyrelu_reduction: int = 4, drop_path: float = 0.0):
         super().__init__()
-        d, groups = mf.TOKEN_DIM, mf.GROUPS
-        self.mobile_to_former = MobileToFormer(in_channels, d, mf.BRIDGE_HEADS, drop_path)
-        self.former = Former(d, mf.FORMER_HEADS, mf.FFN_RATIO, drop_path)
+        d = token_dim
+        self.mobile_to_former = MobileToFormer(in_channels, d, bridge_heads, drop_path)
+        self.former = Former(d, former_heads, ffn_ratio, drop_path)
         if kind == 'mf':
-            self.mobile = InvertedBottleneck(in_channels, e1, out_channels, groups, d, mf.DYRELU_REDUCTION)
+            self.mobile = InvertedBottleneck(in_channels, e1, out_channels, groups, d, dyrelu_reduction)
         else:
             self.mobile = DownsampleBottleneck(in_channels, e1, out_channels, e2, groups, d,
-                                               mf.DYRELU_REDUCTION, drop_path)
-        self.former_to_mobile = FormerToMobile(out_channels, d, mf.BRIDGE_HEADS, drop_path)
+                                               dyrelu_reduction, drop_path)
+        self.former_to_mobile = FormerToMobile(out_channels, d, bridge_heads, drop_path)
         self.use_skip = kind == 'mf' and in_channels == out_channels
         self.drop_path = DropPath(drop_path)
 
@@ -328,27 +330,33 @@ class ClassifierHead(nn.Layer):
 
 
 class MobileFormer(nn.Layer):
-    """Stem -> blocks (lite / mf / down) -> final Mobile->Former bridge -> head; returns logits."""
+    """Stem -> blocks (lite / mf / down) -> final Mobile->Former bridge -> head; returns logits.
 
-    def __init__(self, config: CfgNode):
+    `blocks` holds one row (kind, e1, out_channels, stride, e2) per block, kind in {lite, mf, down}
+    (docs/mobileformer.md); `build_mformer` checks them and the widths against the other sizes.
+    """
+
+    def __init__(self, blocks: Sequence[Row], stem_channels: int = 8, num_tokens: int = 3,
+                 token_dim: int = 128, head_hidden: int = 1024, last_expansion: int = 6, groups: int = 1,
+                 bridge_heads: int = 2, former_heads: int = 4, ffn_ratio: int = 2, dyrelu_reduction: int = 4,
+                 in_channels: int = 3, num_classes: int = 1000, dropout: float = 0.0, drop_path: float = 0.0):
         super().__init__()
-        mf = config.MODEL.MF
-        rows = validate_config(config)
-        self.tokens = self.create_parameter([mf.NUM_TOKENS, mf.TOKEN_DIM],
+        self.tokens = self.create_parameter([num_tokens, token_dim],
                                             default_initializer=nn.initializer.Normal(0.0, 1.0))
-        self.stem = ConvBNShuffle(config.DATA.IN_CHANNELS, mf.STEM_CHANNELS, 3, 2)
-        rates = drop_path_rates(config.MODEL.DROPPATH, len(rows))
-        blocks, channels = [], mf.STEM_CHANNELS
-        for (kind, e1, out, stride, e2), rate in zip(rows, rates):
+        self.stem = ConvBNShuffle(in_channels, stem_channels, 3, 2)
+        rates = drop_path_rates(drop_path, len(blocks))
+        former = dict(token_dim=token_dim, groups=groups, bridge_heads=bridge_heads, former_heads=former_heads,
+                      ffn_ratio=ffn_ratio, dyrelu_reduction=dyrelu_reduction)
+        layers, channels = [], stem_channels
+        for (kind, e1, out, stride, e2), rate in zip(blocks, rates):
             if kind == 'lite':
-                blocks.append(LiteBlock(channels, e1, out, stride, mf.GROUPS, rate))
+                layers.append(LiteBlock(channels, e1, out, stride, groups, rate))
             else:
-                blocks.append(MobileFormerBlock(kind, channels, e1, out, e2, mf, rate))
+                layers.append(MobileFormerBlock(kind, channels, e1, out, e2, drop_path=rate, **former))
             channels = out
-        self.blocks = nn.LayerList(blocks)
-        self.final_bridge = MobileToFormer(channels, mf.TOKEN_DIM, mf.BRIDGE_HEADS, config.MODEL.DROPPATH)
-        self.head = ClassifierHead(channels, mf.LAST_EXPANSION, mf.TOKEN_DIM, mf.HEAD_HIDDEN,
-                                   mf.GROUPS, config.MODEL.DROPOUT, config.MODEL.NUM_CLASSES)
+        self.blocks = nn.LayerList(layers)
+        self.final_bridge = MobileToFormer(channels, token_dim, bridge_heads, drop_path)
+        self.head = ClassifierHead(channels, last_expansion, token_dim, head_hidden, groups, dropout, num_classes)
 
     def get_classifier(self) -> nn.Linear:
         """The layer mapping features to class logits (replaced when fine-tuning on other classes)."""
@@ -380,8 +388,6 @@ MF_DEFAULTS = CfgNode({
     'DYRELU_REDUCTION': 4,
     'BLOCKS': [],
 })
-
-Row = Tuple[str, int, int, int, int]
 
 
 def _positive_int(value, what: str) -> int:
@@ -461,7 +467,11 @@ def validate_config(config: CfgNode) -> List[Row]:
 @register_model('mobileformer', defaults={'MF': MF_DEFAULTS})
 def build_mformer(config: CfgNode) -> MobileFormer:
     """Mobile-Former from `config.MODEL` (MF subtree, NUM_CLASSES, DROPOUT, DROPPATH) and DATA.IN_CHANNELS."""
-    return MobileFormer(config)
+    rows, mf = validate_config(config), config.MODEL.MF
+    return MobileFormer(rows, mf.STEM_CHANNELS, mf.NUM_TOKENS, mf.TOKEN_DIM, mf.HEAD_HIDDEN, mf.LAST_EXPANSION,
+                        mf.GROUPS, mf.BRIDGE_HEADS, mf.FORMER_HEADS, mf.FFN_RATIO, mf.DYRELU_REDUCTION,
+                        config.DATA.IN_CHANNELS, config.MODEL.NUM_CLASSES, config.MODEL.DROPOUT,
+                        config.MODEL.DROPPATH)
 
 
 # ----------------------------------------------------------------------------- weight converter
