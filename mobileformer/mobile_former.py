@@ -30,11 +30,10 @@ import paddle.nn.functional as F
 from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError
-from mobileformer.registry import register_madds
 from mobileformer.cpu_ops import dynamic_relu
 from mobileformer.layers import DepthwiseConv2D, DropPath, drop_path_rates
 from mobileformer.model_utils import fuse_conv_bn
-from mobileformer.registry import register_converter, register_model
+from mobileformer.registry import register_converter, register_madds, register_model
 from mobileformer.weights import list_names
 
 BLOCK_KINDS = ('lite', 'mf', 'down')
@@ -226,7 +225,7 @@ class LiteBlock(nn.Layer):
         super().__init__()
         hidden = in_channels * e1
         self.dw = ConvBNShuffle(in_channels, hidden, 3, stride, groups=in_channels,
-                         shuffle_groups=in_channels if groups > 1 else 1)
+                                shuffle_groups=in_channels if groups > 1 else 1)
         self.pw = ConvBNShuffle(hidden, out_channels, groups=groups)
         self.use_skip = stride == 1 and in_channels == out_channels
         self.drop_path = DropPath(drop_path)
@@ -266,11 +265,11 @@ class DownsampleBottleneck(nn.Layer):
         hidden1, hidden2 = in_channels * e1, out_channels * e2
         shuffle = groups > 1
         self.dw1 = ConvBNShuffle(in_channels, hidden1, 3, 2, groups=in_channels,
-                          shuffle_groups=in_channels if shuffle else 1)
+                                 shuffle_groups=in_channels if shuffle else 1)
         self.act1 = DynamicReLU(hidden1, token_dim, reduction)
         self.pw1 = ConvBNShuffle(hidden1, out_channels, groups=groups)
         self.dw2 = ConvBNShuffle(out_channels, hidden2, 3, groups=out_channels,
-                          shuffle_groups=out_channels if shuffle else 1)
+                                 shuffle_groups=out_channels if shuffle else 1)
         self.act2 = DynamicReLU(hidden2, token_dim, reduction)
         self.pw2 = ConvBNShuffle(hidden2, out_channels, groups=groups)
         self.drop_path = DropPath(drop_path)

@@ -14,6 +14,10 @@ from mobileformer.repmlpnet import RepMLPNet
 
 MF_ROWS = [('lite', 3, 12, 2, 0), ('down', 6, 16, 2, 4), ('mf', 4, 16, 1, 0)]
 SMALL_MIXER = ['DATA.IMAGE_SIZE', 32, 'MODEL.MIXER.PATCH_SIZE', 8, 'MODEL.MIXER.EMBED_DIM', 32, 'MODEL.MIXER.DEPTH', 2]
+SMALL_REPMLPNET = ['DATA.IMAGE_SIZE', 32, 'MODEL.REPMLPNET.CHANNELS', [8, 16, 32, 64],
+                   'MODEL.REPMLPNET.DEPTHS', [1, 1, 1, 1], 'MODEL.REPMLPNET.SHARESETS', [1, 2, 4, 8]]
+# channels, depths, partitions (each stage's map at 32 px: 8, 4, 2, 1), sharesets, kernels
+REPMLPNET_ARGS = ([8, 16, 32, 64], [1, 1, 1, 1], [8, 4, 2, 1], [1, 2, 4, 8], [1, 3])
 
 # name: (-opts for build_model, the same model from the class)
 CASES = {
@@ -32,15 +36,10 @@ CASES = {
     'fnet': (['MODEL.TYPE', 'fnet', 'DATA.IMAGE_SIZE', 32, 'MODEL.FNET.PATCH_SIZE', 8, 'MODEL.FNET.EMBED_DIM', 32,
               'MODEL.FNET.DEPTH', 2, 'MODEL.FNET.MLP_RATIO', 2.0],
              lambda: FNet(3, 32, 8, 32, 2, 2.0, 1000)),
-    'repmlpnet': (['MODEL.TYPE', 'repmlpnet', 'DATA.IMAGE_SIZE', 32, 'MODEL.REPMLPNET.CHANNELS', [8, 16, 32, 64],
-                   'MODEL.REPMLPNET.DEPTHS', [1, 1, 1, 1], 'MODEL.REPMLPNET.SHARESETS', [1, 2, 4, 8],
-                   'MODEL.NUM_CLASSES', 10],
-                  lambda: RepMLPNet([8, 16, 32, 64], [1, 1, 1, 1], [8, 4, 2, 1], [1, 2, 4, 8], [1, 3], num_classes=10)),
-    'repmlpnet_deploy': (['MODEL.TYPE', 'repmlpnet', 'DATA.IMAGE_SIZE', 32, 'MODEL.REPMLPNET.CHANNELS', [8, 16, 32, 64],
-                          'MODEL.REPMLPNET.DEPTHS', [1, 1, 1, 1], 'MODEL.REPMLPNET.SHARESETS', [1, 2, 4, 8],
-                          'MODEL.DEPLOY', True],
-                         lambda: RepMLPNet([8, 16, 32, 64], [1, 1, 1, 1], [8, 4, 2, 1], [1, 2, 4, 8], [1, 3],
-                                           deploy=True)),
+    'repmlpnet': (['MODEL.TYPE', 'repmlpnet'] + SMALL_REPMLPNET + ['MODEL.NUM_CLASSES', 10],
+                  lambda: RepMLPNet(*REPMLPNET_ARGS, num_classes=10)),
+    'repmlpnet_deploy': (['MODEL.TYPE', 'repmlpnet'] + SMALL_REPMLPNET + ['MODEL.DEPLOY', True],
+                         lambda: RepMLPNet(*REPMLPNET_ARGS, deploy=True)),
     'repmlp_resnet': (['MODEL.TYPE', 'repmlp_resnet', 'DATA.IMAGE_SIZE', 64, 'MODEL.REPMLP_RESNET.DEPTHS', [1, 2, 2, 1],
                        'MODEL.REPMLP_RESNET.PARTITION', 4],
                       lambda: RepMLPResNet([1, 2, 2, 1], 'light', 64, 4, [1, 3, 5], 1, 4, [2, 4])),
