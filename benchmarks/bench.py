@@ -38,7 +38,7 @@ from mobileformer import build_model, get_config  # noqa: E402  (after the path)
 from mobileformer.cpu import keep_freed_memory  # noqa: E402
 from mobileformer.deploy import INFERENCE_PREFIX, InferenceModel, build_for_inference, export_inference  # noqa: E402
 from mobileformer.flops import count_madds  # noqa: E402
-from mobileformer.layers import count_trainable  # noqa: E402
+from mobileformer.model_utils import count_trainable  # noqa: E402
 
 INFERENCE_MODES = ('dygraph', 'static', 'inference')
 TRAIN_MODES = ('train', 'train_static')

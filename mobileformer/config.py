@@ -1,7 +1,8 @@
 """Configuration: defaults in code < YAML file (with `_BASE_` inheritance) < command-line overrides.
 
-Every key that exists is read by some builder; a key that does not exist here is rejected with its
-full name and the file it came from, so a typo never silently falls back to a default.
+Every key that exists is read by some builder; a key that does not exist here or in a registered
+family's subtree is rejected with its full name and the file it came from, so a typo never silently
+falls back to a default.
 """
 from __future__ import annotations
 
@@ -61,67 +62,8 @@ _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROPOUT = 0.0
 _C.MODEL.DROPPATH = 0.0
 _C.MODEL.DEPLOY = False
-
-# Mobile-Former (docs/mobileformer.md, block table). Each BLOCKS row is
-# [kind, e1, out_channels, stride, e2] with kind in {lite, mf, down}; hidden = in*e1 (and out*e2
-# for the second expansion of a `down` block).
-_C.MODEL.MF = CN()
-_C.MODEL.MF.STEM_CHANNELS = 8
-_C.MODEL.MF.NUM_TOKENS = 3
-_C.MODEL.MF.TOKEN_DIM = 128
-_C.MODEL.MF.HEAD_HIDDEN = 1024
-_C.MODEL.MF.LAST_EXPANSION = 6
-_C.MODEL.MF.GROUPS = 1
-_C.MODEL.MF.BRIDGE_HEADS = 2
-_C.MODEL.MF.FORMER_HEADS = 4
-_C.MODEL.MF.FFN_RATIO = 2
-_C.MODEL.MF.DYRELU_REDUCTION = 4
-_C.MODEL.MF.BLOCKS = []
-
-# MLP-Mixer, gMLP and ResMLP (docs/mlp_mixer.md), one timm-style skeleton whose block type is
-# MODEL.TYPE. TOKEN_MLP_RATIO (Mixer only) sizes the token MLP from EMBED_DIM (timm);
-# MLP_RATIO is the channel MLP (gMLP: fc1 width, half of it gates); LAYERSCALE_INIT is ResMLP's.
-_C.MODEL.MIXER = CN()
-_C.MODEL.MIXER.PATCH_SIZE = 16
-_C.MODEL.MIXER.EMBED_DIM = 512
-_C.MODEL.MIXER.DEPTH = 8
-_C.MODEL.MIXER.TOKEN_MLP_RATIO = 0.5
-_C.MODEL.MIXER.MLP_RATIO = 4.0
-_C.MODEL.MIXER.LAYERSCALE_INIT = 0.1
-
-# FNet image model (docs/fnet.md): patch embedding + learned position embedding, Fourier-mixing
-# post-norm blocks.
-_C.MODEL.FNET = CN()
-_C.MODEL.FNET.PATCH_SIZE = 16
-_C.MODEL.FNET.EMBED_DIM = 512
-_C.MODEL.FNET.DEPTH = 8
-_C.MODEL.FNET.MLP_RATIO = 4.0
-
-# RepMLPNet (docs/repmlpnet.md). One entry per stage; PARTITIONS lists the
-# partition size h = w per stage, empty = each stage's feature-map size (IMAGE_SIZE / PATCH_SIZE / 2^i),
-# i.e. one partition per map as in all official configurations.
-_C.MODEL.REPMLPNET = CN()
-_C.MODEL.REPMLPNET.PATCH_SIZE = 4
-_C.MODEL.REPMLPNET.CHANNELS = [64, 128, 256, 512]
-_C.MODEL.REPMLPNET.DEPTHS = [2, 2, 6, 2]
-_C.MODEL.REPMLPNET.SHARESETS = [1, 4, 16, 128]
-_C.MODEL.REPMLPNET.PARTITIONS = []
-_C.MODEL.REPMLPNET.REPARAM_KERNELS = [1, 3]
-_C.MODEL.REPMLPNET.GP_REDUCTION = 4
-_C.MODEL.REPMLPNET.FFN_EXPAND = 4
-
-# RepMLP-ResNet-50 (docs/repmlp_resnet.md). BLOCK: light | bottleneck | plain (the ResNet-50
-# baseline: the RepMLP keys below then have no effect). RepMLP blocks replace the stride-1 blocks of
-# stages 2 and 3 with PARTITION x PARTITION partitions; BOTTLENECK_R is the bottleneck flavour's extra
-# channel reduction r in stage 2 and stage 3.
-_C.MODEL.REPMLP_RESNET = CN()
-_C.MODEL.REPMLP_RESNET.BLOCK = 'light'
-_C.MODEL.REPMLP_RESNET.DEPTHS = [3, 4, 6, 3]
-_C.MODEL.REPMLP_RESNET.PARTITION = 7
-_C.MODEL.REPMLP_RESNET.REPARAM_KERNELS = [1, 3, 5]
-_C.MODEL.REPMLP_RESNET.FC1_FC2_REDUCTION = 1
-_C.MODEL.REPMLP_RESNET.FC3_GROUPS = 4
-_C.MODEL.REPMLP_RESNET.BOTTLENECK_R = [2, 4]
+# Each family's own subtree (MODEL.MF, MODEL.MIXER, ...) is declared beside its model and added by
+# `register_model_defaults` when the model module registers its builder (mobileformer.registry).
 
 _C.TRAIN = CN()
 _C.TRAIN.EPOCHS = 300
@@ -148,6 +90,16 @@ _C.TRAIN.AMP = False  # mixed precision on GPU (no effect on CPU)
 _C.TRAIN.EVAL_FREQ = 1  # evaluate every N epochs (and always after the last one)
 _C.TRAIN.SAVE_FREQ = 0  # also keep epoch_<N>.pdparams every N epochs; 0 keeps only last/best
 _C.TRAIN.LOG_FREQ = 10  # progress-bar update every N iterations
+
+
+def register_model_defaults(key: str, defaults: CN) -> None:
+    """Adds the subtree MODEL.<key> with `defaults` to the config defaults. Model types sharing a
+    subtree (Mixer, gMLP, ResMLP) register the same defaults again, which changes nothing."""
+    if key in _C.MODEL:
+        if _C.MODEL[key] != defaults:
+            raise ValueError(f'MODEL.{key} is declared twice with different defaults')
+        return
+    _C.MODEL[key] = defaults.clone()
 
 
 _BASE_KEY = '_BASE_'
@@ -319,6 +271,14 @@ _NON_NEGATIVE = ('DATA.NUM_WORKERS', 'TRAIN.WARMUP_EPOCHS', 'TRAIN.COOLDOWN_EPOC
                  'TRAIN.WEIGHT_DECAY', 'TRAIN.GRAD_CLIP', 'TRAIN.END_LR', 'TRAIN.WARMUP_START_LR')
 _UNIT_INTERVAL = {'DATA.CROP_PCT': (0.0, 1.0, '(0, 1]'), 'TRAIN.EMA_DECAY': (0.0, 1.0, '[0, 1)'),
                   'AUG.HFLIP': (0.0, 1.0, '[0, 1]'), 'AUG.LABEL_SMOOTHING': (0.0, 1.0, '[0, 1)')}
+
+
+def check_patch_grid(image_size: int, patch_size: int, patch_key: str) -> None:
+    """For patch-token models (their token-mixing weights are N x N, so N is fixed at build time):
+    DATA.IMAGE_SIZE must be a multiple of the family's patch size, named `patch_key`."""
+    if patch_size <= 0 or image_size % patch_size:
+        raise ConfigError(f'DATA.IMAGE_SIZE {image_size} is not divisible by {patch_key} {patch_size}; '
+                          f'use an image size that is a multiple of the patch size')
 
 
 def _value(config: CN, key: str) -> Any:

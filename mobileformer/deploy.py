@@ -18,7 +18,7 @@ from paddle.static import InputSpec
 from yacs.config import CfgNode
 
 from mobileformer.cpu import cpu_threads, keep_freed_memory
-from mobileformer.layers import re_parameterize_model
+from mobileformer.model_utils import re_parameterize_model
 from mobileformer.registry import build_model
 from mobileformer.checkpoint import load_weights
 

@@ -17,11 +17,9 @@ import paddle
 import paddle.nn as nn
 from yacs.config import CfgNode
 
-from mobileformer.config import ConfigError
-from mobileformer.registry import register_madds
-from mobileformer.layers import DropPath, drop_path_rates
-from mobileformer.mlp_mixer import Mlp, PatchEmbed, num_patches
-from mobileformer.registry import register_model
+from mobileformer.config import ConfigError, check_patch_grid
+from mobileformer.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
+from mobileformer.registry import register_madds, register_model
 
 I = nn.initializer
 
@@ -58,16 +56,17 @@ class FNetBlock(nn.Layer):
 
 
 class FNet(nn.Layer):
+    """Patch tokens + learned position embedding, `depth` Fourier blocks, token mean, dropout,
+    classifier; the Keras example's init. N = (image_size / patch_size)^2 tokens, fixed."""
+
     def __init__(self, in_channels: int, image_size: int, patch_size: int, embed_dim: int, depth: int,
                  mlp_ratio: float, num_classes: int, dropout: float = 0.0, drop_path: float = 0.0):
         super().__init__()
-        tokens = num_patches(image_size, patch_size, 'MODEL.FNET.PATCH_SIZE')
+        tokens = (image_size // patch_size) ** 2
         self.stem = PatchEmbed(in_channels, embed_dim, patch_size)
         self.pos_embed = self.create_parameter([1, tokens, embed_dim],
                                                default_initializer=I.TruncatedNormal(0.0, 0.02, a=-0.04, b=0.04))
         hidden = int(mlp_ratio * embed_dim)
-        if hidden <= 0:
-            raise ConfigError(f'MODEL.FNET.MLP_RATIO {mlp_ratio} gives an empty FFN; use a ratio > 0')
         self.blocks = nn.Sequential(*[FNetBlock(embed_dim, hidden, rate)
                                       for rate in drop_path_rates(drop_path, depth)])
         self.head_drop = nn.Dropout(dropout)
@@ -94,8 +93,22 @@ class FNet(nn.Layer):
         return self.head(self.head_drop(x.mean(axis=1)))
 
 
-@register_model('fnet')
+# MODEL.FNET (docs/fnet.md): patch embedding + learned position embedding, Fourier-mixing post-norm
+# blocks.
+FNET_DEFAULTS = CfgNode({
+    'PATCH_SIZE': 16,
+    'EMBED_DIM': 512,
+    'DEPTH': 8,
+    'MLP_RATIO': 4.0,
+})
+
+
+@register_model('fnet', defaults={'FNET': FNET_DEFAULTS},
+                reduced=['DATA.IMAGE_SIZE', 64, 'MODEL.FNET.DEPTH', 2, 'MODEL.FNET.EMBED_DIM', 64])
 def build_fnet(config: CfgNode) -> FNet:
     f = config.MODEL.FNET
+    check_patch_grid(config.DATA.IMAGE_SIZE, f.PATCH_SIZE, 'MODEL.FNET.PATCH_SIZE')
+    if int(f.MLP_RATIO * f.EMBED_DIM) <= 0:
+        raise ConfigError(f'MODEL.FNET.MLP_RATIO {f.MLP_RATIO} gives an empty FFN; use a ratio > 0')
     return FNet(config.DATA.IN_CHANNELS, config.DATA.IMAGE_SIZE, f.PATCH_SIZE, f.EMBED_DIM, f.DEPTH,
                 f.MLP_RATIO, config.MODEL.NUM_CLASSES, config.MODEL.DROPOUT, config.MODEL.DROPPATH)

@@ -1,4 +1,4 @@
-"""Layers and helpers shared by every model family."""
+"""Layers shared by more than one model family (helpers that act on a whole model: model_utils)."""
 from __future__ import annotations
 
 from typing import List
@@ -53,42 +53,25 @@ class DepthwiseConv2D(nn.Conv2D):
         return depthwise_conv2d(x, self.weight, self.stride, self.padding)
 
 
-def count_trainable(model: nn.Layer) -> int:
-    """Number of trainable parameters (Paddle's `parameters()` also lists BN statistics)."""
-    return int(sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient))
+class Mlp(nn.Layer):
+    """Linear -> exact GELU -> Linear (timm `Mlp`)."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()  # erf form, as the references
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
-def fuse_conv_bn(weight: paddle.Tensor, bn: nn.Layer, bias: paddle.Tensor | None = None):
-    """Folds BatchNorm `bn` (eval statistics) into the conv/fc `weight` [out, ...] and `bias`.
+class PatchEmbed(nn.Layer):
+    """Non-overlapping P x P patches -> C channels (conv with bias): [B, 3, S, S] -> [B, N, C]."""
 
-    Returns (weight', bias') with bn(conv(x; weight, bias)) == conv(x; weight', bias').
-    """
-    scale = bn.weight / paddle.sqrt(bn._variance + bn._epsilon)
-    shift = bn.bias - bn._mean * scale
-    if bias is not None:
-        shift = shift + bias * scale
-    return weight * scale.reshape([-1] + [1] * (weight.ndim - 1)), shift
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2D(in_channels, embed_dim, patch_size, stride=patch_size)
 
-
-def has_foldable_layers(model: nn.Layer) -> bool:
-    """True if `model` holds a re-parameterisable layer (PaddleClas convention)."""
-    return any(hasattr(layer, 're_parameterize') and hasattr(layer, 'is_repped')
-               for layer in model.sublayers(include_self=True))
-
-
-def re_parameterize_model(model: nn.Layer) -> nn.Layer:
-    """Folds every re-parameterisable layer (PaddleClas convention: `re_parameterize()` and
-    `is_repped`) into its deploy structure, in place, outermost first (a block folds its own
-    branches); returns `model` in eval mode."""
-    model.eval()
-    _fold(model)
-    return model
-
-
-def _fold(layer: nn.Layer) -> None:
-    if hasattr(layer, 're_parameterize') and hasattr(layer, 'is_repped'):
-        if not layer.is_repped:
-            layer.re_parameterize()
-        return
-    for child in layer.children():
-        _fold(child)
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.proj(x).flatten(2).transpose([0, 2, 1])

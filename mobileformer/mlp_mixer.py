@@ -14,31 +14,18 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Dict, Iterable, Sequence
+from typing import Dict, Iterable
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 from yacs.config import CfgNode
 
-from mobileformer.config import ConfigError, _C
-from mobileformer.layers import DropPath, drop_path_rates
+from mobileformer.config import ConfigError, check_patch_grid
+from mobileformer.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
 from mobileformer.registry import register_converter, register_model
 
 I = nn.initializer
-
-
-class Mlp(nn.Layer):
-    """Linear -> exact GELU -> Linear (timm `Mlp`)."""
-
-    def __init__(self, in_features: int, hidden_features: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()  # erf form, as the references
-        self.fc2 = nn.Linear(hidden_features, in_features)
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 def _over_tokens(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
@@ -139,28 +126,48 @@ class ResBlock(nn.Layer):
         return x + self.drop_path(self.ls2 * self.mlp_channels(self.norm2(x)))
 
 
-class PatchEmbed(nn.Layer):
-    """Non-overlapping P x P patches -> C channels (conv with bias): [B, 3, S, S] -> [B, N, C]."""
-
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: int):
-        super().__init__()
-        self.proj = nn.Conv2D(in_channels, embed_dim, patch_size, stride=patch_size)
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.proj(x).flatten(2).transpose([0, 2, 1])
+BLOCK_TYPES = ('mixer', 'gmlp', 'resmlp')
 
 
 class MlpMixer(nn.Layer):
-    """Patch embedding, the given blocks, final norm, token mean, dropout, classifier."""
+    """Patch embedding, `depth` blocks of `block_type`, final norm, token mean, dropout, classifier.
 
-    def __init__(self, in_channels: int, patch_size: int, embed_dim: int, blocks: Sequence[nn.Layer],
-                 norm: nn.Layer, num_classes: int, dropout: float = 0.0):
+    block_type 'mixer' (token MLP of token_mlp_ratio x embed_dim, channel MLP of mlp_ratio x
+    embed_dim), 'gmlp' (fc1 of mlp_ratio x embed_dim, half of it gates) or 'resmlp' (Affine norms,
+    LayerScale layerscale_init); keys another block type has no use for are ignored. The token
+    mixers are N x N, N = (image_size / patch_size)^2, so the image size is fixed. Initialised as the
+    references: timm's init for Mixer and gMLP, the ResMLP authors' for ResMLP.
+    """
+
+    def __init__(self, block_type: str = 'mixer', image_size: int = 224, patch_size: int = 16,
+                 embed_dim: int = 512, depth: int = 8, mlp_ratio: float = 4.0, token_mlp_ratio: float = 0.5,
+                 layerscale_init: float = 0.1, in_channels: int = 3, num_classes: int = 1000,
+                 dropout: float = 0.0, drop_path: float = 0.0):
         super().__init__()
+        if block_type not in BLOCK_TYPES:
+            raise ValueError(f'block_type must be one of {BLOCK_TYPES}, got {block_type!r}')
+        tokens = (image_size // patch_size) ** 2
+        hidden = int(mlp_ratio * embed_dim)
+        # Norm and blocks are made before the stem, as they always were: the order of the random
+        # draws of the default initialisers decides the values the seeded re-initialisation gives.
+        norm = Affine(embed_dim) if block_type == 'resmlp' else nn.LayerNorm(embed_dim, epsilon=1e-6)
+        blocks = []
+        for rate in drop_path_rates(drop_path, depth):
+            if block_type == 'mixer':
+                blocks.append(MixerBlock(embed_dim, tokens, int(token_mlp_ratio * embed_dim), hidden, rate))
+            elif block_type == 'gmlp':
+                blocks.append(SpatialGatingBlock(embed_dim, tokens, hidden, rate))
+            else:
+                blocks.append(ResBlock(embed_dim, tokens, hidden, layerscale_init, rate))
         self.stem = PatchEmbed(in_channels, embed_dim, patch_size)
         self.blocks = nn.Sequential(*blocks)
         self.norm = norm
         self.head_drop = nn.Dropout(dropout)
         self.head = nn.Linear(embed_dim, num_classes)
+        if block_type == 'resmlp':
+            self._init_deit_resmlp()
+        else:
+            self._init_timm()
 
     def get_classifier(self) -> nn.Linear:
         """The layer mapping features to class logits (replaced when fine-tuning on other classes)."""
@@ -172,8 +179,34 @@ class MlpMixer(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.head(self.head_drop(self.forward_features(x).mean(axis=1)))
 
+    def _init_timm(self) -> None:
+        """timm's Mixer/gMLP init: xavier-uniform Linear with N(0, 1e-6) bias (every block Linear sits
+        in an MLP), zero head (fresh logits are 0), lecun-normal patch conv with zero bias; the
+        spatial gates then re-initialise themselves (timm visits children before parents)."""
+        for name, layer in self.named_sublayers():
+            if isinstance(layer, nn.Linear):
+                head = name == 'head'
+                (I.Constant(0.0) if head else I.XavierUniform())(layer.weight)
+                (I.Constant(0.0) if head else I.Normal(0.0, 1e-6))(layer.bias)
+            elif isinstance(layer, nn.Conv2D):
+                _lecun_normal(layer.weight)
+                I.Constant(0.0)(layer.bias)
+        for layer in self.sublayers():
+            if isinstance(layer, SpatialGatingUnit):
+                layer.init_weights()
 
-# ---- initialisation -------------------------------------------------------------------------
+    def _init_deit_resmlp(self) -> None:
+        """The ResMLP authors' init: every Linear (head included) trunc_normal(0.02) with zero bias;
+        the patch conv keeps PyTorch's default, uniform(+-1/sqrt(fan_in)) for weight and bias."""
+        for layer in self.sublayers():
+            if isinstance(layer, nn.Linear):
+                I.TruncatedNormal(0.0, 0.02, a=-2.0, b=2.0)(layer.weight)
+                I.Constant(0.0)(layer.bias)
+            elif isinstance(layer, nn.Conv2D):
+                bound = 1.0 / math.sqrt(int(np.prod(layer.weight.shape[1:])))
+                I.Uniform(-bound, bound)(layer.weight)
+                I.Uniform(-bound, bound)(layer.bias)
+
 
 def _lecun_normal(weight: paddle.Tensor) -> None:
     """Truncated normal (at 2 std) with std sqrt(1 / fan_in), as timm/JAX `lecun_normal`."""
@@ -181,51 +214,28 @@ def _lecun_normal(weight: paddle.Tensor) -> None:
     I.TruncatedNormal(0.0, std / 0.87962566103423978, a=-2 * std, b=2 * std)(weight)
 
 
-def init_timm_mixer(model: MlpMixer) -> None:
-    """timm's Mixer/gMLP init: xavier-uniform Linear with N(0, 1e-6) bias (every block Linear sits
-    in an MLP), zero head (fresh logits are 0), lecun-normal patch conv with zero bias; the
-    spatial gates then re-initialise themselves (timm visits children before parents)."""
-    for name, layer in model.named_sublayers():
-        if isinstance(layer, nn.Linear):
-            head = name == 'head'
-            (I.Constant(0.0) if head else I.XavierUniform())(layer.weight)
-            (I.Constant(0.0) if head else I.Normal(0.0, 1e-6))(layer.bias)
-        elif isinstance(layer, nn.Conv2D):
-            _lecun_normal(layer.weight)
-            I.Constant(0.0)(layer.bias)
-    for layer in model.sublayers():
-        if isinstance(layer, SpatialGatingUnit):
-            layer.init_weights()
-
-
-def init_deit_resmlp(model: MlpMixer) -> None:
-    """The ResMLP authors' init: every Linear (head included) trunc_normal(0.02) with zero bias;
-    the patch conv keeps PyTorch's default, uniform(+-1/sqrt(fan_in)) for weight and bias."""
-    for layer in model.sublayers():
-        if isinstance(layer, nn.Linear):
-            I.TruncatedNormal(0.0, 0.02, a=-2.0, b=2.0)(layer.weight)
-            I.Constant(0.0)(layer.bias)
-        elif isinstance(layer, nn.Conv2D):
-            bound = 1.0 / math.sqrt(int(np.prod(layer.weight.shape[1:])))
-            I.Uniform(-bound, bound)(layer.weight)
-            I.Uniform(-bound, bound)(layer.bias)
-
-
 # ---- builders -------------------------------------------------------------------------------
 
-def num_patches(image_size: int, patch_size: int, patch_key: str) -> int:
-    """Tokens per image; the token-mixing weights are N x N, so N is fixed at build time."""
-    if patch_size <= 0 or image_size % patch_size:
-        raise ConfigError(f'DATA.IMAGE_SIZE {image_size} is not divisible by {patch_key} {patch_size}; '
-                          f'use an image size that is a multiple of the patch size')
-    return (image_size // patch_size) ** 2
+# MODEL.MIXER (docs/mlp_mixer.md), one subtree for the three block types (MODEL.TYPE).
+# TOKEN_MLP_RATIO (Mixer only) sizes the token MLP from EMBED_DIM (timm); MLP_RATIO is the channel
+# MLP (gMLP: fc1 width, half of it gates); LAYERSCALE_INIT is ResMLP's.
+MIXER_DEFAULTS = CfgNode({
+    'PATCH_SIZE': 16,
+    'EMBED_DIM': 512,
+    'DEPTH': 8,
+    'TOKEN_MLP_RATIO': 0.5,
+    'MLP_RATIO': 4.0,
+    'LAYERSCALE_INIT': 0.1,
+})
+# Same blocks (patch size, ratios, block type), fewer and narrower, on a smaller input.
+_REDUCED = ['DATA.IMAGE_SIZE', 64, 'MODEL.MIXER.DEPTH', 2, 'MODEL.MIXER.EMBED_DIM', 64]
 
 
 def _reject_unused(config: CfgNode, keys: Iterable[str]) -> None:
     """Keys of the shared MODEL.MIXER subtree that this block type has no use for must keep their
     defaults: a value set there would otherwise be silently ignored."""
     for key in keys:
-        if config.MODEL.MIXER[key] != _C.MODEL.MIXER[key]:
+        if config.MODEL.MIXER[key] != MIXER_DEFAULTS[key]:
             raise ConfigError(f'MODEL.MIXER.{key} does not apply to MODEL.TYPE {config.MODEL.TYPE!r}; '
                               f'remove it from the config')
 
@@ -237,30 +247,25 @@ def _hidden(ratio: float, dim: int, key: str) -> int:
     return hidden
 
 
-def _build(config: CfgNode, make_block: Callable[[int, int, float], nn.Layer], norm: nn.Layer,
-           init: Callable[[MlpMixer], None]) -> MlpMixer:
-    """`make_block(dim, num_tokens, drop_path)` -> block; blocks get the linear drop-path ramp."""
+def _build(config: CfgNode, block_type: str) -> MlpMixer:
     m = config.MODEL.MIXER
-    tokens = num_patches(config.DATA.IMAGE_SIZE, m.PATCH_SIZE, 'MODEL.MIXER.PATCH_SIZE')
-    blocks = [make_block(m.EMBED_DIM, tokens, rate) for rate in drop_path_rates(config.MODEL.DROPPATH, m.DEPTH)]
-    model = MlpMixer(config.DATA.IN_CHANNELS, m.PATCH_SIZE, m.EMBED_DIM, blocks, norm,
-                     config.MODEL.NUM_CLASSES, config.MODEL.DROPOUT)
-    init(model)
-    return model
+    check_patch_grid(config.DATA.IMAGE_SIZE, m.PATCH_SIZE, 'MODEL.MIXER.PATCH_SIZE')
+    return MlpMixer(block_type, config.DATA.IMAGE_SIZE, m.PATCH_SIZE, m.EMBED_DIM, m.DEPTH, m.MLP_RATIO,
+                    m.TOKEN_MLP_RATIO, m.LAYERSCALE_INIT, config.DATA.IN_CHANNELS, config.MODEL.NUM_CLASSES,
+                    config.MODEL.DROPOUT, config.MODEL.DROPPATH)
 
 
-@register_model('mixer')
+@register_model('mixer', defaults={'MIXER': MIXER_DEFAULTS}, reduced=_REDUCED)
 def build_mixer(config: CfgNode) -> MlpMixer:
     """MLP-Mixer (arXiv 2105.01601)."""
     _reject_unused(config, ['LAYERSCALE_INIT'])
     m = config.MODEL.MIXER
-    token_hidden = _hidden(m.TOKEN_MLP_RATIO, m.EMBED_DIM, 'MODEL.MIXER.TOKEN_MLP_RATIO')
-    channel_hidden = _hidden(m.MLP_RATIO, m.EMBED_DIM, 'MODEL.MIXER.MLP_RATIO')
-    return _build(config, lambda dim, n, dp: MixerBlock(dim, n, token_hidden, channel_hidden, dp),
-                  nn.LayerNorm(m.EMBED_DIM, epsilon=1e-6), init_timm_mixer)
+    _hidden(m.TOKEN_MLP_RATIO, m.EMBED_DIM, 'MODEL.MIXER.TOKEN_MLP_RATIO')
+    _hidden(m.MLP_RATIO, m.EMBED_DIM, 'MODEL.MIXER.MLP_RATIO')
+    return _build(config, 'mixer')
 
 
-@register_model('gmlp')
+@register_model('gmlp', defaults={'MIXER': MIXER_DEFAULTS}, reduced=_REDUCED)
 def build_gmlp(config: CfgNode) -> MlpMixer:
     """gMLP (arXiv 2105.08050): MLP_RATIO sizes fc1; half of it is the gate."""
     _reject_unused(config, ['TOKEN_MLP_RATIO', 'LAYERSCALE_INIT'])
@@ -269,18 +274,16 @@ def build_gmlp(config: CfgNode) -> MlpMixer:
     if hidden % 2:
         raise ConfigError(f'gMLP splits fc1 output in halves, but MODEL.MIXER.MLP_RATIO {m.MLP_RATIO} x '
                           f'EMBED_DIM {m.EMBED_DIM} = {hidden} is odd; choose values giving an even width')
-    return _build(config, lambda dim, n, dp: SpatialGatingBlock(dim, n, hidden, dp),
-                  nn.LayerNorm(m.EMBED_DIM, epsilon=1e-6), init_timm_mixer)
+    return _build(config, 'gmlp')
 
 
-@register_model('resmlp')
+@register_model('resmlp', defaults={'MIXER': MIXER_DEFAULTS}, reduced=_REDUCED)
 def build_resmlp(config: CfgNode) -> MlpMixer:
     """ResMLP (arXiv 2105.03404), authors' init; LAYERSCALE_INIT 0.1 / 1e-5 / 1e-6 by depth."""
     _reject_unused(config, ['TOKEN_MLP_RATIO'])
     m = config.MODEL.MIXER
-    hidden = _hidden(m.MLP_RATIO, m.EMBED_DIM, 'MODEL.MIXER.MLP_RATIO')
-    return _build(config, lambda dim, n, dp: ResBlock(dim, n, hidden, m.LAYERSCALE_INIT, dp),
-                  Affine(m.EMBED_DIM), init_deit_resmlp)
+    _hidden(m.MLP_RATIO, m.EMBED_DIM, 'MODEL.MIXER.MLP_RATIO')
+    return _build(config, 'resmlp')
 
 
 # ---- weight converters ----------------------------------------------------------------------

@@ -30,13 +30,14 @@ import paddle.nn.functional as F
 from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError
-from mobileformer.registry import register_madds
 from mobileformer.cpu_ops import dynamic_relu
-from mobileformer.layers import DepthwiseConv2D, DropPath, drop_path_rates, fuse_conv_bn
-from mobileformer.registry import register_converter, register_model
 from mobileformer.checkpoint import list_names
+from mobileformer.layers import DepthwiseConv2D, DropPath, drop_path_rates
+from mobileformer.model_utils import fuse_conv_bn
+from mobileformer.registry import register_converter, register_madds, register_model
 
 BLOCK_KINDS = ('lite', 'mf', 'down')
+Row = Tuple[str, int, int, int, int]  # (kind, e1, out_channels, stride, e2), one block
 _STRIDES = {'lite': (1, 2), 'mf': (1,), 'down': (2,)}
 
 
@@ -64,7 +65,7 @@ def _linear(in_features: int, out_features: int) -> nn.Linear:
                      bias_attr=paddle.ParamAttr(initializer=nn.initializer.Constant(0.0)))
 
 
-class ConvBN(nn.Layer):
+class ConvBNShuffle(nn.Layer):
     """Bias-free conv -> BatchNorm -> [channel shuffle]. Conv init N(0, sqrt(2 / (k*k*out)))."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
@@ -223,9 +224,9 @@ class LiteBlock(nn.Layer):
                  drop_path: float):
         super().__init__()
         hidden = in_channels * e1
-        self.dw = ConvBN(in_channels, hidden, 3, stride, groups=in_channels,
-                         shuffle_groups=in_channels if groups > 1 else 1)
-        self.pw = ConvBN(hidden, out_channels, groups=groups)
+        self.dw = ConvBNShuffle(in_channels, hidden, 3, stride, groups=in_channels,
+                                shuffle_groups=in_channels if groups > 1 else 1)
+        self.pw = ConvBNShuffle(hidden, out_channels, groups=groups)
         self.use_skip = stride == 1 and in_channels == out_channels
         self.drop_path = DropPath(drop_path)
 
@@ -242,11 +243,11 @@ class InvertedBottleneck(nn.Layer):
                  reduction: int):
         super().__init__()
         hidden = in_channels * e1
-        self.expand = ConvBN(in_channels, hidden, groups=groups, shuffle_groups=groups)
+        self.expand = ConvBNShuffle(in_channels, hidden, groups=groups, shuffle_groups=groups)
         self.act1 = DynamicReLU(hidden, token_dim, reduction)
-        self.dw = ConvBN(hidden, hidden, 3, groups=hidden)
+        self.dw = ConvBNShuffle(hidden, hidden, 3, groups=hidden)
         self.act2 = DynamicReLU(hidden, token_dim, reduction)
-        self.project = ConvBN(hidden, out_channels, groups=groups, shuffle_groups=groups)
+        self.project = ConvBNShuffle(hidden, out_channels, groups=groups, shuffle_groups=groups)
 
     def forward(self, x: paddle.Tensor, token: paddle.Tensor) -> paddle.Tensor:
         h = self.act1(self.expand(x), token)
@@ -263,14 +264,14 @@ class DownsampleBottleneck(nn.Layer):
         super().__init__()
         hidden1, hidden2 = in_channels * e1, out_channels * e2
         shuffle = groups > 1
-        self.dw1 = ConvBN(in_channels, hidden1, 3, 2, groups=in_channels,
-                          shuffle_groups=in_channels if shuffle else 1)
+        self.dw1 = ConvBNShuffle(in_channels, hidden1, 3, 2, groups=in_channels,
+                                 shuffle_groups=in_channels if shuffle else 1)
         self.act1 = DynamicReLU(hidden1, token_dim, reduction)
-        self.pw1 = ConvBN(hidden1, out_channels, groups=groups)
-        self.dw2 = ConvBN(out_channels, hidden2, 3, groups=out_channels,
-                          shuffle_groups=out_channels if shuffle else 1)
+        self.pw1 = ConvBNShuffle(hidden1, out_channels, groups=groups)
+        self.dw2 = ConvBNShuffle(out_channels, hidden2, 3, groups=out_channels,
+                                 shuffle_groups=out_channels if shuffle else 1)
         self.act2 = DynamicReLU(hidden2, token_dim, reduction)
-        self.pw2 = ConvBN(hidden2, out_channels, groups=groups)
+        self.pw2 = ConvBNShuffle(hidden2, out_channels, groups=groups)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: paddle.Tensor, token: paddle.Tensor) -> paddle.Tensor:
@@ -281,18 +282,19 @@ class DownsampleBottleneck(nn.Layer):
 class MobileFormerBlock(nn.Layer):
     """Mobile->Former bridge, Former, mobile branch, identity skip, Former->Mobile bridge."""
 
-    def __init__(self, kind: str, in_channels: int, e1: int, out_channels: int, e2: int,
-                 mf: CfgNode, drop_path: float):
+    def __init__(self, kind: str, in_channels: int, e1: int, out_channels: int, e2: int, token_dim: int,
+                 groups: int = 1, bridge_heads: int = 2, former_heads: int = 4, ffn_ratio: int = 2,
+                 dyrelu_reduction: int = 4, drop_path: float = 0.0):
         super().__init__()
-        d, groups = mf.TOKEN_DIM, mf.GROUPS
-        self.mobile_to_former = MobileToFormer(in_channels, d, mf.BRIDGE_HEADS, drop_path)
-        self.former = Former(d, mf.FORMER_HEADS, mf.FFN_RATIO, drop_path)
+        d = token_dim
+        self.mobile_to_former = MobileToFormer(in_channels, d, bridge_heads, drop_path)
+        self.former = Former(d, former_heads, ffn_ratio, drop_path)
         if kind == 'mf':
-            self.mobile = InvertedBottleneck(in_channels, e1, out_channels, groups, d, mf.DYRELU_REDUCTION)
+            self.mobile = InvertedBottleneck(in_channels, e1, out_channels, groups, d, dyrelu_reduction)
         else:
             self.mobile = DownsampleBottleneck(in_channels, e1, out_channels, e2, groups, d,
-                                               mf.DYRELU_REDUCTION, drop_path)
-        self.former_to_mobile = FormerToMobile(out_channels, d, mf.BRIDGE_HEADS, drop_path)
+                                               dyrelu_reduction, drop_path)
+        self.former_to_mobile = FormerToMobile(out_channels, d, bridge_heads, drop_path)
         self.use_skip = kind == 'mf' and in_channels == out_channels
         self.drop_path = DropPath(drop_path)
 
@@ -312,7 +314,7 @@ class ClassifierHead(nn.Layer):
                  dropout: float, num_classes: int):
         super().__init__()
         self.shuffle_groups = groups
-        self.conv = ConvBN(channels, channels * expansion, groups=groups)
+        self.conv = ConvBNShuffle(channels, channels * expansion, groups=groups)
         self.fc = _linear(channels * expansion + token_dim, hidden)
         self.norm = nn.BatchNorm1D(hidden, momentum=0.9, epsilon=1e-5)
         self.dropout = nn.Dropout(dropout)
@@ -327,27 +329,33 @@ class ClassifierHead(nn.Layer):
 
 
 class MobileFormer(nn.Layer):
-    """Stem -> blocks (lite / mf / down) -> final Mobile->Former bridge -> head; returns logits."""
+    """Stem -> blocks (lite / mf / down) -> final Mobile->Former bridge -> head; returns logits.
 
-    def __init__(self, config: CfgNode):
+    `blocks` holds one row (kind, e1, out_channels, stride, e2) per block, kind in {lite, mf, down}
+    (docs/mobileformer.md); `build_mformer` checks them and the widths against the other sizes.
+    """
+
+    def __init__(self, blocks: Sequence[Row], stem_channels: int = 8, num_tokens: int = 3,
+                 token_dim: int = 128, head_hidden: int = 1024, last_expansion: int = 6, groups: int = 1,
+                 bridge_heads: int = 2, former_heads: int = 4, ffn_ratio: int = 2, dyrelu_reduction: int = 4,
+                 in_channels: int = 3, num_classes: int = 1000, dropout: float = 0.0, drop_path: float = 0.0):
         super().__init__()
-        mf = config.MODEL.MF
-        rows = validate_config(config)
-        self.tokens = self.create_parameter([mf.NUM_TOKENS, mf.TOKEN_DIM],
+        self.tokens = self.create_parameter([num_tokens, token_dim],
                                             default_initializer=nn.initializer.Normal(0.0, 1.0))
-        self.stem = ConvBN(config.DATA.IN_CHANNELS, mf.STEM_CHANNELS, 3, 2)
-        rates = drop_path_rates(config.MODEL.DROPPATH, len(rows))
-        blocks, channels = [], mf.STEM_CHANNELS
-        for (kind, e1, out, stride, e2), rate in zip(rows, rates):
+        self.stem = ConvBNShuffle(in_channels, stem_channels, 3, 2)
+        rates = drop_path_rates(drop_path, len(blocks))
+        former = dict(token_dim=token_dim, groups=groups, bridge_heads=bridge_heads, former_heads=former_heads,
+                      ffn_ratio=ffn_ratio, dyrelu_reduction=dyrelu_reduction)
+        layers, channels = [], stem_channels
+        for (kind, e1, out, stride, e2), rate in zip(blocks, rates):
             if kind == 'lite':
-                blocks.append(LiteBlock(channels, e1, out, stride, mf.GROUPS, rate))
+                layers.append(LiteBlock(channels, e1, out, stride, groups, rate))
             else:
-                blocks.append(MobileFormerBlock(kind, channels, e1, out, e2, mf, rate))
+                layers.append(MobileFormerBlock(kind, channels, e1, out, e2, drop_path=rate, **former))
             channels = out
-        self.blocks = nn.LayerList(blocks)
-        self.final_bridge = MobileToFormer(channels, mf.TOKEN_DIM, mf.BRIDGE_HEADS, config.MODEL.DROPPATH)
-        self.head = ClassifierHead(channels, mf.LAST_EXPANSION, mf.TOKEN_DIM, mf.HEAD_HIDDEN,
-                                   mf.GROUPS, config.MODEL.DROPOUT, config.MODEL.NUM_CLASSES)
+        self.blocks = nn.LayerList(layers)
+        self.final_bridge = MobileToFormer(channels, token_dim, bridge_heads, drop_path)
+        self.head = ClassifierHead(channels, last_expansion, token_dim, head_hidden, groups, dropout, num_classes)
 
     def get_classifier(self) -> nn.Linear:
         """The layer mapping features to class logits (replaced when fine-tuning on other classes)."""
@@ -364,7 +372,21 @@ class MobileFormer(nn.Layer):
 
 # ----------------------------------------------------------------------------- configuration
 
-Row = Tuple[str, int, int, int, int]
+# MODEL.MF (docs/mobileformer.md, block table). Each BLOCKS row is [kind, e1, out_channels, stride, e2]
+# with kind in {lite, mf, down}; hidden = in*e1 (and out*e2 for the second expansion of a `down` block).
+MF_DEFAULTS = CfgNode({
+    'STEM_CHANNELS': 8,
+    'NUM_TOKENS': 3,
+    'TOKEN_DIM': 128,
+    'HEAD_HIDDEN': 1024,
+    'LAST_EXPANSION': 6,
+    'GROUPS': 1,
+    'BRIDGE_HEADS': 2,
+    'FORMER_HEADS': 4,
+    'FFN_RATIO': 2,
+    'DYRELU_REDUCTION': 4,
+    'BLOCKS': [],
+})
 
 
 def _positive_int(value, what: str) -> int:
@@ -441,10 +463,14 @@ def validate_config(config: CfgNode) -> List[Row]:
     return rows
 
 
-@register_model('mobileformer')
+@register_model('mobileformer', defaults={'MF': MF_DEFAULTS})
 def build_mformer(config: CfgNode) -> MobileFormer:
     """Mobile-Former from `config.MODEL` (MF subtree, NUM_CLASSES, DROPOUT, DROPPATH) and DATA.IN_CHANNELS."""
-    return MobileFormer(config)
+    rows, mf = validate_config(config), config.MODEL.MF
+    return MobileFormer(rows, mf.STEM_CHANNELS, mf.NUM_TOKENS, mf.TOKEN_DIM, mf.HEAD_HIDDEN, mf.LAST_EXPANSION,
+                        mf.GROUPS, mf.BRIDGE_HEADS, mf.FORMER_HEADS, mf.FFN_RATIO, mf.DYRELU_REDUCTION,
+                        config.DATA.IN_CHANNELS, config.MODEL.NUM_CLASSES, config.MODEL.DROPOUT,
+                        config.MODEL.DROPPATH)
 
 
 # ----------------------------------------------------------------------------- weight converter

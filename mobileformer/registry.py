@@ -1,22 +1,26 @@
-"""Registries that every model family joins: model builders by MODEL.TYPE, weight converters, and
-MAdds rules for layers the counter (mobileformer.flops) does not know."""
+"""Registries that every model family joins: model builders by MODEL.TYPE (with the family's config
+defaults and a reduced variant for tests), weight converters, and MAdds rules for layers the counter
+(mobileformer.flops) does not know."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 from yacs.config import CfgNode
 
-from mobileformer.config import ConfigError
-from mobileformer.layers import has_foldable_layers
+from mobileformer.config import ConfigError, register_model_defaults
+from mobileformer.model_utils import has_foldable_layers
 
 Builder = Callable[[CfgNode], nn.Layer]
 StateDict = Mapping[str, np.ndarray]
 
 _BUILDERS: Dict[str, Builder] = {}
+# -opts [KEY, VALUE, ...] per MODEL.TYPE giving a small variant of the same blocks (fewer, narrower,
+# on a smaller input), so generic tests of every config stay fast as families are added.
+_REDUCED: Dict[str, list] = {}
 
 MaddsRule = Callable[[nn.Layer, tuple, paddle.Tensor], int]
 MADDS_RULES: Dict[type, MaddsRule] = {}
@@ -30,18 +34,33 @@ def register_madds(layer_type: type) -> Callable[[MaddsRule], MaddsRule]:
     return wrap
 
 
-def register_model(model_type: str) -> Callable[[Builder], Builder]:
-    """Registers `builder(config) -> nn.Layer` for `MODEL.TYPE == model_type`."""
+def register_model(model_type: str, defaults: Optional[Mapping[str, CfgNode]] = None,
+                   reduced: Sequence[Any] = ()) -> Callable[[Builder], Builder]:
+    """Registers `builder(config) -> nn.Layer` for `MODEL.TYPE == model_type`.
+
+    `defaults` maps the MODEL subtrees the builder reads to their defaults, e.g. {'MIXER': node}
+    for MODEL.MIXER; they join the config defaults now (types sharing a subtree pass the same node).
+    `reduced` is the -opts list of a small variant of the same blocks (see `reduced_opts`).
+    """
     def wrap(builder: Builder) -> Builder:
         if model_type in _BUILDERS:
             raise ValueError(f'MODEL.TYPE {model_type!r} is registered twice')
+        for key, node in (defaults or {}).items():
+            register_model_defaults(key, node)
         _BUILDERS[model_type] = builder
+        _REDUCED[model_type] = list(reduced)
         return builder
     return wrap
 
 
 def registered_models() -> list[str]:
     return sorted(_BUILDERS)
+
+
+def reduced_opts(model_type: str) -> list:
+    """The -opts [KEY, VALUE, ...] that `model_type` registered for a small, fast variant of its
+    configs (same block types, fewer and narrower blocks, smaller images); [] if none."""
+    return list(_REDUCED.get(model_type, []))
 
 
 def build_model(config: CfgNode) -> nn.Layer:

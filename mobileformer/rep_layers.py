@@ -1,6 +1,6 @@
 """Structural re-parameterisation helpers shared by RepMLPNet and RepMLP-ResNet.
 
-Training-time conv + BatchNorm branches fold into plain convs (`ConvBN.fused_kernel_bias`), several
+Training-time conv + BatchNorm branches fold into plain convs (`ConvBNAct.fused_kernel_bias`), several
 branches of different kernel sizes merge into one kernel (`merge_conv_bn_branches`), and a conv over
 an h x w partition turns into the equivalent fully-connected layer (`conv_to_fc`); `PartitionFC3` is
 the fold both RepMLP blocks share. The folds are those of the RepMLP papers (arXiv 2105.01883,
@@ -18,10 +18,10 @@ import paddle.nn.functional as F
 from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError
-from mobileformer.layers import fuse_conv_bn
+from mobileformer.model_utils import fuse_conv_bn
 
 
-class ConvBN(nn.Layer):
+class ConvBNAct(nn.Layer):
     """Conv2D without bias + BatchNorm2D (+ ReLU if `relu`). With `deploy=True` the pair is built
     directly as its folded form, a Conv2D with bias (parameters `conv.weight`, `conv.bias`)."""
 
@@ -46,10 +46,10 @@ class ConvBN(nn.Layer):
         return fuse_conv_bn(self.conv.weight, self.bn)
 
 
-class FoldableConvBN(ConvBN):
-    """A ConvBN that folds itself into a conv with bias (`re_parameterize()`, PaddleClas convention).
+class FoldableConvBN(ConvBNAct):
+    """A ConvBNAct that folds itself into a conv with bias (`re_parameterize()`, PaddleClas convention).
 
-    RepMLP-ResNet folds every pair; RepMLPNet uses plain `ConvBN` in its FFN because the reference
+    RepMLP-ResNet folds every pair; RepMLPNet uses plain `ConvBNAct` in its FFN because the reference
     deploy model keeps those BatchNorms.
     """
 
@@ -74,8 +74,8 @@ def pad_kernel(kernel: paddle.Tensor, size: int) -> paddle.Tensor:
     return F.pad(kernel, [pad] * 4) if pad else kernel
 
 
-def merge_conv_bn_branches(branches: Iterable[ConvBN]) -> Tuple[paddle.Tensor, paddle.Tensor]:
-    """One (kernel, bias) equal to the sum of parallel ConvBN branches with centred odd kernels."""
+def merge_conv_bn_branches(branches: Iterable[ConvBNAct]) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    """One (kernel, bias) equal to the sum of parallel ConvBNAct branches with centred odd kernels."""
     fused = [branch.fused_kernel_bias() for branch in branches]
     size = max(kernel.shape[-1] for kernel, _ in fused)
     kernel = paddle.add_n([pad_kernel(k, size) for k, _ in fused])
@@ -101,7 +101,7 @@ def conv_to_fc(kernel: paddle.Tensor, bias: paddle.Tensor, height: int, width: i
 
 class PartitionFC3(nn.Layer):
     """Base of the RepMLP blocks (RepMLPNet's and RepMLP v1's): a partition-wise fc3 (a grouped 1x1
-    conv over rows of h*w values per channel) that trains with a BN `fc3_bn` and parallel ConvBN
+    conv over rows of h*w values per channel) that trains with a BN `fc3_bn` and parallel ConvBNAct
     branches `repconv{k}` (the local perceptron), all folded into fc3 by `re_parameterize()`.
 
     A subclass sets `h`, `w`, `kernels`, `fc3` and `fc3_bn` (None when deploying), then calls
@@ -110,7 +110,7 @@ class PartitionFC3(nn.Layer):
 
     def _add_branches(self, in_channels: int, out_channels: int, groups: int, deploy: bool) -> None:
         for k in ([] if deploy else self.kernels):
-            setattr(self, f'repconv{k}', ConvBN(in_channels, out_channels, k, padding=k // 2, groups=groups))
+            setattr(self, f'repconv{k}', ConvBNAct(in_channels, out_channels, k, padding=k // 2, groups=groups))
 
     @property
     def is_repped(self) -> bool:

@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 import paddle.nn as nn
 
 from mobileformer import build_model, cli, get_config
-from mobileformer.layers import has_foldable_layers, re_parameterize_model
 from mobileformer.checkpoint import load_weights, save_weights
+from mobileformer.model_utils import has_foldable_layers, re_parameterize_model
 
 
 def reparameterize_checkpoint(cfg_file: str, pretrained: str, output: str,

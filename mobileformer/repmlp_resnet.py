@@ -21,7 +21,7 @@ import paddle.nn.functional as F
 from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError
-from mobileformer.layers import fuse_conv_bn
+from mobileformer.model_utils import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
 from mobileformer.rep_layers import (FoldableConvBN, PartitionFC3, check_rep_config, deploy_layout_hint,
                                      torch_to_paddle_state)
@@ -200,7 +200,25 @@ def _check_config(config: CfgNode) -> None:
     check_rep_config(config, 'REPMLP_RESNET', 'RepMLP-ResNet')
 
 
-@register_model('repmlp_resnet')
+# MODEL.REPMLP_RESNET (docs/repmlp_resnet.md). BLOCK: light | bottleneck | plain (the ResNet-50
+# baseline: the RepMLP keys below then have no effect). RepMLP blocks replace the stride-1 blocks of
+# stages 2 and 3 with PARTITION x PARTITION partitions; BOTTLENECK_R is the bottleneck flavour's extra
+# channel reduction r in stage 2 and stage 3.
+REPMLP_RESNET_DEFAULTS = CfgNode({
+    'BLOCK': 'light',
+    'DEPTHS': [3, 4, 6, 3],
+    'PARTITION': 7,
+    'REPARAM_KERNELS': [1, 3, 5],
+    'FC1_FC2_REDUCTION': 1,
+    'FC3_GROUPS': 4,
+    'BOTTLENECK_R': [2, 4],
+})
+
+
+# Reduced: 4x4 partitions on 64 px: stage 2 (8x8) keeps the global perceptron, stage 3 (4x4) has one partition.
+@register_model('repmlp_resnet', defaults={'REPMLP_RESNET': REPMLP_RESNET_DEFAULTS},
+                reduced=['DATA.IMAGE_SIZE', 64, 'MODEL.REPMLP_RESNET.DEPTHS', [1, 2, 2, 1],
+                         'MODEL.REPMLP_RESNET.PARTITION', 4])
 def build_repmlp_resnet(config: CfgNode) -> RepMLPResNet:
     """RepMLP-ResNet-50 (light / bottleneck) or the plain ResNet-50 baseline from MODEL.REPMLP_RESNET;
     MODEL.DEPLOY builds the folded structure directly."""

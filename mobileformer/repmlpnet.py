@@ -20,9 +20,9 @@ import paddle.nn.functional as F
 from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError
-from mobileformer.layers import fuse_conv_bn
+from mobileformer.model_utils import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
-from mobileformer.rep_layers import (ConvBN, PartitionFC3, check_rep_config, deploy_layout_hint,
+from mobileformer.rep_layers import (ConvBNAct, PartitionFC3, check_rep_config, deploy_layout_hint,
                                      torch_to_paddle_state)
 
 
@@ -88,8 +88,8 @@ class FFN(nn.Layer):
 
     def __init__(self, channels: int, hidden: int):
         super().__init__()
-        self.ffn_fc1 = ConvBN(channels, hidden, 1)
-        self.ffn_fc2 = ConvBN(hidden, channels, 1)
+        self.ffn_fc1 = ConvBNAct(channels, hidden, 1)
+        self.ffn_fc2 = ConvBNAct(hidden, channels, 1)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.ffn_fc2(F.gelu(self.ffn_fc1(x)))
@@ -120,12 +120,12 @@ class RepMLPNet(nn.Layer):
                  ffn_expand: int = 4, patch_size: int = 4, in_channels: int = 3,
                  num_classes: int = 1000, deploy: bool = False):
         super().__init__()
-        self.conv_embedding = ConvBN(in_channels, channels[0], patch_size, stride=patch_size, relu=True)
+        self.conv_embedding = ConvBNAct(in_channels, channels[0], patch_size, stride=patch_size, relu=True)
         self.stages = nn.LayerList([
             nn.LayerList([RepMLPNetUnit(channels[i], partitions[i], sharesets[i], kernels, gp_reduction,
                                         ffn_expand, deploy) for _ in range(depths[i])])
             for i in range(len(depths))])
-        self.embeds = nn.LayerList([ConvBN(channels[i], channels[i + 1], 2, stride=2, relu=True)
+        self.embeds = nn.LayerList([ConvBNAct(channels[i], channels[i + 1], 2, stride=2, relu=True)
                                     for i in range(len(depths) - 1)])
         self.head_norm = nn.BatchNorm2D(channels[-1])
         self.head = nn.Linear(channels[-1], num_classes)
@@ -178,7 +178,23 @@ def _check_config(config: CfgNode) -> None:
     check_rep_config(config, 'REPMLPNET', 'RepMLPNet')
 
 
-@register_model('repmlpnet')
+# MODEL.REPMLPNET (docs/repmlpnet.md). One entry per stage; PARTITIONS lists the partition size
+# h = w per stage, empty = each stage's feature-map size (IMAGE_SIZE / PATCH_SIZE / 2^i), i.e. one
+# partition per map as in all official configurations.
+REPMLPNET_DEFAULTS = CfgNode({
+    'PATCH_SIZE': 4,
+    'CHANNELS': [64, 128, 256, 512],
+    'DEPTHS': [2, 2, 6, 2],
+    'SHARESETS': [1, 4, 16, 128],
+    'PARTITIONS': [],
+    'REPARAM_KERNELS': [1, 3],
+    'GP_REDUCTION': 4,
+    'FFN_EXPAND': 4,
+})
+
+
+@register_model('repmlpnet', defaults={'REPMLPNET': REPMLPNET_DEFAULTS},
+                reduced=['DATA.IMAGE_SIZE', 64, 'MODEL.REPMLPNET.DEPTHS', [1, 1, 1, 1]])
 def build_repmlpnet(config: CfgNode) -> RepMLPNet:
     """RepMLPNet from MODEL.REPMLPNET; MODEL.DEPLOY builds the folded structure directly."""
     partitions = _stage_partitions(config)

@@ -1,7 +1,8 @@
 """Every model config in configs/*.yaml: build, forward, backward, class override, jit export.
 
-Configs are reduced per MODEL.TYPE (smaller images, fewer blocks) so the suite stays fast as
-families are added; a type without an entry runs as written, at a small image size if it builds.
+Configs are reduced per MODEL.TYPE with the -opts each family registers (smaller images, fewer
+blocks), so the suite stays fast as families are added and needs no edit for a new one; a type
+without reduced -opts runs as written, at a small image size if it builds.
 """
 import glob
 import os
@@ -12,29 +13,18 @@ import pytest
 
 from conftest import CONFIGS
 from mobileformer import ConfigError, build_model, get_config
+from mobileformer.registry import reduced_opts
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIGS, '*.yaml')))
 SMALL_IMAGE = 64
 
-# Extra -opts per MODEL.TYPE: same blocks (patch size, ratios, block type), fewer and narrower,
-# on a smaller input.
-_MIXER_REDUCED = ['DATA.IMAGE_SIZE', SMALL_IMAGE, 'MODEL.MIXER.DEPTH', 2, 'MODEL.MIXER.EMBED_DIM', 64]
-REDUCE = {
-    'mixer': _MIXER_REDUCED,
-    'gmlp': _MIXER_REDUCED,
-    'resmlp': _MIXER_REDUCED,
-    'fnet': ['DATA.IMAGE_SIZE', SMALL_IMAGE, 'MODEL.FNET.DEPTH', 2, 'MODEL.FNET.EMBED_DIM', 64],
-    'repmlpnet': ['DATA.IMAGE_SIZE', SMALL_IMAGE, 'MODEL.REPMLPNET.DEPTHS', [1, 1, 1, 1]],
-    # 4x4 partitions on 64 px: stage 2 (8x8) keeps the global perceptron, stage 3 (4x4) has one partition
-    'repmlp_resnet': ['DATA.IMAGE_SIZE', SMALL_IMAGE, 'MODEL.REPMLP_RESNET.DEPTHS', [1, 2, 2, 1],
-                      'MODEL.REPMLP_RESNET.PARTITION', 4],
-}
-
 
 def _reduced_config(path, *opts):
-    model_type = get_config(path).MODEL.TYPE
-    if model_type in REDUCE:
-        return get_config(path, REDUCE[model_type] + list(opts))
+    """The config with the -opts its family registered for a small variant (mobileformer.registry
+    `reduced_opts`: same blocks, fewer and narrower, on a smaller input)."""
+    reduced = reduced_opts(get_config(path).MODEL.TYPE)
+    if reduced:
+        return get_config(path, reduced + list(opts))
     small = get_config(path, ['DATA.IMAGE_SIZE', SMALL_IMAGE] + list(opts))
     try:
         build_model(small)

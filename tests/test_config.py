@@ -4,6 +4,8 @@ import pytest
 from conftest import CONFIGS
 
 from mobileformer import ConfigError, build_model, get_config
+from mobileformer.config import register_model_defaults
+from mobileformer.mlp_mixer import MIXER_DEFAULTS
 
 
 def write(path, text):
@@ -77,6 +79,16 @@ def test_odd_opts_is_an_error():
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match='does not exist'):
         get_config(str(tmp_path / 'nope.yaml'))
+
+
+def test_family_subtrees_come_from_their_registration():
+    assert get_config().MODEL.MIXER == MIXER_DEFAULTS
+    register_model_defaults('MIXER', MIXER_DEFAULTS)  # a type sharing the subtree: no change
+    changed = MIXER_DEFAULTS.clone()
+    changed.DEPTH = 3
+    with pytest.raises(ValueError, match='MODEL.MIXER is declared twice with different defaults'):
+        register_model_defaults('MIXER', changed)
+    assert get_config().MODEL.MIXER.DEPTH == MIXER_DEFAULTS.DEPTH
 
 
 def test_unknown_model_type_lists_registered():

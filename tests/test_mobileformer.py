@@ -10,7 +10,8 @@ from conftest import CONFIGS, FIXTURES
 
 from mobileformer import ConfigError, build_mformer, build_model, get_config
 from mobileformer.flops import count_madds
-from mobileformer.layers import DepthwiseConv2D, count_trainable
+from mobileformer.layers import DepthwiseConv2D
+from mobileformer.model_utils import count_trainable
 from mobileformer.mobile_former import DynamicReLU, MobileFormerBlock, convert_official
 from mobileformer.registry import converters
 from mobileformer.checkpoint import check_state
@@ -337,8 +338,7 @@ def np_mf_block(x, z, s, kind, groups, heads=(2, 4)):
 @pytest.mark.parametrize('kind, row', [('mf', (8, 3, 8, 0)), ('down', (8, 3, 12, 2))])
 def test_block_matches_numpy_reference(kind, row):
     in_c, e1, out_c, e2 = row
-    mf = get_config(opts=['MODEL.MF.TOKEN_DIM', '16', 'MODEL.MF.GROUPS', '2']).MODEL.MF
-    block = MobileFormerBlock(kind, in_c, e1, out_c, e2, mf, drop_path=0.0)
+    block = MobileFormerBlock(kind, in_c, e1, out_c, e2, token_dim=16, groups=2, drop_path=0.0)
     block.eval()
     rng = np.random.default_rng(0)
     state = {k: v.astype('float64') for k, v in randomize(block, rng).items()}

@@ -8,7 +8,7 @@ import pytest
 from conftest import CONFIGS
 from mobileformer import ConfigError, build_model, get_config
 from mobileformer.flops import count_madds
-from mobileformer.layers import count_trainable, re_parameterize_model
+from mobileformer.model_utils import count_trainable, re_parameterize_model
 from mobileformer.registry import converters
 from mobileformer.reparam import reparameterize_checkpoint
 from mobileformer.repmlp_resnet import RepMLP, official_repmlp_to_paddle

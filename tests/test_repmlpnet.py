@@ -10,7 +10,7 @@ import pytest
 from conftest import CONFIGS, FIXTURES, ROOT
 from mobileformer import ConfigError, build_model, get_config
 from mobileformer.flops import count_madds
-from mobileformer.layers import count_trainable, re_parameterize_model
+from mobileformer.model_utils import count_trainable, re_parameterize_model
 from mobileformer.reparam import main as reparam_main
 from mobileformer.reparam import reparameterize_checkpoint
 from mobileformer.registry import converters
