@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from datasets import build_dataset
+from mobileformer.data import build_dataset
 from mobileformer import build_model, get_config
 from mobileformer import checkpoint, cli, cpu_ops, engine
 

@@ -3,9 +3,9 @@
     python predict.py -cfg configs/mobileformer_26m.yaml -pretrained mobileformer_26m.pdparams cat.jpg dog.png
     python predict.py -cfg configs/mobileformer_26m.yaml -model export/mf26m cat.jpg     # exported model
 
-Preprocessing is the config's evaluation transform (datasets.build_transforms 'val': resize to
+Preprocessing is the config's evaluation transform (mobileformer.data.build_transforms 'val': resize to
 IMAGE_SIZE / CROP_PCT, center crop, normalise). Class names: the built-in ImageNet-1k names for
-`imagenet` with 1000 classes, else the dataset's own (`datasets.build_dataset(config, 'val').classes`:
+`imagenet` with 1000 classes, else the dataset's own (`mobileformer.data.build_dataset(config, 'val').classes`:
 0..9 for digits, folder names for folder datasets), else the class index.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from yacs.config import CfgNode
 
-from datasets import build_dataset, build_transforms
+from mobileformer.data import build_dataset, build_transforms
 from mobileformer import cli, get_config
 from mobileformer.deploy import InferenceModel, build_for_inference, dygraph_logits
 

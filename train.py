@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 
 import paddle
 
-from datasets import build_dataset, build_mixup
+from mobileformer.data import build_dataset, build_mixup
 from mobileformer import ConfigError, build_model, get_config
 from mobileformer import checkpoint, cli, cpu_ops, engine
 

@@ -36,7 +36,7 @@ _C.DATA.BATCH_SIZE_EVAL = 128
 _C.DATA.NUM_WORKERS = 2
 _C.DATA.SKIP_BAD_IMAGES = False  # skip (and log) unreadable images instead of stopping the run
 
-# Training augmentation (datasets/transforms.py, datasets/augment.py). Defaults: the Mobile-Former
+# Training augmentation (mobileformer/data/transforms.py, mobileformer/data/augment.py). Defaults: the Mobile-Former
 # recipe (timm 'rand-m9-mstd0.5', mixup 0.2, no cutmix, label smoothing 0.1); DeiT adds CUTMIX_ALPHA 1.0.
 _C.AUG = CN()
 _C.AUG.HFLIP = 0.5  # probability of a horizontal flip

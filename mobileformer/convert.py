@@ -1,9 +1,9 @@
 """Converts released PyTorch weights into a Paddle `.pdparams` for one of our configs.
 
-    python -m mobileformer.convert SRC -cfg FILE -o OUT.pdparams [--from NAME] [--key ENTRY] [-opts KEY VALUE ...]
+    python -m mobileformer.convert SRC -cfg FILE -output OUT.pdparams [-from NAME] [-key ENTRY] [-opts KEY VALUE ...]
 
 SRC is a torch zip checkpoint (.pth / .pth.tar / .bin) or a .safetensors file, read without torch
-(mobileformer.torch_io). The source format is detected from its keys unless `--from` names it. Every
+(mobileformer.torch_io). The source format is detected from its keys unless `-from` names it. Every
 converted key and shape is checked against the model the config builds; when MODEL.NUM_CLASSES
 differs from the checkpoint's classifier (fine-tuning 1000 -> 10 classes), the classifier is left
 out with a notice and keeps the model's fresh initialisation. OUT is written atomically.
@@ -33,7 +33,7 @@ def pick_converter(keys: Iterable[str], model_type: str, name: Optional[str] = N
     registry = converters()
     if name is not None:
         if name not in registry:
-            raise ValueError(f'unknown converter --from {name!r}; available: {_names(registry)}')
+            raise ValueError(f'unknown converter -from {name!r}; available: {_names(registry)}')
         chosen = registry[name]
         if model_type not in chosen.model_types:
             raise ValueError(f"converter {name!r} produces MODEL.TYPE {_names(chosen.model_types)}, but the config "
@@ -46,13 +46,13 @@ def pick_converter(keys: Iterable[str], model_type: str, name: Optional[str] = N
         return fitting[0]
     if len(fitting) > 1:
         raise ValueError(f'{source} matches several converters ({_names(c.name for c in fitting)}); '
-                         f'choose one with --from')
+                         f'choose one with -from')
     if detected:
         raise ValueError(f"{source} is a checkpoint for converter {_names(c.name for c in detected)} "
                          f"(MODEL.TYPE {_names(t for c in detected for t in c.model_types)}), but the config "
                          f"builds MODEL.TYPE {model_type!r}; use a config of the checkpoint's model")
     raise ValueError(f"no converter recognises the keys of {source} (first keys: {_names(sorted(keys)[:3])}); "
-                     f"pass --from with one of: {_names(registry)}")
+                     f"pass -from with one of: {_names(registry)}")
 
 
 def _lazy_model(config: CfgNode):
@@ -95,11 +95,11 @@ def run(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog='python -m mobileformer.convert', description=__doc__.split('\n')[0])
     parser.add_argument('src', help='PyTorch checkpoint: .pth / .pth.tar / .bin (zip format) or .safetensors')
     parser.add_argument('-cfg', required=True, help='config YAML of the target model')
-    parser.add_argument('-o', '--output', required=True, help='output .pdparams')
-    parser.add_argument('--from', dest='source', default=None,
+    parser.add_argument('-output', '-o', '--output', dest='output', required=True, help='output .pdparams')
+    parser.add_argument('-from', '--from', dest='source', default=None,
                         help=f'source format (default: detected from the keys): {_names(converters())}')
-    parser.add_argument('--key', default=None, help='checkpoint entry holding the weights '
-                                                     '(default: state_dict, state_dict_ema, model)')
+    parser.add_argument('-key', '--key', dest='key', default=None,
+                        help='checkpoint entry holding the weights (default: state_dict, state_dict_ema, model)')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
     args = parser.parse_args(argv)
     config = get_config(args.cfg, args.opts)

@@ -98,7 +98,7 @@ _CONVERTERS: Dict[str, Converter] = {}
 
 def register_converter(name: str, model_types: Iterable[str], detect: Callable[[Iterable[str]], bool],
                        hint: Optional[Callable[[Iterable[str], CfgNode], Optional[str]]] = None) -> Callable:
-    """Registers `convert(state, config) -> state` as the `--from name` source format."""
+    """Registers `convert(state, config) -> state` as the `-from name` source format."""
     def wrap(convert: Callable) -> Callable:
         if name in _CONVERTERS:
             raise ValueError(f'converter {name!r} is registered twice')

@@ -1,6 +1,6 @@
 """Turns a trained checkpoint into a deploy checkpoint by structural re-parameterisation.
 
-    python -m mobileformer.reparam -cfg configs/repmlpnet_t224.yaml -pretrained trained.pdparams -o deploy.pdparams
+    python -m mobileformer.reparam -cfg configs/repmlpnet_t224.yaml -pretrained trained.pdparams -output deploy.pdparams
     python eval.py -cfg configs/repmlpnet_t224.yaml -pretrained deploy.pdparams -opts MODEL.DEPLOY True
 
 Builds the training structure of `-cfg`, loads the checkpoint (every key must match), folds every
@@ -41,7 +41,8 @@ def run(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(description='Fold a trained checkpoint into its deploy structure.')
     parser.add_argument('-cfg', required=True, help='the training config, e.g. configs/repmlpnet_t224.yaml')
     parser.add_argument('-pretrained', required=True, help='trained checkpoint (.pdparams)')
-    parser.add_argument('-o', '--output', required=True, help='where to write the deploy checkpoint')
+    parser.add_argument('-output', '-o', '--output', dest='output', required=True,
+                        help='where to write the deploy checkpoint')
     parser.add_argument('-opts', nargs='+', default=None, help='KEY VALUE config overrides')
     args = parser.parse_args(argv)
     reparameterize_checkpoint(args.cfg, args.pretrained, args.output, args.opts)

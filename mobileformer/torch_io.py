@@ -260,7 +260,7 @@ def load_state_dict(path: str, key: Optional[str] = None) -> Dict[str, np.ndarra
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('checkpoint')
-    parser.add_argument('--key', default=None, help=f'entry holding the weights (default: {", ".join(STATE_DICT_KEYS)})')
+    parser.add_argument('-key', '--key', dest='key', default=None, help=f'entry holding the weights (default: {", ".join(STATE_DICT_KEYS)})')
     args = parser.parse_args(argv)
     try:
         state = load_state_dict(args.checkpoint, args.key)

@@ -1,13 +1,11 @@
 import os
 import random
-import sys
 
 import numpy as np
 import paddle
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 CONFIGS = os.path.join(ROOT, 'configs')
 

@@ -7,9 +7,9 @@ import paddle
 import pytest
 from PIL import Image
 
-from datasets import Mixup, RandAugment, RandomErasing, build_mixup, build_transforms
-from datasets.augment import RAND_AUGMENT_OPS, _OpContext
-from datasets.transforms import RandomResizedCrop
+from mobileformer.data import Mixup, RandAugment, RandomErasing, build_mixup, build_transforms
+from mobileformer.data.augment import RAND_AUGMENT_OPS, _OpContext
+from mobileformer.data.transforms import RandomResizedCrop
 from mobileformer import get_config
 
 

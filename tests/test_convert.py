@@ -139,7 +139,7 @@ def test_checkpoint_of_another_model_is_named(tmp_path, capsys):
     assert code == 2
     assert ("is a checkpoint for converter timm (MODEL.TYPE gmlp, mixer, resmlp), but the config builds "
             "MODEL.TYPE 'mobileformer'; use a config of the checkpoint's model") in stderr
-    code, _, stderr = run_convert(capsys, fixture('official_repmlpnet_tiny_train.pth'), '--from', 'official-mobileformer',
+    code, _, stderr = run_convert(capsys, fixture('official_repmlpnet_tiny_train.pth'), '-from', 'official-mobileformer',
                                   '-cfg', fixture('official_mobile_former_tiny_g1.yaml'), '-o', out)
     assert code == 2
     assert ('174 keys of the checkpoint have no place in official_mobile_former_tiny_g1 (official-mobileformer '
@@ -149,7 +149,7 @@ def test_checkpoint_of_another_model_is_named(tmp_path, capsys):
     assert "converter 'timm' produces MODEL.TYPE gmlp, mixer, resmlp, but the config builds 'mobileformer'" in stderr
     code, _, stderr = run_convert(capsys, fixture('timm_mixer_tiny.pth'), '--from', 'tim',
                                   '-cfg', fixture('timm_mixer_tiny.yaml'), '-o', out)
-    assert "unknown converter --from 'tim'; available: deit-resmlp, official-mobileformer" in stderr
+    assert "unknown converter -from 'tim'; available: deit-resmlp, official-mobileformer" in stderr
     assert not out.exists()
 
 
@@ -204,10 +204,10 @@ def test_no_or_several_detected_converters(monkeypatch):
     yes = Converter('a', ('mixer',), lambda keys: 'x' in keys, None)
     also = Converter('b', ('mixer',), lambda keys: 'x' in keys, None)
     monkeypatch.setattr(convert_module, 'converters', lambda: {'a': yes, 'b': also})
-    with pytest.raises(ValueError, match=r"matches several converters \(a, b\); choose one with --from"):
+    with pytest.raises(ValueError, match=r"matches several converters \(a, b\); choose one with -from"):
         pick_converter({'x'}, 'mixer')
     with pytest.raises(ValueError, match=r"no converter recognises the keys of the checkpoint \(first keys: y\); "
-                                         r"pass --from with one of: a, b"):
+                                         r"pass -from with one of: a, b"):
         pick_converter({'y'}, 'mixer')
 
 

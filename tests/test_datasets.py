@@ -11,8 +11,8 @@ import paddle
 import pytest
 from PIL import Image
 
-from datasets import build_dataset, build_mixup
-from datasets.sources import DIGITS_FILE
+from mobileformer.data import build_dataset, build_mixup
+from mobileformer.data.sources import DIGITS_FILE
 from mobileformer import get_config
 
 MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)

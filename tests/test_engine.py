@@ -208,16 +208,6 @@ def test_eval_on_other_class_count_is_one_clear_sentence(tmp_path):
     assert result.returncode != 0 and 'Traceback' not in result.stderr and 'does not exist' in result.stderr
 
 
-DUMP_RANK_WEIGHTS = '''
-import sys
-sys.path.insert(0, {root!r})
-import paddle, train
-model = train.train(train.parse_args(sys.argv[1:]))
-rank = paddle.distributed.ParallelEnv().rank
-paddle.save(model.network.state_dict(), sys.argv[sys.argv.index('-output') + 1] + f'/rank{{rank}}.pdparams')
-'''
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_union_batch(tmp_path):
@@ -232,20 +222,21 @@ def test_two_processes_equal_one_process_on_the_union_batch(tmp_path):
             folder = data / split / f'class{index % 2}'
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.randint(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f'{index}.png')
-    script = tmp_path / 'dump.py'
-    script.write_text(DUMP_RANK_WEIGHTS.format(root=ROOT))
+    script, env = os.path.join(ROOT, 'tests', 'train_with_hooks.py'), dict(os.environ, PYTHONPATH=ROOT)
     common = ['-cfg', os.path.join(CONFIGS, 'mobileformer_26m.yaml'), '-dataset', 'folder', '-data_path', str(data),
               '-batch_size', '8', '-epochs', '1', '-opts', *SMALL_MODEL, *DETERMINISTIC,
               'MODEL.NUM_CLASSES', '2', 'AUG.MIXUP_ALPHA', '0.0', 'AUG.RAND_AUGMENT_N', '0', 'AUG.HFLIP', '0.0',
               'TRAIN.OPTIMIZER', 'momentum', 'TRAIN.WEIGHT_DECAY', '0.0', 'TRAIN.BASE_LR', '0.5',
               'TRAIN.END_LR', '0.5', 'TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.COOLDOWN_EPOCHS', '0',
               'DATA.BATCH_SIZE_EVAL', '8']
-    launch = [sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2',
-              '--log_dir', str(tmp_path / 'log'), str(script), '-output', str(tmp_path / 'dp'), *common]
-    result = subprocess.run(launch, cwd=ROOT, capture_output=True, text=True, timeout=200)
+    launch = [sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2', '--log_dir',
+              str(tmp_path / 'log'), script, f"save_rank_weights={tmp_path / 'dp'}", '--', '-output',
+              str(tmp_path / 'dp'), *common]
+    result = subprocess.run(launch, cwd=ROOT, capture_output=True, text=True, timeout=200, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + open(tmp_path / 'log' / 'workerlog.0').read()[-3000:]
-    single = [sys.executable, str(script), '-output', str(tmp_path / 'one'), *common, 'TRAIN.ACCUM_ITER', '2']
-    result = subprocess.run(single, cwd=ROOT, capture_output=True, text=True, timeout=200)
+    single = [sys.executable, script, f"save_rank_weights={tmp_path / 'one'}", '--', '-output', str(tmp_path / 'one'),
+              *common, 'TRAIN.ACCUM_ITER', '2']
+    result = subprocess.run(single, cwd=ROOT, capture_output=True, text=True, timeout=200, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
     rank0, rank1 = load(tmp_path / 'dp' / 'rank0.pdparams'), load(tmp_path / 'dp' / 'rank1.pdparams')

@@ -20,7 +20,7 @@ import export as export_script
 import predict as predict_script
 import train as train_script
 from conftest import FIXTURES, ROOT
-from datasets import build_dataset
+from mobileformer.data import build_dataset
 from mobileformer import build_model, checkpoint, cli, convert, engine, get_config, reparam
 
 TINY = os.path.join(FIXTURES, 'tiny_mobileformer.yaml')
@@ -76,7 +76,7 @@ def assert_same_weights(a, b):
 
 
 # ------------------------------------------------------------------------- a rank that raises
-LAUNCHER = os.path.join(ROOT, 'tests', 'fault_launcher.py')
+LAUNCHER = os.path.join(ROOT, 'tests', 'train_with_hooks.py')
 LAUNCHER_ENV = dict(os.environ, PYTHONPATH=ROOT)
 
 

@@ -15,8 +15,8 @@ from PIL import Image
 
 from yacs.config import CfgNode
 
-from datasets import sources
-from datasets.transforms import ConvertMode, build_transforms
+from mobileformer.data import sources
+from mobileformer.data.transforms import ConvertMode, build_transforms
 
 DATASETS = ('digits', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist', 'imagenet', 'folder')
 

@@ -1,16 +1,17 @@
-"""Runs train.py's main() with faults installed, for the tests that need a separate process.
+"""Runs train.py's main() with test hooks installed, for the tests that need a separate process.
 
-    PYTHONPATH=<repo> python tests/fault_launcher.py FAULT [FAULT ...] -- TRAIN.PY ARGUMENTS
-    PYTHONPATH=<repo> python -m paddle.distributed.launch ... tests/fault_launcher.py FAULT -- ...
+    PYTHONPATH=<repo> python tests/train_with_hooks.py HOOK [HOOK ...] -- TRAIN.PY ARGUMENTS
+    PYTHONPATH=<repo> python -m paddle.distributed.launch ... tests/train_with_hooks.py HOOK -- ...
 
-The production code carries no test switches: every fault is installed here, through the seams
-the code offers (train.main's extra callbacks, checkpoint.write_together's before_commit).
+The production code carries no test switches: every fault and probe is installed here, through
+the seams the code offers (train.main's extra callbacks, checkpoint.write_together's before_commit).
 
     fail_rank=R             rank R raises at its second training step
     hold=E:S:FILE           after batch S (1-based) of epoch E, create FILE, then wait until the
                             run has received SIGINT or SIGTERM (the test sends it, or SIGKILLs)
     hold_commit=N:FILE      the N-th checkpoint commit creates FILE with every temporary written,
                             then waits forever before its commit point (the test SIGKILLs)
+    save_rank_weights=DIR   at the end of training, each rank saves its weights as DIR/rank<R>.pdparams
 """
 import os
 import signal
@@ -84,6 +85,15 @@ def hold_commit(number: int, path: str) -> None:
     checkpoint.write_together = counting
 
 
+class SaveRankWeights(paddle.callbacks.Callback):
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def on_train_end(self, logs=None) -> None:
+        paddle.save(self.model.network.state_dict(), os.path.join(self.folder, f'rank{engine.rank()}.pdparams'))
+
+
 def install(faults: Sequence[str]) -> List[paddle.callbacks.Callback]:
     callbacks = []
     for fault in faults:
@@ -96,8 +106,10 @@ def install(faults: Sequence[str]) -> List[paddle.callbacks.Callback]:
         elif name == 'hold_commit':
             number, path = value.split(':', 1)
             hold_commit(int(number), path)
+        elif name == 'save_rank_weights':
+            callbacks.append(SaveRankWeights(value))
         else:
-            raise SystemExit(f'unknown fault {fault!r}')
+            raise SystemExit(f'unknown hook {fault!r}')
     return callbacks
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 from yacs.config import CfgNode
 
-from datasets.augment import RandAugment, RandomErasing
+from mobileformer.data.augment import RandAugment, RandomErasing
 
 INTERPOLATIONS = {
     'nearest': Image.Resampling.NEAREST,

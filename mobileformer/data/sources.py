@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DIGITS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'digits.npz')
+# the embedded data stays at the top of the repository, in datasets/data/
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DIGITS_FILE = os.path.join(REPOSITORY, 'datasets', 'data', 'digits.npz')
 DIGITS_TRAIN_SIZE = 1437  # first 1437 samples train, last 360 validate (see datasets/data/README.md)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp', '.gif')
 

@@ -5,8 +5,8 @@
 - `build_transforms(config, mode)`: PIL image -> float32 CHW numpy array.
 - `build_mixup(config)`: None, or a batch callable (images, labels) -> (images, soft targets).
 """
-from datasets.augment import Mixup, RandAugment, RandomErasing, build_mixup
-from datasets.build import DATASETS, build_dataset
-from datasets.transforms import build_transforms
+from mobileformer.data.augment import Mixup, RandAugment, RandomErasing, build_mixup
+from mobileformer.data.build import DATASETS, build_dataset
+from mobileformer.data.transforms import build_transforms
 
 __all__ = ['DATASETS', 'Mixup', 'RandAugment', 'RandomErasing', 'build_dataset', 'build_mixup', 'build_transforms']
