@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, Iterable
+from typing import Callable, Dict, Iterable
 
 import numpy as np
 import paddle
@@ -24,6 +24,7 @@ from yacs.config import CfgNode
 from mobileformer.config import ConfigError, check_patch_grid
 from mobileformer.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
 from mobileformer.registry import register_converter, register_model
+from mobileformer.torch_io import to_paddle_layout
 
 I = nn.initializer
 
@@ -288,15 +289,11 @@ def build_resmlp(config: CfgNode) -> MlpMixer:
 
 # ---- weight converters ----------------------------------------------------------------------
 
-def _to_paddle(key: str, value: np.ndarray) -> np.ndarray:
-    """PyTorch layout -> ours: Linear weights [out, in] -> [in, out]; per-channel vectors stored
-    as (1, 1, C) by timm (Affine, LayerScale) -> (C,)."""
-    value = np.asarray(value)
-    if key.endswith('.weight') and value.ndim == 2:
-        return value.T  # a view; loading copies it
-    if re.search(r'(alpha|beta|ls[12])$', key):
-        return value.reshape(-1)
-    return value
+def _to_paddle(state: Dict[str, np.ndarray], rename: Callable[[str], str] = lambda key: key) -> Dict[str, np.ndarray]:
+    """torch_io.to_paddle_layout, then per-channel vectors stored as (1, 1, C) by timm (Affine,
+    LayerScale) -> (C,)."""
+    converted, _ = to_paddle_layout(state, rename)
+    return {k: v.reshape(-1) if re.search(r'(alpha|beta|ls[12])$', k) else v for k, v in converted.items()}
 
 
 def _is_timm_mixer(keys: Iterable[str]) -> bool:
@@ -307,7 +304,7 @@ def _is_timm_mixer(keys: Iterable[str]) -> bool:
 @register_converter('timm', ['mixer', 'gmlp', 'resmlp'], detect=_is_timm_mixer)
 def convert_timm(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
     """timm `MlpMixer` checkpoints (mixer_*, gmlp_*, resmlp_*): same names, PyTorch layouts."""
-    return {k: _to_paddle(k, v) for k, v in state.items()}
+    return _to_paddle(state)
 
 
 # The authors' ResMLP (facebookresearch/deit resmlp_models.py) names -> ours.
@@ -334,5 +331,5 @@ def _deit_name(key: str) -> str:
 @register_converter('deit-resmlp', ['resmlp'], detect=_is_deit_resmlp)
 def convert_deit_resmlp(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
     """The authors' ResMLP checkpoints (resmlp_12/24/36, resmlpB_24; plain or distilled)."""
-    return {_deit_name(k): _to_paddle(_deit_name(k), v) for k, v in state.items()}
+    return _to_paddle(state, _deit_name)
 

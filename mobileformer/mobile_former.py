@@ -35,6 +35,7 @@ from mobileformer.checkpoint import list_names
 from mobileformer.layers import DepthwiseConv2D, DropPath, drop_path_rates
 from mobileformer.model_utils import fuse_conv_bn
 from mobileformer.registry import register_converter, register_madds, register_model
+from mobileformer.torch_io import to_paddle_layout
 
 BLOCK_KINDS = ('lite', 'mf', 'down')
 Row = Tuple[str, int, int, int, int]  # (kind, e1, out_channels, stride, e2), one block
@@ -492,7 +493,6 @@ _FORMER_TO_MOBILE = {'k': 'k', 'proj': 'v'}
 _HEAD = {'classifier.conv.1': 'head.conv.conv', 'classifier.conv.2': 'head.conv.bn',
          'classifier.fc.0': 'head.fc', 'classifier.fc.1': 'head.norm',
          'classifier.classifier.1': 'head.classifier', 'stem.0': 'stem.conv', 'stem.1': 'stem.bn'}
-_BN_STATS = {'running_mean': '_mean', 'running_var': '_variance'}
 
 
 def _lookup(table: Dict[str, str], name: str) -> Tuple[str, str] | None:
@@ -523,9 +523,6 @@ def _map_block_key(kind: str, name: str) -> str | None:
 
 def _map_key(name: str, kinds: Sequence[str]) -> str | None:
     """Our parameter name for a release key, None when it has no place in our model."""
-    *parent, leaf = name.split('.')
-    leaf = _BN_STATS.get(leaf, leaf)
-    name = '.'.join(parent + [leaf])
     if name == 'tokens.weight':
         return 'tokens'
     if name.startswith('features.'):
@@ -554,18 +551,7 @@ def convert_official(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str,
     `_variance`; `num_batches_tracked` is dropped. Raises ValueError listing the release keys that
     have no place in the model; keys and shapes are checked by `checkpoint.check_state`."""
     kinds = [row[0] for row in validate_config(config)]
-    converted, unplaced = {}, []
-    for name, value in state.items():
-        if name.endswith('num_batches_tracked'):
-            continue
-        ours = _map_key(name, kinds)
-        if ours is None:
-            unplaced.append(name)
-            continue
-        value = np.asarray(value, dtype=np.float32)
-        if value.ndim == 2 and ours != 'tokens':  # Linear [out, in] -> [in, out]
-            value = value.T
-        converted[ours] = np.ascontiguousarray(value)
+    converted, unplaced = to_paddle_layout(state, lambda name: _map_key(name, kinds))
     if unplaced:
         raise ValueError(f'{len(unplaced)} keys of the checkpoint have no place in {config.MODEL.NAME} '
                          f'(official-mobileformer layout): {list_names(sorted(unplaced))}; '

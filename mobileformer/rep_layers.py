@@ -9,9 +9,8 @@ docs/repmlp_resnet.md describe them.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
-import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -147,20 +146,6 @@ def check_rep_config(config: CfgNode, subtree: str, family: str) -> None:
 
 
 # --------------------------------------------- converting the authors' (PyTorch) checkpoints
-
-def torch_to_paddle_state(state: Dict[str, np.ndarray], linear_weights: Sequence[str]) -> Dict[str, np.ndarray]:
-    """Renames BN statistics, drops `num_batches_tracked`, transposes the named Linear weights."""
-    out = {}
-    for key, value in state.items():
-        if key.endswith('num_batches_tracked'):
-            continue
-        value = np.asarray(value, dtype=np.float32)
-        if key in linear_weights:
-            value = value.T
-        key = key.replace('running_mean', '_mean').replace('running_var', '_variance')
-        out[key] = value
-    return out
-
 
 def deploy_layout_hint(training_marker: str) -> Callable[[Iterable[str], CfgNode], Optional[str]]:
     """A converter hint: a checkpoint holds the training layout iff a key contains

@@ -23,8 +23,8 @@ from yacs.config import CfgNode
 from mobileformer.config import ConfigError
 from mobileformer.model_utils import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
-from mobileformer.rep_layers import (FoldableConvBN, PartitionFC3, check_rep_config, deploy_layout_hint,
-                                     torch_to_paddle_state)
+from mobileformer.rep_layers import FoldableConvBN, PartitionFC3, check_rep_config, deploy_layout_hint
+from mobileformer.torch_io import to_paddle_layout
 
 BLOCK_TYPES = ('light', 'bottleneck', 'plain')
 
@@ -232,10 +232,9 @@ def build_repmlp_resnet(config: CfgNode) -> RepMLPResNet:
 # ----------------------------------------------------------------------------- weight conversion
 
 def official_repmlp_to_paddle(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """Renames a state of the original release (a whole network or one RepMLP block) to ours: its
-    Linear layers are the classifier `linear` and the global perceptron's fc1/fc2."""
-    linear = [k for k in state if k == 'linear.weight' or k.endswith(('fc1_fc2.fc1.weight', 'fc1_fc2.fc2.weight'))]
-    return torch_to_paddle_state(state, linear_weights=linear)
+    """A state of the original release (a whole network or one RepMLP block) -> ours: same names,
+    Paddle layouts (its Linear layers are the classifier `linear` and the global perceptron's fc1/fc2)."""
+    return to_paddle_layout(state)[0]
 
 
 def _is_official_repmlp_resnet(keys) -> bool:

@@ -22,8 +22,8 @@ from yacs.config import CfgNode
 from mobileformer.config import ConfigError
 from mobileformer.model_utils import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
-from mobileformer.rep_layers import (ConvBNAct, PartitionFC3, check_rep_config, deploy_layout_hint,
-                                     torch_to_paddle_state)
+from mobileformer.rep_layers import ConvBNAct, PartitionFC3, check_rep_config, deploy_layout_hint
+from mobileformer.torch_io import to_paddle_layout
 
 
 class GlobalPerceptron(nn.Layer):
@@ -215,5 +215,5 @@ def _is_official_repmlpnet(keys) -> bool:
 @register_converter('official-repmlpnet', ['repmlpnet'], detect=_is_official_repmlpnet,
                     hint=deploy_layout_hint('fc3_bn.'))
 def convert_official_repmlpnet(state: Dict[str, np.ndarray], config: CfgNode) -> Dict[str, np.ndarray]:
-    """The authors' RepMLPNet state dict (training or folded) -> ours; only `head` is a Linear."""
-    return torch_to_paddle_state(state, linear_weights=['head.weight'])
+    """The authors' RepMLPNet state dict (training or folded) -> ours: same names, Paddle layouts."""
+    return to_paddle_layout(state)[0]

@@ -9,6 +9,7 @@ Two formats:
 
 `load_state_dict(path)` returns {name: np.ndarray} with PyTorch names and layouts; float16 and
 bfloat16 tensors come back as float32 (numpy has no bfloat16), other dtypes unchanged.
+`to_paddle_layout(state, rename)` is the one PyTorch -> Paddle transform every converter uses.
 
     python -m mobileformer.torch_io CHECKPOINT     # lists keys, shapes and dtypes
 """
@@ -22,7 +23,7 @@ import pickle
 import struct
 import zipfile
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -255,6 +256,29 @@ def select_state_dict(checkpoint: Any, key: Optional[str] = None, source: str = 
 def load_state_dict(path: str, key: Optional[str] = None) -> Dict[str, np.ndarray]:
     """{PyTorch name: numpy array} from a .pth/.pth.tar/.bin/.safetensors file (see select_state_dict)."""
     return select_state_dict(load_checkpoint(path), key, source=f"checkpoint '{path}'")
+
+
+_BN_STATISTICS = {'running_mean': '_mean', 'running_var': '_variance'}
+
+
+def to_paddle_layout(state: Dict[str, np.ndarray], rename: Callable[[str], Optional[str]] = lambda key: key
+                     ) -> Tuple[Dict[str, np.ndarray], List[str]]:
+    """PyTorch state dict -> Paddle's names and layouts: `num_batches_tracked` is dropped, BatchNorm
+    running statistics become `_mean` / `_variance`, `rename` maps the rest to a family's names
+    (None: no place in the model), and Linear weights (2-D `.weight`) go from [out, in] to [in, out].
+    Returns (the converted state, the keys `rename` found no place for)."""
+    converted, unplaced = {}, []
+    for key, value in state.items():
+        *parent, leaf = key.split('.')
+        if leaf == 'num_batches_tracked':
+            continue
+        ours = rename('.'.join(parent + [_BN_STATISTICS.get(leaf, leaf)]))
+        if ours is None:
+            unplaced.append(key)
+            continue
+        value = np.asarray(value, dtype=np.float32)
+        converted[ours] = np.ascontiguousarray(value.T) if ours.endswith('.weight') and value.ndim == 2 else value
+    return converted, unplaced
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
