@@ -22,6 +22,7 @@ import traceback
 from typing import Callable, List, Optional, Sequence
 
 from mobileformer.cpu import use_cpu_threads
+from mobileformer.engine.distributed import rank
 from mobileformer.errors import USAGE_ERROR, TrainingStopped
 
 DEBUG_FLAG = '--debug'
@@ -53,10 +54,6 @@ def _failures_path() -> Optional[str]:
     return os.path.join(folder, f'rank_failures.{os.getppid()}.log') if folder and ranks > 1 else None
 
 
-def _rank() -> str:
-    return os.environ.get('PADDLE_TRAINER_ID', '0')
-
-
 def _share_failure(error: BaseException) -> List[str]:
     """Records this rank's error for the other ranks; returns the errors other ranks recorded."""
     path = _failures_path()
@@ -65,7 +62,7 @@ def _share_failure(error: BaseException) -> List[str]:
     others = _other_failures(path)
     try:
         with open(path, 'a', encoding='utf-8') as f:
-            f.write(f'rank {_rank()}: {type(error).__name__}: {one_line(error)}\n')
+            f.write(f'rank {rank()}: {type(error).__name__}: {one_line(error)}\n')
     except OSError:  # reporting must never hide the error itself
         pass
     return others
@@ -74,7 +71,7 @@ def _share_failure(error: BaseException) -> List[str]:
 def _other_failures(path: str) -> List[str]:
     try:
         with open(path, encoding='utf-8') as f:
-            return [line.rstrip('\n') for line in f if not line.startswith(f'rank {_rank()}:')]
+            return [line.rstrip('\n') for line in f if not line.startswith(f'rank {rank()}:')]
     except OSError:
         return []
 
