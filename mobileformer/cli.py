@@ -8,9 +8,10 @@ An exception of any other type is a bug: it keeps its traceback.
 
 In a `paddle.distributed.launch` run, a rank that fails writes its error to
 <log_dir>/rank_failures.<launcher pid>.log. Every other rank on the machine watches that file and,
-as soon as the error appears, prints it as `error: rank R: ... (this rank stopped because of it; see that rank's
-workerlog)` and exits with status 2: it would otherwise wait in a collective until gloo or NCCL
-times out and aborts the process, and the log the launcher points to would not name the cause.
+as soon as the error appears, prints `error: rank R: ... (this rank stopped because of it; see
+that rank's workerlog)` and exits with status 2: it would otherwise wait in a collective until
+gloo or NCCL times out and aborts the process, and the log the launcher points to would not name
+the cause.
 """
 from __future__ import annotations
 
