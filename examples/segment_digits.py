@@ -5,7 +5,7 @@ digits, upscaled and placed in separate cells at random offsets; the mask gives 
 its digit's class (1..10) and the rest class 0 (background). Canvases of the training digits train,
 those of the held-out digits (other writers) are scored by mean IoU over the classes present.
 
-    python examples/segment_digits.py                         # Mobile-Former-26M, 300 steps, ~2 min CPU
+    python examples/segment_digits.py                         # Mobile-Former-26M, 600 steps, ~1 min CPU
     python examples/segment_digits.py -steps 50 -opts MODEL.OUT_INDICES [0,3]
 """
 from __future__ import annotations
@@ -108,11 +108,12 @@ class Result:
     first_loss: float  # mean of the first tenth of the steps
     last_loss: float   # mean of the last tenth
     miou: float        # on canvases of the held-out digits
-    chance_miou: float  # of the best constant guess (all background) on the same canvases
+    # of a guess that knows where the ink is but not the digit (a random class per digit pixel)
+    chance_miou: float
 
 
-def train_and_evaluate(config_file: str = DEFAULT_CONFIG, opts: Sequence = (), steps: int = 300,
-                       batch_size: int = 16, size: int = 48, scale: int = 2, lr: float = 2e-3,
+def train_and_evaluate(config_file: str = DEFAULT_CONFIG, opts: Sequence = (), steps: int = 600,
+                       batch_size: int = 16, size: int = 40, scale: int = 2, lr: float = 3e-3,
                        eval_canvases: int = 64, seed: int = 0, log=print) -> Result:
     """Trains backbone + head from scratch on fresh canvases each step; returns losses and mIoU."""
     paddle.seed(seed)
@@ -139,19 +140,20 @@ def train_and_evaluate(config_file: str = DEFAULT_CONFIG, opts: Sequence = (), s
     with paddle.no_grad():
         prediction = model(paddle.to_tensor(images)).argmax(axis=1).numpy()
     tenth = max(1, steps // 10)
+    guess = np.where(masks > 0, rng.integers(1, NUM_CLASSES, masks.shape), 0)
     result = Result(float(np.mean(losses[:tenth])), float(np.mean(losses[-tenth:])),
-                    mean_iou(prediction, masks, NUM_CLASSES), mean_iou(np.zeros_like(masks), masks, NUM_CLASSES))
+                    mean_iou(prediction, masks, NUM_CLASSES), mean_iou(guess, masks, NUM_CLASSES))
     log(f'loss {result.first_loss:.4f} -> {result.last_loss:.4f}; held-out mIoU {result.miou:.4f} '
-        f'(all background: {result.chance_miou:.4f})')
+        f'(true ink with random digits: {result.chance_miou:.4f})')
     return result
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description='Segment digits on canvases with a backbone + FPN-lite head.')
     parser.add_argument('-cfg', default=DEFAULT_CONFIG, help='model YAML (the backbone; any family)')
-    parser.add_argument('-steps', type=int, default=300)
+    parser.add_argument('-steps', type=int, default=600)
     parser.add_argument('-batch_size', type=int, default=16)
-    parser.add_argument('-size', type=int, default=48, help='canvas side in pixels')
+    parser.add_argument('-size', type=int, default=40, help='canvas side in pixels')
     parser.add_argument('-opts', nargs='+', default=[], help='KEY VALUE pairs, e.g. MODEL.OUT_INDICES [0,3]')
 
     def run(args: List[str]) -> None:

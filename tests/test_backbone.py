@@ -152,6 +152,9 @@ def test_paddleseg_and_paddledetection_conventions(monkeypatch):
 
 
 def test_dense_head_on_features_learns_to_segment_digits():
-    result = segment_digits.train_and_evaluate(steps=60, batch_size=8, size=40, log=lambda line: None)
-    assert result.last_loss < 0.5 * result.first_loss
-    assert result.miou > 1.5 * result.chance_miou, result
+    # from scratch, 300 steps of 8 canvases (about 20 s); measured: loss 0.94 -> 0.31, mIoU 0.37 on
+    # canvases of held-out writers, where knowing the ink but guessing the digits gives 0.14
+    result = segment_digits.train_and_evaluate(steps=300, batch_size=8, size=40, eval_canvases=128,
+                                               log=lambda line: None)
+    assert result.last_loss < 0.5 * result.first_loss, result
+    assert result.miou > 2 * result.chance_miou, result
