@@ -8,14 +8,15 @@ its attribute (`classifier_name` says where it lives, so state-dict keys never c
 
 Features: `feature_specs()` lists every feature output a family offers (index order, channels and
 stride of each); `as_features(out_indices)` turns the model into a feature extractor whose forward
-returns the list of those outputs. The layers only the classification head uses are removed
-(`removed_layers`), so every remaining parameter trains; the others keep their names, so a
-classification checkpoint loads into it (mobileformer.checkpoint leaves the removed layers out).
+returns the list of those outputs. The layers it does not run (the classification head, blocks
+after the last output) are removed (`removed_layers`), so every remaining parameter trains (no
+unused parameters for data-parallel training); the others keep their names, so a classification
+checkpoint loads into it (mobileformer.checkpoint leaves the removed layers out).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import paddle
 import paddle.nn as nn
@@ -64,7 +65,8 @@ class Backbone(nn.Layer):
     """Base of every model class. A family sets `classifier_name`, `num_features` and
     `num_classes`, and implements `forward_features`, `forward_head`, `feature_specs`,
     `_features(x, last)` (the outputs 0..last, computed no further than needed) and
-    `_head_layers(indices)` (its top-level layers a feature extractor of `indices` does not run)."""
+    `_unused_layers(last)` (the layers a feature extractor whose last output is `last` does not
+    run, as dotted names: `head`, `blocks.7`)."""
 
     classifier_name = 'head'
 
@@ -74,7 +76,7 @@ class Backbone(nn.Layer):
         self.removed_layers: Tuple[str, ...] = ()
 
     # ----------------------------------------------------------------------- classification
-    def forward(self, x: paddle.Tensor):
+    def forward(self, x: paddle.Tensor) -> Union[paddle.Tensor, List[paddle.Tensor]]:
         if self.out_indices is not None:
             return self.forward_intermediates(x, self.out_indices)
         return self.forward_head(self.forward_features(x))
@@ -138,9 +140,14 @@ class Backbone(nn.Layer):
     def as_features(self, out_indices: Optional[Sequence[int]] = None) -> 'Backbone':
         """Turns this model, in place, into a feature extractor of `out_indices`; returns it."""
         indices = self.resolve_indices(out_indices)
-        self.removed_layers = tuple(self._head_layers(indices))
+        self.removed_layers = tuple(self._unused_layers(max(indices)))
         for name in self.removed_layers:
-            delattr(self, name)
+            *path, leaf = name.split('.')
+            parent = self
+            for part in path:
+                parent = getattr(parent, part)
+            # trailing entries of a LayerList / Sequential go too: the earlier ones keep their index
+            del parent._sub_layers[leaf]
         self.out_indices = indices
         return self
 
@@ -184,5 +191,5 @@ class TokenBackbone(Backbone):
             outputs.append(tokens_to_map(x, self.grid, self.grid))
         return outputs
 
-    def _head_layers(self, indices: Sequence[int]) -> List[str]:
-        return ['head_drop', 'head']
+    def _unused_layers(self, last: int) -> List[str]:
+        return ['head_drop', 'head'] + [f'blocks.{i}' for i in range(last + 1, len(self.blocks))]

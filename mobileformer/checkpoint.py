@@ -80,7 +80,7 @@ def state_shapes(model: nn.Layer) -> Dict[str, tuple]:
 
 def removed_from(model: nn.Layer, key: str) -> bool:
     """Whether `key` belongs to a layer a feature extractor dropped (mobileformer.backbone)."""
-    return key.split('.', 1)[0] in getattr(model, 'removed_layers', ())
+    return any(key == name or key.startswith(name + '.') for name in getattr(model, 'removed_layers', ()))
 
 
 def classifier_keys(model: nn.Layer) -> List[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List
 
 import numpy as np
 import paddle
@@ -180,8 +180,8 @@ class MlpMixer(TokenBackbone):
     def forward_features(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.norm(super().forward_features(x))  # [B, N, C]
 
-    def _head_layers(self, indices: Sequence[int]) -> List[str]:
-        return ['norm'] + super()._head_layers(indices)
+    def _unused_layers(self, last: int) -> List[str]:
+        return ['norm'] + super()._unused_layers(last)
 
     def _init_timm(self) -> None:
         """timm's Mixer/gMLP init: xavier-uniform Linear with N(0, 1e-6) bias (every block Linear sits

@@ -408,8 +408,10 @@ class MobileFormer(Backbone):
         maps, tokens = self._run(x, len(self.blocks) - 1)
         return maps + [self.final_bridge(maps[-1], tokens)]
 
-    def _head_layers(self, indices: Sequence[int]) -> List[str]:
-        return ['head'] if len(self._stage_ends) in indices else ['head', 'final_bridge']
+    def _unused_layers(self, last: int) -> List[str]:
+        if last == len(self._stage_ends):  # the tokens: every block and the final bridge run
+            return ['head']
+        return ['head', 'final_bridge'] + [f'blocks.{i}' for i in range(self._stage_ends[last] + 1, len(self.blocks))]
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -201,8 +201,8 @@ class RepMLPResNet(Backbone):
     def feature_specs(self) -> List[FeatureInfo]:
         return [FeatureInfo(f'stage{i + 1}', width, 4 * 2 ** i) for i, width in enumerate(self.WIDTHS)]
 
-    def _head_layers(self, indices: Sequence[int]) -> List[str]:
-        return ['linear']
+    def _unused_layers(self, last: int) -> List[str]:
+        return ['linear'] + [f'stage{i + 1}' for i in range(last + 1, 4)]
 
 
 def _check_config(config: CfgNode) -> None:

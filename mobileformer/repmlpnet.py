@@ -161,8 +161,9 @@ class RepMLPNet(Backbone):
     def feature_specs(self) -> List[FeatureInfo]:
         return list(self._specs)
 
-    def _head_layers(self, indices: Sequence[int]) -> List[str]:
-        return ['head_norm', 'head']
+    def _unused_layers(self, last: int) -> List[str]:
+        later = range(last + 1, len(self.stages))
+        return ['head_norm', 'head'] + [f'stages.{i}' for i in later] + [f'embeds.{i - 1}' for i in later]
 
 
 def _stage_partitions(config: CfgNode) -> list:

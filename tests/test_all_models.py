@@ -174,6 +174,13 @@ def test_feature_extraction_and_export(model_type, tmp_path):
     for ours, theirs in zip(_numpy(outputs), _numpy(classifier.forward_intermediates(x, model.out_indices))):
         np.testing.assert_array_equal(ours, theirs)
 
+    # the first output alone: the layers after it are gone, and every parameter left trains
+    first = build_model(config, out_indices=[0])
+    assert first.feature_info == [specs[0]] and len(first.parameters()) < len(model.parameters())
+    first.train()
+    (first(_input(config, 2))[0] * paddle.randn(outputs[0].shape)).sum().backward()
+    assert [name for name, p in first.named_parameters() if not p.stop_gradient and p.grad is None] == []
+
     prefix = str(tmp_path / 'features')
     paddle.jit.save(model, prefix, input_spec=[paddle.static.InputSpec([None, channels, size, size], 'float32', 'x')])
     loaded = paddle.jit.load(prefix)

@@ -97,9 +97,9 @@ def test_out_indices_on_a_model_without_stages_is_one_sentence(monkeypatch):
     monkeypatch.setitem(registry._BUILDERS, 'mobileformer', lambda config: nn.Linear(4, 2))
     with pytest.raises(ConfigError, match='MODEL.TYPE mobileformer has no feature outputs'):
         build_model(get_config(opts=['MODEL.OUT_INDICES', [0]]))
+    monkeypatch.undo()
     mf_without_stride4 = ['MODEL.MF.BLOCKS', [['lite', 3, 12, 1, 0]], 'MODEL.MF.GROUPS', 1]
     with pytest.raises(ConfigError, match='has no feature maps'):
-        monkeypatch.undo()
         build_model(get_config(MF26, mf_without_stride4), features_only=True)
 
 
