@@ -7,7 +7,8 @@ file in one sentence, the same sentence in every command.
 Checking: `fit_state` compares a state dict with a model. Strictly, every key and shape must match
 (evaluation, export, prediction, folding, resuming); with `drop_classifier`, the layer the model's
 `get_classifier()` names may have been trained for another class count and is left out
-(fine-tuning). Any other difference names the tensor and both shapes.
+(fine-tuning). A feature extractor (mobileformer.backbone) takes a classifier's checkpoint but
+the head layers it does not hold. Any other difference names the tensor and both shapes.
 
 Writing: `write_file` writes one file atomically (a temporary next to it, flushed, then renamed).
 `write_together` commits a set of files (weights, optimizer, EMA, the JSON record) as one unit with
@@ -77,8 +78,15 @@ def state_shapes(model: nn.Layer) -> Dict[str, tuple]:
     return {name: tuple(value.shape) for name, value in model.state_dict().items()}
 
 
+def removed_from(model: nn.Layer, key: str) -> bool:
+    """Whether `key` belongs to a layer a feature extractor dropped (mobileformer.backbone)."""
+    return any(key == name or key.startswith(name + '.') for name in getattr(model, 'removed_layers', ()))
+
+
 def classifier_keys(model: nn.Layer) -> List[str]:
-    """The state-dict keys of `model.get_classifier()`."""
+    """The state-dict keys of `model.get_classifier()` (none in a feature extractor)."""
+    if removed_from(model, model.classifier_name):
+        return []
     classifier = model.get_classifier()
     prefix = next(name for name, layer in model.named_sublayers() if layer is classifier)
     return [f'{prefix}.{key}' for key in classifier.state_dict()]
@@ -124,7 +132,8 @@ def fit_state(state: StateDict, model: nn.Layer, path: str, drop_classifier: boo
         ours = state_shapes(model)[dropped[0]][-1]
         raise ValueError(f"'{path}' was trained for {classes} classes but MODEL.NUM_CLASSES is {ours}; pass "
                          f'-opts MODEL.NUM_CLASSES {classes} or a matching checkpoint')
-    kept = {k: v for k, v in state.items() if k not in dropped}
+    # a feature extractor leaves out the head layers it dropped, and with them the classifier
+    kept = {k: v for k, v in state.items() if k not in dropped and not removed_from(model, k)}
     check_state(kept, model, f"'{path}'", allow_missing=dropped, hint='check that -cfg matches the checkpoint')
     return cast_like(kept, model), dropped, classes
 

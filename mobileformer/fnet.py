@@ -17,6 +17,7 @@ import paddle
 import paddle.nn as nn
 from yacs.config import CfgNode
 
+from mobileformer.backbone import TokenBackbone
 from mobileformer.config import ConfigError, check_patch_grid
 from mobileformer.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
 from mobileformer.registry import register_madds, register_model
@@ -55,13 +56,17 @@ class FNetBlock(nn.Layer):
         return self.norm2(x + self.drop_path(self.ffn(x)))
 
 
-class FNet(nn.Layer):
+class FNet(TokenBackbone):
     """Patch tokens + learned position embedding, `depth` Fourier blocks, token mean, dropout,
-    classifier; the Keras example's init. N = (image_size / patch_size)^2 tokens, fixed."""
+    classifier; the Keras example's init. N = (image_size / patch_size)^2 tokens, fixed.
+
+    Backbone interface (mobileformer.backbone.TokenBackbone): `forward_features` gives the tokens of
+    the last block, [B, N, C]; feature output i is block i as a map [B, C, S/P, S/P], stride P.
+    Inputs must be image_size x image_size (the position embedding has N entries)."""
 
     def __init__(self, in_channels: int, image_size: int, patch_size: int, embed_dim: int, depth: int,
                  mlp_ratio: float, num_classes: int, dropout: float = 0.0, drop_path: float = 0.0):
-        super().__init__()
+        super().__init__(image_size, patch_size, embed_dim, num_classes)
         tokens = (image_size // patch_size) ** 2
         self.stem = PatchEmbed(in_channels, embed_dim, patch_size)
         self.pos_embed = self.create_parameter([1, tokens, embed_dim],
@@ -84,13 +89,8 @@ class FNet(nn.Layer):
         I.Uniform(-limit, limit)(self.stem.proj.weight)
         I.Constant(0.0)(self.stem.proj.bias)
 
-    def get_classifier(self) -> nn.Linear:
-        """The layer mapping features to class logits (replaced when fine-tuning on other classes)."""
-        return self.head
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = self.blocks(self.stem(x) + self.pos_embed)
-        return self.head(self.head_drop(x.mean(axis=1)))
+    def _embed(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.stem(x) + self.pos_embed
 
 
 # MODEL.FNET (docs/fnet.md): patch embedding + learned position embedding, Fourier-mixing post-norm

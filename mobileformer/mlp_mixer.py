@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Dict, Iterable
+from typing import Callable, Dict, Iterable, List
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 from yacs.config import CfgNode
 
+from mobileformer.backbone import TokenBackbone
 from mobileformer.config import ConfigError, check_patch_grid
 from mobileformer.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
 from mobileformer.registry import register_converter, register_model
@@ -130,7 +131,7 @@ class ResBlock(nn.Layer):
 BLOCK_TYPES = ('mixer', 'gmlp', 'resmlp')
 
 
-class MlpMixer(nn.Layer):
+class MlpMixer(TokenBackbone):
     """Patch embedding, `depth` blocks of `block_type`, final norm, token mean, dropout, classifier.
 
     block_type 'mixer' (token MLP of token_mlp_ratio x embed_dim, channel MLP of mlp_ratio x
@@ -138,13 +139,17 @@ class MlpMixer(nn.Layer):
     LayerScale layerscale_init); keys another block type has no use for are ignored. The token
     mixers are N x N, N = (image_size / patch_size)^2, so the image size is fixed. Initialised as the
     references: timm's init for Mixer and gMLP, the ResMLP authors' for ResMLP.
+
+    Backbone interface (mobileformer.backbone.TokenBackbone): `forward_features` gives the tokens
+    after the final norm, [B, N, C]; feature output i is block i (before the final norm) as a map
+    [B, C, S/P, S/P], stride P. Inputs must be image_size x image_size.
     """
 
     def __init__(self, block_type: str = 'mixer', image_size: int = 224, patch_size: int = 16,
                  embed_dim: int = 512, depth: int = 8, mlp_ratio: float = 4.0, token_mlp_ratio: float = 0.5,
                  layerscale_init: float = 0.1, in_channels: int = 3, num_classes: int = 1000,
                  dropout: float = 0.0, drop_path: float = 0.0):
-        super().__init__()
+        super().__init__(image_size, patch_size, embed_dim, num_classes)
         if block_type not in BLOCK_TYPES:
             raise ValueError(f'block_type must be one of {BLOCK_TYPES}, got {block_type!r}')
         tokens = (image_size // patch_size) ** 2
@@ -170,15 +175,14 @@ class MlpMixer(nn.Layer):
         else:
             self._init_timm()
 
-    def get_classifier(self) -> nn.Linear:
-        """The layer mapping features to class logits (replaced when fine-tuning on other classes)."""
-        return self.head
+    def _embed(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.stem(x)
 
     def forward_features(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.norm(self.blocks(self.stem(x)))  # [B, N, C]
+        return self.norm(super().forward_features(x))  # [B, N, C]
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.head(self.head_drop(self.forward_features(x).mean(axis=1)))
+    def _unused_layers(self, last: int) -> List[str]:
+        return ['norm'] + super()._unused_layers(last)
 
     def _init_timm(self) -> None:
         """timm's Mixer/gMLP init: xavier-uniform Linear with N(0, 1e-6) bias (every block Linear sits

@@ -29,6 +29,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from yacs.config import CfgNode
 
+from mobileformer.backbone import Backbone, FeatureInfo
 from mobileformer.config import ConfigError
 from mobileformer.cpu_ops import dynamic_relu
 from mobileformer.checkpoint import list_names
@@ -321,20 +322,27 @@ class ClassifierHead(nn.Layer):
         self.dropout = nn.Dropout(dropout)
         self.classifier = _linear(hidden, num_classes)
 
-    def forward(self, x: paddle.Tensor, token: paddle.Tensor) -> paddle.Tensor:
+    def forward(self, x: paddle.Tensor, token: paddle.Tensor, pre_logits: bool = False) -> paddle.Tensor:
         if self.shuffle_groups > 1:
             x = channel_shuffle(x, self.shuffle_groups)
         x = F.hardswish(F.adaptive_avg_pool2d(F.relu6(self.conv(x)), 1)).flatten(1)
-        x = F.hardswish(self.norm(self.fc(paddle.concat([x, token], axis=1))))
-        return self.classifier(self.dropout(x))
+        x = self.dropout(F.hardswish(self.norm(self.fc(paddle.concat([x, token], axis=1)))))
+        return x if pre_logits else self.classifier(x)
 
 
-class MobileFormer(nn.Layer):
+class MobileFormer(Backbone):
     """Stem -> blocks (lite / mf / down) -> final Mobile->Former bridge -> head; returns logits.
 
     `blocks` holds one row (kind, e1, out_channels, stride, e2) per block, kind in {lite, mf, down}
     (docs/mobileformer.md); `build_mformer` checks them and the widths against the other sizes.
+
+    Backbone interface (mobileformer.backbone): `forward_features` gives both branches, the last
+    map [B, C, H/32, W/32] and the tokens [B, M, d] after the final bridge (the head reads both);
+    the feature outputs are the last block of every stride the blocks reach (4, 8, 16, 32 in the
+    released sizes), then the tokens. Any input size works.
     """
+
+    classifier_name = 'head.classifier'
 
     def __init__(self, blocks: Sequence[Row], stem_channels: int = 8, num_tokens: int = 3,
                  token_dim: int = 128, head_hidden: int = 1024, last_expansion: int = 6, groups: int = 1,
@@ -357,18 +365,54 @@ class MobileFormer(nn.Layer):
         self.blocks = nn.LayerList(layers)
         self.final_bridge = MobileToFormer(channels, token_dim, bridge_heads, drop_path)
         self.head = ClassifierHead(channels, last_expansion, token_dim, head_hidden, groups, dropout, num_classes)
+        self.num_features, self.num_classes = head_hidden, num_classes
+        # the feature outputs: the last block at each stride from 4 on (the detection and
+        # segmentation strides; a stride-2 block only refines the stem's map), then the tokens
+        strides, stride = [], 2
+        for i, (_, _, out, block_stride, _) in enumerate(blocks):
+            stride *= block_stride
+            if stride >= 4 and (i + 1 == len(blocks) or blocks[i + 1][3] > 1):
+                strides.append((i, out, stride))
+        self._stage_ends = [i for i, _, _ in strides]
+        self._specs = [FeatureInfo(f'stride{s}', out, s) for _, out, s in strides]
+        self._specs.append(FeatureInfo('tokens', token_dim, 0))
 
-    def get_classifier(self) -> nn.Linear:
-        """The layer mapping features to class logits (replaced when fine-tuning on other classes)."""
-        return self.head.classifier
+    def _new_classifier(self, num_classes: int) -> nn.Linear:
+        return _linear(self.num_features, num_classes)
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+    def _run(self, x: paddle.Tensor, last_block: int) -> Tuple[List[paddle.Tensor], paddle.Tensor]:
+        """Stem and blocks 0..last_block: (the maps of the stage ends passed, the tokens)."""
         tokens = self.tokens.unsqueeze(0).expand([x.shape[0], -1, -1])  # [B, M, d], shared table
         x = F.relu6(self.stem(x))
-        for block in self.blocks:
-            x, tokens = block(x, tokens)
-        tokens = self.final_bridge(x, tokens)
-        return self.head(x, tokens[:, 0])
+        maps = []
+        for i in range(last_block + 1):
+            x, tokens = self.blocks[i](x, tokens)
+            if i in self._stage_ends:
+                maps.append(x)
+        return maps, tokens
+
+    def forward_features(self, x: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        """(last map [B, C, H/32, W/32], tokens [B, M, d] after the final bridge)."""
+        maps, tokens = self._run(x, len(self.blocks) - 1)
+        return maps[-1], self.final_bridge(maps[-1], tokens)
+
+    def forward_head(self, features: Tuple[paddle.Tensor, paddle.Tensor], pre_logits: bool = False) -> paddle.Tensor:
+        x, tokens = features
+        return self.head(x, tokens[:, 0], pre_logits)
+
+    def feature_specs(self) -> List[FeatureInfo]:
+        return list(self._specs)
+
+    def _features(self, x: paddle.Tensor, last: int) -> List[paddle.Tensor]:
+        if last < len(self._stage_ends):
+            return self._run(x, self._stage_ends[last])[0]
+        maps, tokens = self._run(x, len(self.blocks) - 1)
+        return maps + [self.final_bridge(maps[-1], tokens)]
+
+    def _unused_layers(self, last: int) -> List[str]:
+        if last == len(self._stage_ends):  # the tokens: every block and the final bridge run
+            return ['head']
+        return ['head', 'final_bridge'] + [f'blocks.{i}' for i in range(self._stage_ends[last] + 1, len(self.blocks))]
 
 
 # ----------------------------------------------------------------------------- configuration

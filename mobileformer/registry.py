@@ -11,6 +11,7 @@ import paddle
 import paddle.nn as nn
 from yacs.config import CfgNode
 
+from mobileformer.backbone import Backbone
 from mobileformer.config import ConfigError, register_model_defaults
 from mobileformer.model_utils import has_foldable_layers
 
@@ -63,8 +64,12 @@ def reduced_opts(model_type: str) -> list:
     return list(_REDUCED.get(model_type, []))
 
 
-def build_model(config: CfgNode) -> nn.Layer:
-    """Builds the network that `config.MODEL.TYPE` names."""
+def build_model(config: CfgNode, features_only: bool = False,
+                out_indices: Optional[Sequence[int]] = None) -> nn.Layer:
+    """Builds the network that `config.MODEL.TYPE` names: a classifier, or a feature extractor
+    (mobileformer.backbone) returning the list of outputs `out_indices` (default
+    MODEL.OUT_INDICES, and when that is empty the family's default outputs) when `features_only`
+    is set or indices are given."""
     model_type = config.MODEL.TYPE
     if model_type not in _BUILDERS:
         raise ValueError(f'unknown MODEL.TYPE {model_type!r}; registered types: {", ".join(registered_models())}')
@@ -72,7 +77,13 @@ def build_model(config: CfgNode) -> nn.Layer:
     if config.MODEL.DEPLOY and not has_foldable_layers(model):
         raise ConfigError(f'MODEL.DEPLOY True builds the folded form of a re-parameterisable model '
                           f'(RepMLPNet, RepMLP-ResNet-50); {model_type} has none: set MODEL.DEPLOY False')
-    return model
+    indices = list(config.MODEL.OUT_INDICES if out_indices is None else out_indices)
+    if not (features_only or indices):
+        return model
+    if not isinstance(model, Backbone):
+        raise ConfigError(f'MODEL.TYPE {model_type} has no feature outputs (no stages); leave MODEL.OUT_INDICES '
+                          'empty and build it as a classifier')
+    return model.as_features(indices)
 
 
 @dataclass(frozen=True)

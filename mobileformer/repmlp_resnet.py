@@ -12,7 +12,7 @@ Parameter names follow the authors' release. Differs from it in the folding API 
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import paddle
@@ -20,6 +20,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from yacs.config import CfgNode
 
+from mobileformer.backbone import Backbone, FeatureInfo, check_input_size
 from mobileformer.config import ConfigError
 from mobileformer.model_utils import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
@@ -144,9 +145,16 @@ class RepMLPBottleneckBlock(nn.Layer):
         return F.relu(self.btnk_conv5(self.btnk_conv4(y)) + x)
 
 
-class RepMLPResNet(nn.Layer):
+class RepMLPResNet(Backbone):
     """ResNet-50 layout (stem conv7x7/2 + maxpool, widths 256..2048) whose stride-1 blocks in
-    stages 2 and 3 are RepMLP blocks (`light` / `bottleneck`), or none of them (`plain`)."""
+    stages 2 and 3 are RepMLP blocks (`light` / `bottleneck`), or none of them (`plain`).
+
+    Backbone interface (mobileformer.backbone): `forward_features` gives stage 4, [B, 2048, H/32,
+    W/32]; feature outputs 0..3 are stages 1..4 (256, 512, 1024, 2048 channels at strides 4, 8,
+    16, 32). Inputs must be image_size x image_size (RepMLP's fc3 sees fixed maps); `plain` takes
+    any size."""
+
+    classifier_name = 'linear'
 
     WIDTHS = (256, 512, 1024, 2048)
 
@@ -154,6 +162,8 @@ class RepMLPResNet(nn.Layer):
                  kernels: Sequence[int], fc1_fc2_reduction: int, groups: int, bottleneck_r: Sequence[int],
                  in_channels: int = 3, num_classes: int = 1000, deploy: bool = False):
         super().__init__()
+        self.num_features, self.num_classes = self.WIDTHS[-1], num_classes
+        self.image_size = None if block_type == 'plain' else image_size
         self.stage0 = nn.Sequential(FoldableConvBN(in_channels, 64, 7, 2, 3, relu=True, deploy=deploy),
                                     nn.MaxPool2D(3, 2, 1))
         channels = 64
@@ -173,15 +183,26 @@ class RepMLPResNet(nn.Layer):
             setattr(self, f'stage{i + 1}', nn.Sequential(*blocks))
         self.linear = nn.Linear(channels, num_classes)
 
-    def get_classifier(self) -> nn.Linear:
-        """The layer mapping features to class logits (replaced when fine-tuning on other classes)."""
-        return self.linear
+    def _features(self, x: paddle.Tensor, last: int) -> List[paddle.Tensor]:
+        check_input_size(x, 'RepMLP-ResNet', exact=self.image_size)
+        x, outputs = self.stage0(x), []
+        for i in range(last + 1):
+            x = getattr(self, f'stage{i + 1}')(x)
+            outputs.append(x)
+        return outputs
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = self.stage0(x)
-        for i in range(1, 5):
-            x = getattr(self, f'stage{i}')(x)
-        return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
+    def forward_features(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self._features(x, 3)[-1]
+
+    def forward_head(self, x: paddle.Tensor, pre_logits: bool = False) -> paddle.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return x if pre_logits else self.linear(x)
+
+    def feature_specs(self) -> List[FeatureInfo]:
+        return [FeatureInfo(f'stage{i + 1}', width, 4 * 2 ** i) for i, width in enumerate(self.WIDTHS)]
+
+    def _unused_layers(self, last: int) -> List[str]:
+        return ['linear'] + [f'stage{i + 1}' for i in range(last + 1, 4)]
 
 
 def _check_config(config: CfgNode) -> None:

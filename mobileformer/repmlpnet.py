@@ -11,7 +11,7 @@ MODEL.DEPLOY); the release's partition order is kept. See docs/repmlpnet.md.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import paddle
@@ -19,6 +19,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from yacs.config import CfgNode
 
+from mobileformer.backbone import Backbone, FeatureInfo, check_input_size
 from mobileformer.config import ConfigError
 from mobileformer.model_utils import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
@@ -111,15 +112,24 @@ class RepMLPNetUnit(nn.Layer):
         return x + self.ffn_block(self.prebn2(x))
 
 
-class RepMLPNet(nn.Layer):
+class RepMLPNet(Backbone):
     """Stem (patch ConvBN + ReLU), four stages of RepMLPNetUnits joined by 2x2 stride-2 ConvBN + ReLU,
-    head BN -> global average pool -> Linear."""
+    head BN -> global average pool -> Linear.
+
+    Backbone interface (mobileformer.backbone): `forward_features` gives the last stage after the
+    head BN, [B, C, H/(P*8), W/(P*8)]; feature output i is stage i (before the next downsampling),
+    stride P * 2^i. Input sides must be multiples of every stage's stride x partition size (with the
+    default partitions: of the config's image size)."""
 
     def __init__(self, channels: Sequence[int], depths: Sequence[int], partitions: Sequence[int],
                  sharesets: Sequence[int], kernels: Sequence[int], gp_reduction: int = 4,
                  ffn_expand: int = 4, patch_size: int = 4, in_channels: int = 3,
                  num_classes: int = 1000, deploy: bool = False):
         super().__init__()
+        self.num_features, self.num_classes = channels[-1], num_classes
+        strides = [patch_size * 2 ** i for i in range(len(depths))]
+        self._specs = [FeatureInfo(f'stage{i}', c, s) for i, (c, s) in enumerate(zip(channels, strides))]
+        self._input_multiple = int(np.lcm.reduce([s * p for s, p in zip(strides, partitions)]))
         self.conv_embedding = ConvBNAct(in_channels, channels[0], patch_size, stride=patch_size, relu=True)
         self.stages = nn.LayerList([
             nn.LayerList([RepMLPNetUnit(channels[i], partitions[i], sharesets[i], kernels, gp_reduction,
@@ -130,21 +140,30 @@ class RepMLPNet(nn.Layer):
         self.head_norm = nn.BatchNorm2D(channels[-1])
         self.head = nn.Linear(channels[-1], num_classes)
 
-    def get_classifier(self) -> nn.Linear:
-        """The layer mapping features to class logits (replaced when fine-tuning on other classes)."""
-        return self.head
+    def _features(self, x: paddle.Tensor, last: int) -> List[paddle.Tensor]:
+        check_input_size(x, 'RepMLPNet', multiple=self._input_multiple)
+        x, outputs = self.conv_embedding(x), []
+        for i in range(last + 1):
+            if i > 0:
+                x = self.embeds[i - 1](x)
+            for unit in self.stages[i]:
+                x = unit(x)
+            outputs.append(x)
+        return outputs
 
     def forward_features(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = self.conv_embedding(x)
-        for i, stage in enumerate(self.stages):
-            for unit in stage:
-                x = unit(x)
-            if i < len(self.embeds):
-                x = self.embeds[i](x)
-        return F.adaptive_avg_pool2d(self.head_norm(x), 1).flatten(1)
+        return self.head_norm(self._features(x, len(self.stages) - 1)[-1])
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.head(self.forward_features(x))
+    def forward_head(self, x: paddle.Tensor, pre_logits: bool = False) -> paddle.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return x if pre_logits else self.head(x)
+
+    def feature_specs(self) -> List[FeatureInfo]:
+        return list(self._specs)
+
+    def _unused_layers(self, last: int) -> List[str]:
+        later = range(last + 1, len(self.stages))
+        return ['head_norm', 'head'] + [f'stages.{i}' for i in later] + [f'embeds.{i - 1}' for i in later]
 
 
 def _stage_partitions(config: CfgNode) -> list:
