@@ -10,26 +10,23 @@ those of the held-out digits (other writers) are scored by mean IoU over the cla
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import mobileformer  # noqa: F401  (before Paddle: it filters notices Paddle prints when imported)
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from mobileformer import build_model, cli, get_config
+from mobileformer.backbone import Backbone
+from mobileformer.data.sources import load_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as a script from anywhere
-
-import mobileformer  # noqa: E402,F401  (first: it filters notices Paddle prints when imported)
-import argparse  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import List, Optional, Sequence, Tuple  # noqa: E402
-
-import numpy as np  # noqa: E402
-import paddle  # noqa: E402
-import paddle.nn as nn  # noqa: E402
-import paddle.nn.functional as F  # noqa: E402
-
-from datasets.sources import load_digits  # noqa: E402
-from mobileformer import build_model, cli, get_config  # noqa: E402
-from mobileformer.backbone import Backbone  # noqa: E402
-
 DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'digits', 'mobileformer_26m.yaml')
 NUM_CLASSES = 11  # background + 10 digits
 INK = 64  # of 255: a pixel at least this dark belongs to its digit

@@ -2,6 +2,7 @@
 channels of the released sizes, the token -> map layout, input sizes, bad input, the toolkit
 adapters (against stand-ins for PaddleSeg and PaddleDetection, which are not dependencies) and a
 dense head that learns (examples/segment_digits.py)."""
+import importlib.util
 import os
 import sys
 import types
@@ -17,8 +18,17 @@ from mobileformer import ConfigError, build_model, get_config, registry
 from mobileformer.backbone import FeatureInfo, tokens_to_map
 from mobileformer.checkpoint import load_weights
 
-sys.path.insert(0, os.path.join(ROOT, 'examples'))
-import segment_digits  # noqa: E402
+
+
+def _example(name):
+    """A script of examples/ as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'examples', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+segment_digits = _example('segment_digits')
 
 MF26 = os.path.join(CONFIGS, 'mobileformer_26m.yaml')
 
