@@ -24,6 +24,7 @@ def _example(name):
     """A script of examples/ as a module (examples/ is not a package)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'examples', f'{name}.py'))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
