@@ -11,21 +11,45 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Mapping, MutableMapping, Optional
+from typing import Dict, Mapping, MutableMapping, Optional
 
 CPUINFO = '/proc/cpuinfo'
 
 
-def _cpu_flags(cpuinfo: str) -> Optional[tuple]:
-    """(vendor_id, set of flags) of the first CPU listed, or None where there is no such file."""
+def _cpu_fields(cpuinfo: str) -> Optional[Dict[str, str]]:
+    """The `key: value` fields of the first CPU listed, or None where there is no such file."""
     try:
         with open(cpuinfo, encoding='utf-8', errors='replace') as f:
             text = f.read(1 << 16)
     except OSError:
         return None
-    fields = dict(line.split(':', 1) for line in text.splitlines() if ':' in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
-    return fields.get('vendor_id', ''), set(fields.get('flags', '').split())
+    fields: Dict[str, str] = {}
+    for line in text.splitlines():
+        if ':' in line:
+            key, value = line.split(':', 1)
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _cpu_flags(cpuinfo: str) -> Optional[tuple]:
+    """(vendor_id, set of flags) of the first CPU listed, or None where there is no such file."""
+    fields = _cpu_fields(cpuinfo)
+    return None if fields is None else (fields.get('vendor_id', ''), set(fields.get('flags', '').split()))
+
+
+# the instruction sets that decide which kernels the math libraries pick, widest first
+_ISA_LEVELS = (('avx512', 'avx512f'), ('avx2', 'avx2'), ('avx', 'avx'), ('sse4.2', 'sse4_2'))
+_ISA_EXTRAS = (('bf16', 'avx512_bf16'), ('vnni', 'avx512_vnni'), ('amx', 'amx_tile'))
+
+
+def cpu_description(cpuinfo: str = CPUINFO) -> str:
+    """The CPU's model name and its widest vector instruction set, e.g. 'AMD EPYC (avx512 bf16 vnni)'."""
+    fields = _cpu_fields(cpuinfo) or {}
+    flags = set(fields.get('flags', '').split())
+    isa = next((name for name, flag in _ISA_LEVELS if flag in flags), 'unknown ISA')
+    if isa == 'avx512':
+        isa = ' '.join([isa] + [name for name, flag in _ISA_EXTRAS if flag in flags])
+    return f"{fields.get('model name', 'unknown CPU')} ({isa})"
 
 
 def prefer_mkl_avx2_on_amd(environ: MutableMapping[str, str] = os.environ, cpuinfo: str = CPUINFO) -> bool:
@@ -42,9 +66,25 @@ def prefer_mkl_avx2_on_amd(environ: MutableMapping[str, str] = os.environ, cpuin
     return True
 
 
-def cpu_threads(environ: Mapping[str, str] = os.environ) -> int:
-    """Threads for Paddle's CPU math in this process: OMP_NUM_THREADS when set, else the CPUs this
-    process may run on, shared among the ranks `paddle.distributed.launch` started on this machine."""
+def _set_at_start(name: str) -> bool:
+    """Whether the environment this process started with (Linux: /proc/self/environ) set `name`;
+    True where that cannot be read."""
+    try:
+        with open('/proc/self/environ', 'rb') as f:
+            return any(entry.startswith(name.encode() + b'=') for entry in f.read().split(b'\0'))
+    except OSError:
+        return True
+
+
+def cpu_threads(environ: Optional[Mapping[str, str]] = None) -> int:
+    """Threads for Paddle's CPU math in this process: OMP_NUM_THREADS when the user set it, else
+    the CPUs this process may run on, shared among the ranks `paddle.distributed.launch` started on
+    this machine. `environ` replaces the process environment."""
+    if environ is None:
+        environ = dict(os.environ)
+        # importing Paddle sets OMP_NUM_THREADS=1 when the user left it unset
+        if environ.get('OMP_NUM_THREADS') == '1' and not _set_at_start('OMP_NUM_THREADS'):
+            del environ['OMP_NUM_THREADS']
     requested = environ.get('OMP_NUM_THREADS', '')
     if requested.isdigit() and int(requested) > 0:
         return int(requested)
