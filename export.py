@@ -39,7 +39,7 @@ def run(argv: Sequence[str]) -> None:
     reference = dygraph_logits(model, batch)
     written, onnx_file = f'{prefix}.*', os.path.join(args.output, ONNX_FILE)
     if not args.no_onnx:
-        written += ' and ' + export_onnx(args.output, onnx_file)
+        written += ' and ' + export_onnx(model, config, onnx_file)
     elif os.path.exists(onnx_file):
         os.remove(onnx_file)  # an earlier export's: the other runtimes would run the old model
     print(f'exported {config.MODEL.NAME} to {written} (input [N, {channels}, {size}, {size}])')

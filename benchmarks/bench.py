@@ -236,7 +236,7 @@ def measure_config(cfg_file: str, args: argparse.Namespace, peak_gflops: float) 
             with tempfile.TemporaryDirectory() as workdir:
                 export_inference(deployed, config, workdir)
                 if set(args.runtimes) - {'paddle'}:
-                    export_onnx(workdir, os.path.join(workdir, ONNX_FILE))
+                    export_onnx(deployed, config, os.path.join(workdir, ONNX_FILE))
                 engines = {runtime: _engine(runtime, workdir, args.threads) for runtime in args.runtimes}
                 chosen = {AUTO: engines[AUTO].name} if AUTO in engines else {}
                 for (runtime, batch_size), seconds in _time_engines(engines, [channels, size, size], args, rng).items():

@@ -3,7 +3,7 @@
 - `build_for_inference(config, weights)`: builds, loads `.pdparams` (strictly), folds every
   re-parameterisable block (RepMLP) and switches to eval mode.
 - `export_inference(model, config, out_dir)`: `paddle.jit.save` with a dynamic batch dimension.
-- `export_onnx(model_dir, file)`: the same model as ONNX (paddle2onnx).
+- `export_onnx(model, config, file)`: the same model as ONNX (paddle2onnx).
 - `InferenceModel(dir, threads, runtime)`: runs that export in the fastest runtime available for it
   on this CPU (measured, cached), or in the one asked for: `PaddleModel` (paddle.inference with
   oneDNN), `OnnxModel` (onnxruntime), `OpenVinoModel` (OpenVINO, optional, float32).
@@ -15,6 +15,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -25,6 +26,7 @@ from paddle.static import InputSpec
 from yacs.config import CfgNode
 
 from mobileformer.cpu import cpu_description, cpu_threads, keep_freed_memory
+from mobileformer.cpu_ops import tracing_for_onnx
 from mobileformer.layers import re_parameterize_model
 from mobileformer.registry import build_model
 from mobileformer.weights import load_weights
@@ -150,21 +152,26 @@ class PaddleModel:
         return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()
 
 
-def export_onnx(model_dir: str, path: str) -> str:
-    """Converts the export in `model_dir` to ONNX at `path` (written atomically)."""
+def export_onnx(model: nn.Layer, config: CfgNode, path: str) -> str:
+    """`model` as ONNX at `path` (written atomically), converted by paddle2onnx from a program traced
+    in the forms the ONNX runtimes run fastest (`cpu_ops.tracing_for_onnx`), not the oneDNN ones of
+    `export_inference`."""
     try:
         import paddle2onnx
     except ImportError:
         raise ValueError('ONNX export needs paddle2onnx: pip install paddle2onnx, or pass --no-onnx') from None
-    program, params = runtime_files('paddle', model_dir)
-    # optimize_tool='None': the default (polygraphy) installs packages from the network at run time
-    try:
-        data = paddle2onnx.export(program, params, save_file=None, opset_version=ONNX_OPSET,
-                                  enable_onnx_checker=True, optimize_tool='None')
-    except Exception as e:  # it logs the cause and then fails on its own unset result
-        raise ValueError(f"paddle2onnx could not convert '{model_dir}' ({type(e).__name__}; see its log above)") from None
+    with tempfile.TemporaryDirectory() as workdir:
+        with tracing_for_onnx():
+            export_inference(model, config, workdir)
+        program, params = runtime_files('paddle', workdir)
+        # optimize_tool='None': the default (polygraphy) installs packages from the network at run time
+        try:
+            data = paddle2onnx.export(program, params, save_file=None, opset_version=ONNX_OPSET,
+                                      enable_onnx_checker=True, optimize_tool='None')
+        except Exception as e:  # it logs the cause and then fails on its own unset result
+            raise ValueError(f"paddle2onnx could not convert {config.MODEL.NAME} ({type(e).__name__}; see its log above)") from None
     if not data:
-        raise ValueError(f"paddle2onnx could not convert '{model_dir}' (see its log above)")
+        raise ValueError(f'paddle2onnx could not convert {config.MODEL.NAME} (see its log above)')
     temporary = path + f'.{os.getpid()}.tmp'
     with open(temporary, 'wb') as f:
         f.write(data)

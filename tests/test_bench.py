@@ -9,7 +9,7 @@ from conftest import CONFIGS, FIXTURES
 
 import benchmarks.bench as bench
 from mobileformer import get_config
-from mobileformer.deploy import build_for_inference, export_inference, export_onnx, installed_runtimes
+from mobileformer.deploy import build_for_inference, export_onnx, installed_runtimes
 
 RESULT_FIELDS = ('params', 'madds', 'batch', 'threads', 'seconds_per_batch', 'images_per_s', 'peak_rss_mb',
                  'peak_fraction')
@@ -19,8 +19,7 @@ RESULT_FIELDS = ('params', 'madds', 'batch', 'threads', 'seconds_per_batch', 'im
 def test_bench_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))  # auto's measurement
     config = get_config(os.path.join(FIXTURES, 'timm_mixer_tiny.yaml'))
-    export_inference(build_for_inference(config), config, str(tmp_path / 'other'))
-    other = export_onnx(str(tmp_path / 'other'), str(tmp_path / 'other.onnx'))
+    other = export_onnx(build_for_inference(config), config, str(tmp_path / 'other.onnx'))
     out, table = tmp_path / 'bench.jsonl', tmp_path / 'bench.md'
     cfg = os.path.join(CONFIGS, 'mixer_s32_224.yaml')
     runtimes = ['auto'] + installed_runtimes()
