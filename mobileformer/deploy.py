@@ -25,7 +25,7 @@ import paddle.nn as nn
 from paddle.static import InputSpec
 from yacs.config import CfgNode
 
-from mobileformer.cpu import cpu_description, cpu_threads, keep_freed_memory
+from mobileformer.cpu import cap_onednn_isa_on_amd_avx512, cpu_description, cpu_threads, keep_freed_memory
 from mobileformer.cpu_ops import tracing_for_onnx
 from mobileformer.layers import re_parameterize_model
 from mobileformer.registry import build_model
@@ -137,6 +137,7 @@ class PaddleModel:
         # oneDNN kernels plus its fusion passes (conv+BN+act, matmul+bias+act, fc); they also cover
         # the GEMMs, which Paddle's own CPU BLAS runs several times slower on AMD CPUs.
         config.enable_mkldnn()
+        cap_onednn_isa_on_amd_avx512()
         config.set_cpu_math_library_num_threads(threads or cpu_threads())
         # enable_memory_optim() is left off: in Paddle 3.3 its pass fails on PIR programs (.json)
         config.disable_glog_info()
