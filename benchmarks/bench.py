@@ -45,7 +45,7 @@ from mobileformer import build_model, get_config  # noqa: E402  (after the path)
 from mobileformer.cpu import cpu_description, keep_freed_memory  # noqa: E402
 from mobileformer.deploy import (AUTO, INFERENCE_PREFIX, ONNX_FILE, RUNTIMES, InferenceModel, OnnxModel,  # noqa: E402
                                  OpenVinoModel, PaddleModel, build_for_inference, export_inference, export_onnx,
-                                 installed_runtimes)
+                                 installed_runtimes, runtime_versions)
 from mobileformer.flops import count_madds  # noqa: E402
 from mobileformer.layers import count_trainable  # noqa: E402
 
@@ -333,12 +333,6 @@ def markdown_table(machine: Dict, results: List[Dict]) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def _versions() -> Dict[str, str]:
-    import importlib.metadata
-    names = {'paddle': 'paddlepaddle', 'onnxruntime': 'onnxruntime', 'openvino': 'openvino'}
-    return {runtime: importlib.metadata.version(names[runtime]) for runtime in installed_runtimes()}
-
-
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     args = parse_args(argv)
     # before the first computation starts the math libraries' thread pools
@@ -350,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     out = open(args.json, 'w') if args.json else sys.stdout
     try:
         machine = {'record': 'machine', 'cpu': cpu_description(), 'threads': args.threads, 'iters': args.iters,
-                   'warmup': args.warmup, 'rounds': args.rounds, 'runtimes': _versions(),
+                   'warmup': args.warmup, 'rounds': args.rounds, 'runtimes': runtime_versions(),
                    'onednn_max_cpu_isa': os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA'),
                    'load_avg_1m': os.getloadavg()[0], 'matmul_size': args.matmul_size,
                    'mkl_debug_cpu_type': os.environ.get('MKL_DEBUG_CPU_TYPE'),

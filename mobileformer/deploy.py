@@ -61,7 +61,7 @@ def export_inference(model: nn.Layer, config: CfgNode, out_dir: str) -> str:
 
 RUNTIMES = ('paddle', 'onnxruntime', 'openvino')
 AUTO = 'auto'
-_PACKAGES = {'paddle': 'paddle', 'onnxruntime': 'onnxruntime', 'openvino': 'openvino'}
+_DISTRIBUTIONS = {'paddle': 'paddlepaddle', 'onnxruntime': 'onnxruntime', 'openvino': 'openvino'}  # pip names
 OPENVINO_PRECISION = 'f32'  # OpenVINO's own default is bf16 on CPUs with avx512_bf16 or AMX
 
 
@@ -94,12 +94,18 @@ def runtime_files(runtime: str, model_dir: str) -> List[str]:
 
 
 def installed_runtimes() -> List[str]:
-    return [r for r in RUNTIMES if importlib.util.find_spec(_PACKAGES[r]) is not None]
+    return [r for r in RUNTIMES if importlib.util.find_spec(r) is not None]  # each module is named as its runtime
+
+
+def runtime_versions() -> Dict[str, str]:
+    # Paddle's own attribute: its distribution may be paddlepaddle-gpu
+    return {r: paddle.__version__ if r == 'paddle' else importlib.metadata.version(_DISTRIBUTIONS[r])
+            for r in installed_runtimes()}
 
 
 def _not_installed(runtime: str) -> ValueError:
-    return ValueError(f'runtime {runtime} needs the {_PACKAGES[runtime]} package, which is not installed: '
-                      f'pip install {_PACKAGES[runtime]}, or choose the runtime auto')
+    return ValueError(f'runtime {runtime} needs the {_DISTRIBUTIONS[runtime]} package, which is not installed: '
+                      f'pip install {_DISTRIBUTIONS[runtime]}, or choose the runtime auto')
 
 
 def _paddle_input_shape(program: str) -> Optional[Tuple[int, ...]]:
@@ -264,15 +270,13 @@ def _cache_key(model_dir: str, runtimes: Sequence[str], threads: int) -> str:
     user set for oneDNN, and the candidate runtimes with their versions."""
     parts = [cpu_description(), str(threads), os.environ.get('ONEDNN_MAX_CPU_ISA', ''),
              os.environ.get('DNNL_MAX_CPU_ISA', '')]
+    versions = runtime_versions()
     for runtime in runtimes:
-        parts.append(f'{runtime}={importlib.metadata.version(_DISTRIBUTIONS[runtime])}')
+        parts.append(f'{runtime}={versions[runtime]}')
         for path in runtime_files(runtime, model_dir):
             stat = os.stat(path)
             parts.append(f'{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}')
     return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:24]
-
-
-_DISTRIBUTIONS = {'paddle': 'paddlepaddle', 'onnxruntime': 'onnxruntime', 'openvino': 'openvino'}
 
 
 def _read_cache(path: str) -> Dict[str, dict]:
@@ -301,12 +305,11 @@ def _write_cache(path: str, key: str, entry: dict) -> None:
 
 def time_runtimes(engines: Sequence[Engine], shape: Sequence[int]) -> Dict[str, float]:
     """Seconds per image at batch 1 plus seconds per image at batch 8, per runtime: the best of a few
-    rounds that alternate the runtimes, so a burst of load on the machine hits all of them alike."""
+    rounds that alternate the runtimes, so a burst of load on the machine hits all of them alike.
+    Each timed run follows an untimed one of the same shape: OpenVINO re-plans a dynamic-shape
+    model whenever the shape changes, which a caller feeding one batch size never pays."""
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal((b, *shape), dtype=np.float32) for b in TIMING_BATCHES]
-    for engine in engines:  # first runs of a shape allocate and compile
-        for x in inputs:
-            engine(x)
     best = {engine.name: float('inf') for engine in engines}
     start = time.perf_counter()
     for done in range(TIMING_ROUNDS[1]):
@@ -315,6 +318,7 @@ def time_runtimes(engines: Sequence[Engine], shape: Sequence[int]) -> Dict[str, 
         for engine in engines:
             seconds = 0.0
             for x in inputs:
+                engine(x)
                 begin = time.perf_counter()
                 engine(x)
                 seconds += (time.perf_counter() - begin) / len(x)
