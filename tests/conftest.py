@@ -18,3 +18,11 @@ def _seeded():
     np.random.seed(0)
     random.seed(0)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `openvino` run last. OpenVINO's thread pool does not survive fork(): once it is
+    loaded in the pytest process, a data-loader worker forked by a later training test crashes
+    (SIGSEGV) and takes the session with it."""
+    late = [item for item in items if item.get_closest_marker('openvino')]
+    items[:] = [item for item in items if not item.get_closest_marker('openvino')] + late

@@ -14,6 +14,8 @@ from mobileformer.deploy import build_for_inference, export_onnx, installed_runt
 RESULT_FIELDS = ('params', 'madds', 'batch', 'threads', 'seconds_per_batch', 'images_per_s', 'peak_rss_mb',
                  'peak_fraction')
 
+pytestmark = pytest.mark.openvino  # InferenceModel and the benchmark load every installed runtime
+
 
 @pytest.mark.timeout(300)
 def test_bench_smoke(tmp_path, monkeypatch):

@@ -26,6 +26,8 @@ MODELS = [('official_mobile_former_tiny_g1', 'official_mobile_former_tiny_g1.pth
           ('timm_mixer_tiny', 'timm_mixer_tiny.pth'),
           ('official_repmlpnet_tiny_train', 'official_repmlpnet_tiny_train.pth')]
 
+pytestmark = pytest.mark.openvino  # InferenceModel and the benchmark load every installed runtime
+
 
 @pytest.fixture(scope='module')
 def converted(tmp_path_factory):
