@@ -77,21 +77,26 @@ def _set_at_start(name: str) -> bool:
         return True
 
 
-def cpu_threads(environ: Optional[Mapping[str, str]] = None) -> int:
-    """Threads for Paddle's CPU math in this process: OMP_NUM_THREADS when the user set it, else
-    the CPUs this process may run on, shared among the ranks `paddle.distributed.launch` started on
-    this machine. `environ` replaces the process environment."""
-    if environ is None:
-        environ = dict(os.environ)
-        # importing Paddle sets OMP_NUM_THREADS=1 when the user left it unset
-        if environ.get('OMP_NUM_THREADS') == '1' and not _set_at_start('OMP_NUM_THREADS'):
-            del environ['OMP_NUM_THREADS']
+def cpu_threads(environ: Mapping[str, str] = os.environ) -> int:
+    """Threads for Paddle's CPU math in this process: OMP_NUM_THREADS when set, else the CPUs this
+    process may run on, shared among the ranks `paddle.distributed.launch` started on this machine."""
     requested = environ.get('OMP_NUM_THREADS', '')
     if requested.isdigit() and int(requested) > 0:
         return int(requested)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     local_ranks = environ.get('PADDLE_LOCAL_SIZE', '')
     return max(1, cpus // (int(local_ranks) if local_ranks.isdigit() and int(local_ranks) > 0 else 1))
+
+
+def users_environ(environ: Mapping[str, str] = os.environ) -> Dict[str, str]:
+    """`environ` without the OMP_NUM_THREADS=1 that importing Paddle sets when the user left it
+    unset (told apart by the environment the process started with). `use_cpu_threads` (training,
+    evaluation) still counts Paddle's 1: resumed runs in a child process inherit it, and bit-identical
+    resumption needs the same thread count in both."""
+    environ = dict(environ)
+    if environ.get('OMP_NUM_THREADS') == '1' and not _set_at_start('OMP_NUM_THREADS'):
+        del environ['OMP_NUM_THREADS']
+    return environ
 
 
 def use_cpu_threads() -> int:

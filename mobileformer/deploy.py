@@ -25,7 +25,7 @@ import paddle.nn as nn
 from paddle.static import InputSpec
 from yacs.config import CfgNode
 
-from mobileformer.cpu import cap_onednn_isa_on_amd_avx512, cpu_description, cpu_threads, keep_freed_memory
+from mobileformer.cpu import cap_onednn_isa_on_amd_avx512, cpu_description, cpu_threads, keep_freed_memory, users_environ
 from mobileformer.cpu_ops import tracing_for_onnx
 from mobileformer.layers import re_parameterize_model
 from mobileformer.registry import build_model
@@ -63,6 +63,11 @@ RUNTIMES = ('paddle', 'onnxruntime', 'openvino')
 AUTO = 'auto'
 _DISTRIBUTIONS = {'paddle': 'paddlepaddle', 'onnxruntime': 'onnxruntime', 'openvino': 'openvino'}  # pip names
 OPENVINO_PRECISION = 'f32'  # OpenVINO's own default is bf16 on CPUs with avx512_bf16 or AMX
+
+
+def default_threads() -> int:
+    """Every CPU unless the user set OMP_NUM_THREADS (Paddle's own default of 1 does not count)."""
+    return cpu_threads(users_environ())
 
 
 def _paddle_files(model_dir: str) -> Optional[List[str]]:
@@ -144,7 +149,7 @@ class PaddleModel:
         # the GEMMs, which Paddle's own CPU BLAS runs several times slower on AMD CPUs.
         config.enable_mkldnn()
         cap_onednn_isa_on_amd_avx512()
-        config.set_cpu_math_library_num_threads(threads or cpu_threads())
+        config.set_cpu_math_library_num_threads(threads or default_threads())
         # enable_memory_optim() is left off: in Paddle 3.3 its pass fails on PIR programs (.json)
         config.disable_glog_info()
         self.predictor = inference.create_predictor(config)
@@ -201,7 +206,7 @@ class OnnxModel:
             raise _not_installed('onnxruntime') from None
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only: paddle2onnx leaves unused initialisers it warns about
-        options.intra_op_num_threads = threads or cpu_threads()
+        options.intra_op_num_threads = threads or default_threads()
         self.session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
         self.input_shape = _static_shape(self.session.get_inputs()[0].shape)
 
@@ -224,7 +229,7 @@ class OpenVinoModel:
         model = core.read_model(path)
         # LATENCY: one stream using every thread, as the other runtimes run a batch
         compiled = core.compile_model(model, 'CPU', {'INFERENCE_PRECISION_HINT': precision,
-                                                     'INFERENCE_NUM_THREADS': threads or cpu_threads(),
+                                                     'INFERENCE_NUM_THREADS': threads or default_threads(),
                                                      'PERFORMANCE_HINT': 'LATENCY'})
         self.request = compiled.create_infer_request()
         self.input_shape = tuple(d.get_length() if d.is_static else -1 for d in model.input(0).get_partial_shape())
@@ -403,7 +408,7 @@ class InferenceModel:
         if not os.path.isdir(model_dir):
             raise ValueError(f"no such folder '{model_dir}'; create it with export.py")
         self.model_dir = model_dir
-        threads = threads or cpu_threads()
+        threads = threads or default_threads()
         keep_freed_memory()
         if runtime == AUTO:
             self.engine = choose_runtime(model_dir, threads, log)

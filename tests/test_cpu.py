@@ -64,7 +64,7 @@ def test_keep_freed_memory_applies_through_glibc_unless_the_user_tuned_malloc():
 @pytest.mark.parametrize('user_value, expected', [(None, len(os.sched_getaffinity(0))), ('1', 1)])
 def test_paddles_own_omp_default_is_not_taken_for_the_users(user_value, expected):
     """Importing Paddle sets OMP_NUM_THREADS=1 when it is unset; only a value the process started
-    with is the user's."""
+    with is the user's (InferenceModel's thread count)."""
     import subprocess
     import sys
 
@@ -73,7 +73,8 @@ def test_paddles_own_omp_default_is_not_taken_for_the_users(user_value, expected
     env = {k: v for k, v in os.environ.items() if k != 'OMP_NUM_THREADS'}
     if user_value is not None:
         env['OMP_NUM_THREADS'] = user_value
-    code = 'import paddle, os; from mobileformer.cpu import cpu_threads; print(os.environ["OMP_NUM_THREADS"], cpu_threads())'
+    code = ('import paddle, os; from mobileformer.cpu import cpu_threads, users_environ; '
+            'print(os.environ["OMP_NUM_THREADS"], cpu_threads(users_environ()))')
     out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[-2:] == ['1', str(expected)]
 
