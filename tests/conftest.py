@@ -1,3 +1,4 @@
+import multiprocessing
 import os
 import random
 import sys
@@ -37,10 +38,13 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    """Ends a session that loaded OpenVINO with the tests' status and without the exit-time C++
-    destructors: after the full suite (Paddle, its custom kernels, data-loader workers, OpenVINO in
-    one process) one of them crashed with SIGSEGV once every test had passed, and the status was 139."""
+    """Ends a session that loaded OpenVINO with the tests' status and without the exit handlers:
+    after the full suite (Paddle, its custom kernels, data-loader workers, OpenVINO in one process)
+    they crashed with SIGSEGV once every test had passed, and the status was 139."""
     if 'openvino' in sys.modules and _exit_status:
+        # data-loader workers still alive: the skipped exit handlers would have stopped them
+        for child in multiprocessing.active_children():
+            child.terminate()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit_status[0])
