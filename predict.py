@@ -2,6 +2,7 @@
 
     python predict.py -cfg configs/mobileformer_26m.yaml -pretrained mobileformer_26m.pdparams cat.jpg dog.png
     python predict.py -cfg configs/mobileformer_26m.yaml -model export/mf26m cat.jpg     # exported model
+    python predict.py -cfg configs/mobileformer_26m.yaml -model export/mf26m -runtime paddle cat.jpg
 
 Preprocessing is the config's evaluation transform (mobileformer.data.build_transforms 'val': resize to
 IMAGE_SIZE / CROP_PCT, center crop, normalise). Class names: the built-in ImageNet-1k names for
@@ -22,7 +23,7 @@ from yacs.config import CfgNode
 
 from mobileformer.data import build_dataset, build_transforms
 from mobileformer import cli, get_config
-from mobileformer.deploy import InferenceModel, build_for_inference, dygraph_logits
+from mobileformer.deploy import AUTO, RUNTIMES, InferenceModel, build_for_inference, dygraph_logits
 
 TOP_K = 5
 IMAGENET_NAMES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mobileformer', 'imagenet_classes.txt')
@@ -87,7 +88,9 @@ def run(argv: Sequence[str]) -> None:
     parser.add_argument('-cfg', required=True, help='model config YAML (preprocessing, classes)')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('-pretrained', help='weights (.pdparams), run in dygraph')
-    source.add_argument('-model', help='folder written by export.py, run by paddle.inference')
+    source.add_argument('-model', help='folder written by export.py, run in the fastest runtime for it')
+    parser.add_argument('-runtime', default=AUTO, choices=(AUTO,) + RUNTIMES,
+                        help='runtime for -model (default: the fastest measured on this CPU)')
     parser.add_argument('-data_path', help='DATA.DATA_PATH, for the class names of a folder dataset')
     parser.add_argument('images', nargs='*', help='image files')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
@@ -99,7 +102,7 @@ def run(argv: Sequence[str]) -> None:
     data_path = ['DATA.DATA_PATH', args.data_path] if args.data_path else []
     config = get_config(args.cfg, data_path + opts)
     if args.model:
-        run = InferenceModel(args.model)
+        run = InferenceModel(args.model, runtime=args.runtime)
     else:
         model = build_for_inference(config, args.pretrained)
         run = lambda batch: dygraph_logits(model, batch)  # noqa: E731

@@ -3,16 +3,23 @@
     python benchmarks/bench.py                                   # every configs/*.yaml
     python benchmarks/bench.py -cfg configs/mobileformer_26m.yaml -modes dygraph inference -batches 32
     python benchmarks/bench.py -cfg configs/mixer_s32_224.yaml -iters 1 -warmup 0 -json out.jsonl
+    python benchmarks/bench.py -cfg configs/mobileformer_26m.yaml -modes inference -compare reference.onnx -rounds 3
 
-Modes: `dygraph` / `static` (`paddle.jit.to_static`) / `inference` (the export of
-`mobileformer.deploy` run by `paddle.inference`, oneDNN on) time eval-mode forwards;
-`train` / `train_static` time one training step (forward, cross-entropy, backward, AdamW step).
-Each figure is the median of `-iters` timed runs after `-warmup` untimed ones. The machine's
-matmul GFLOP/s is measured in the same run, and every result states the fraction of it the model
-achieves: MAdds x 2 x images/s / peak (training counts 3x the forward MAdds: forward + backward).
+Modes: `dygraph` / `static` (`paddle.jit.to_static`) / `inference` (the export of `export.py`
+run by each runtime of `-runtimes`: paddle.inference with oneDNN, onnxruntime, OpenVINO in
+float32, or `auto`, the one `InferenceModel` picks) time eval-mode forwards; `train` /
+`train_static` time one training step (forward, cross-entropy, backward, AdamW step).
+`-compare FILE.onnx ...` times other ONNX models (e.g. a PyTorch model exported with
+torch.onnx.export) in the same runtimes, batches and threads, in the same run.
+Each figure is the median of `-iters` timed runs after `-warmup` untimed ones; with `-rounds R`
+every config and compare file is measured R times in turn (so slow phases of a shared machine hit
+all of them alike) and the median over the rounds is reported. The machine's matmul GFLOP/s is
+measured in the same run, and every result states the fraction of it the model achieves:
+MAdds x 2 x images/s / peak (training counts 3x the forward MAdds: forward + backward).
 
-Output: one JSON object per line (a `machine` record, then one `result` per config x mode x
-batch) on stdout or to `-json`, then a markdown table (also written to `-markdown` if given).
+Output: one JSON object per line (a `machine` record naming the CPU and its instruction set, then
+one `result` per config x mode x runtime x batch) on stdout or to `-json`, then a markdown table
+(batch 1 as latency in ms, larger batches as images/s; also written to `-markdown` if given).
 """
 from __future__ import annotations
 
@@ -35,8 +42,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mobileformer import build_model, get_config  # noqa: E402  (after the path)
-from mobileformer.cpu import keep_freed_memory  # noqa: E402
-from mobileformer.deploy import INFERENCE_PREFIX, InferenceModel, build_for_inference, export_inference  # noqa: E402
+from mobileformer.cpu import cpu_description, keep_freed_memory  # noqa: E402
+from mobileformer.deploy import (AUTO, INFERENCE_PREFIX, ONNX_FILE, RUNTIMES, InferenceModel, OnnxModel,  # noqa: E402
+                                 OpenVinoModel, PaddleModel, build_for_inference, export_inference, export_onnx,
+                                 installed_runtimes, runtime_versions)
 from mobileformer.flops import count_madds  # noqa: E402
 from mobileformer.model_utils import count_trainable  # noqa: E402
 
@@ -50,6 +59,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('-cfg', nargs='+', default=None, help='config YAMLs (default: every configs/*.yaml)')
     parser.add_argument('-modes', nargs='+', default=['dygraph', 'static', 'inference', 'train'], choices=MODES)
+    parser.add_argument('-runtimes', nargs='+', default=None, choices=(AUTO,) + RUNTIMES,
+                        help='runtimes of the inference mode (default: every installed one)')
+    parser.add_argument('-compare', nargs='+', default=[], metavar='FILE.onnx',
+                        help='ONNX models to time beside the configs (onnxruntime and OpenVINO of -runtimes)')
+    parser.add_argument('-rounds', type=int, default=1, help='measure everything this many times in turn; report the median')
     parser.add_argument('-batches', nargs='+', type=int, default=[1, 32], help='inference batch sizes')
     parser.add_argument('-train_batch', type=int, default=32, help='training batch size')
     parser.add_argument('-iters', type=int, default=5, help='timed runs per figure (the median is reported)')
@@ -60,24 +74,23 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument('-json', default=None, help='write the JSON lines here instead of stdout')
     parser.add_argument('-markdown', default=None, help='also write the markdown table here')
     args = parser.parse_args(argv)
-    for name in ('iters', 'threads', 'train_batch', 'matmul_size'):
+    for name in ('iters', 'threads', 'train_batch', 'matmul_size', 'rounds'):
         if getattr(args, name) < 1:
             parser.error(f'-{name} must be at least 1, got {getattr(args, name)}')
     if args.warmup < 0:
         parser.error(f'-warmup must be 0 or more, got {args.warmup}')
     if any(b < 1 for b in args.batches):
         parser.error(f'-batches must all be at least 1, got {args.batches}')
-    args.cfg = args.cfg or sorted(glob.glob(os.path.join(ROOT, 'configs', '*.yaml')))
-    missing = [c for c in args.cfg if not os.path.isfile(c)]
+    installed = installed_runtimes()
+    args.runtimes = args.runtimes or installed
+    absent = [r for r in args.runtimes if r != AUTO and r not in installed]
+    if absent:
+        parser.error(f'runtime {", ".join(absent)} is not installed: pip install {" ".join(absent)}, or leave it out of -runtimes')
+    args.cfg = args.cfg if args.cfg is not None else ([] if args.compare else sorted(glob.glob(os.path.join(ROOT, 'configs', '*.yaml'))))
+    missing = [c for c in args.cfg + args.compare if not os.path.isfile(c)]
     if missing:
-        parser.error(f'no such config file: {", ".join(missing)}')
+        parser.error(f'no such file: {", ".join(missing)}')
     return args
-
-
-def cpu_name() -> str:
-    with open('/proc/cpuinfo') as f:
-        names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-    return names[0] if names else 'unknown CPU'
 
 
 # ---- peak memory: the kernel's resident high-water mark, reset before every measurement ---------
@@ -136,7 +149,7 @@ def matmul_gflops(size: int, threads: int, iters: int = 7) -> Dict[str, float]:
     with tempfile.TemporaryDirectory() as workdir:
         paddle.jit.save(layer, os.path.join(workdir, INFERENCE_PREFIX),
                         input_spec=[InputSpec([None, size], 'float32', 'x')])
-        engine = InferenceModel(workdir, threads=threads)
+        engine = PaddleModel(workdir, threads=threads)
         inference = flop / median_seconds(lambda: engine(x), iters, warmup=2) / 1e9
     return {'matmul_gflops_dygraph': dygraph, 'matmul_gflops_inference': inference,
             'matmul_gflops': max(dygraph, inference)}
@@ -151,12 +164,6 @@ def _forward_runner(model, batch):
         with paddle.no_grad():
             model(x).numpy()  # .numpy() waits for the result
     return run
-
-
-def _inference_runner(model, config, batch, threads: int, workdir: str):
-    export_inference(model, config, workdir)
-    predictor = InferenceModel(workdir, threads=threads)
-    return lambda: predictor(batch)
 
 
 def _train_runner(model, batch, num_classes: int):
@@ -174,8 +181,38 @@ def _train_runner(model, batch, num_classes: int):
     return run
 
 
-def measure_config(cfg_file: str, args: argparse.Namespace, peak_gflops: float) -> List[Dict]:
+def _result(config: str, model: str, mode: str, batch_size: int, seconds: float, args: argparse.Namespace,
+            runtime: Optional[str] = None, **fields) -> Dict:
+    return {'record': 'result', 'config': config, 'model': model, 'mode': mode, 'runtime': runtime,
+            'batch': batch_size, 'threads': args.threads, 'iters': args.iters, 'seconds_per_batch': seconds,
+            'images_per_s': batch_size / seconds, 'peak_rss_mb': peak_rss_mb(),
+            'load_avg_1m': os.getloadavg()[0],  # other processes on the machine skew every figure
+            **fields}
 
+
+def _engine(runtime: str, model_dir: str, threads: int):
+    """The runtime itself, not InferenceModel's wrapper, so every runtime is timed alike; `auto`
+    is InferenceModel's choice."""
+    if runtime == AUTO:
+        return InferenceModel(model_dir, threads=threads).engine
+    if runtime == 'paddle':
+        return PaddleModel(model_dir, threads)
+    onnx_file = os.path.join(model_dir, ONNX_FILE)
+    return OnnxModel(onnx_file, threads) if runtime == 'onnxruntime' else OpenVinoModel(onnx_file, threads)
+
+
+def _time_engines(engines: Dict[str, Callable], shape: Sequence[int], args: argparse.Namespace,
+                  rng: np.random.Generator) -> Dict[tuple, float]:
+    """{(runtime, batch): median seconds} for every engine at every inference batch size."""
+    seconds = {}
+    for batch_size in args.batches:
+        batch = rng.standard_normal((batch_size, *shape), dtype=np.float32)
+        for runtime, engine in engines.items():
+            seconds[runtime, batch_size] = median_seconds(lambda: engine(batch), args.iters, args.warmup)
+    return seconds
+
+
+def measure_config(cfg_file: str, args: argparse.Namespace, peak_gflops: float) -> List[Dict]:
     opts = ['DATA.IMAGE_SIZE', args.image_size] if args.image_size else None
     config = get_config(cfg_file, opts)
     size, channels = config.DATA.IMAGE_SIZE, config.DATA.IN_CHANNELS
@@ -185,60 +222,112 @@ def measure_config(cfg_file: str, args: argparse.Namespace, peak_gflops: float) 
     madds = count_madds(deployed, [1, channels, size, size])
     rng = np.random.default_rng(0)
     results = []
+    name = os.path.relpath(cfg_file, ROOT)
+    fields = {'image_size': size, 'params': params, 'madds': madds}
+
+    def add(mode: str, batch_size: int, seconds: float, runtime: Optional[str] = None) -> None:
+        flop_per_image = 2 * madds * (TRAIN_PASSES if mode in TRAIN_MODES else 1)
+        results.append(_result(name, config.MODEL.NAME, mode, batch_size, seconds, args, runtime, **fields,
+                               peak_fraction=flop_per_image * batch_size / seconds / (peak_gflops * 1e9)))
+
     for mode in args.modes:
+        reset_peak_rss()
+        if mode == 'inference':
+            with tempfile.TemporaryDirectory() as workdir:
+                export_inference(deployed, config, workdir)
+                if set(args.runtimes) - {'paddle'}:
+                    export_onnx(deployed, config, os.path.join(workdir, ONNX_FILE))
+                engines = {runtime: _engine(runtime, workdir, args.threads) for runtime in args.runtimes}
+                chosen = {AUTO: engines[AUTO].name} if AUTO in engines else {}
+                for (runtime, batch_size), seconds in _time_engines(engines, [channels, size, size], args, rng).items():
+                    add(mode, batch_size, seconds, runtime)
+                    results[-1].update({'chosen': chosen[runtime]} if runtime in chosen else {})
+            continue
         batches = [args.train_batch] if mode in TRAIN_MODES else args.batches
         for batch_size in batches:
             batch = rng.standard_normal((batch_size, channels, size, size), dtype=np.float32)
-            reset_peak_rss()
-            with tempfile.TemporaryDirectory() as workdir:
-                if mode in TRAIN_MODES:
-                    model = build_model(config)
-                    model = paddle.jit.to_static(model, full_graph=True) if mode == 'train_static' else model
-                    run = _train_runner(model, batch, config.MODEL.NUM_CLASSES)
-                elif mode == 'inference':
-                    run = _inference_runner(deployed, config, batch, args.threads, workdir)
-                else:
-                    model = build_for_inference(config)
-                    model = paddle.jit.to_static(model, full_graph=True) if mode == 'static' else model
-                    run = _forward_runner(model, batch)
-                seconds = median_seconds(run, args.iters, args.warmup)
-            images_per_s = batch_size / seconds
-            flop_per_image = 2 * madds * (TRAIN_PASSES if mode in TRAIN_MODES else 1)
-            results.append({
-                'record': 'result', 'config': os.path.relpath(cfg_file, ROOT), 'model': config.MODEL.NAME,
-                'image_size': size, 'params': params, 'madds': madds, 'mode': mode, 'batch': batch_size,
-                'threads': args.threads, 'iters': args.iters, 'seconds_per_batch': seconds,
-                'images_per_s': images_per_s, 'peak_rss_mb': peak_rss_mb(),
-                'peak_fraction': flop_per_image * images_per_s / (peak_gflops * 1e9),
-                'load_avg_1m': os.getloadavg()[0],  # other processes on the machine skew every figure
-            })
+            if mode in TRAIN_MODES:
+                model = build_model(config)
+                model = paddle.jit.to_static(model, full_graph=True) if mode == 'train_static' else model
+                run = _train_runner(model, batch, config.MODEL.NUM_CLASSES)
+            else:
+                model = build_for_inference(config)
+                model = paddle.jit.to_static(model, full_graph=True) if mode == 'static' else model
+                run = _forward_runner(model, batch)
+            add(mode, batch_size, median_seconds(run, args.iters, args.warmup))
+    return results
+
+
+def measure_onnx(path: str, args: argparse.Namespace) -> List[Dict]:
+    """Another ONNX model (input [N, C, H, W], dynamic N) in the ONNX runtimes of -runtimes."""
+    runtimes = [r for r in args.runtimes if r in ('onnxruntime', 'openvino')]
+    engines = {r: (OnnxModel if r == 'onnxruntime' else OpenVinoModel)(path, args.threads) for r in runtimes}
+    if not engines:
+        return []
+    shape = next(iter(engines.values())).input_shape[1:]
+    seconds = _time_engines(engines, shape, args, np.random.default_rng(0))
+    return [_result(path, os.path.splitext(os.path.basename(path))[0], 'inference', batch_size, s, args, runtime,
+                    image_size=shape[-1])
+            for (runtime, batch_size), s in seconds.items()]
+
+
+def median_over_rounds(rounds: List[List[Dict]]) -> List[Dict]:
+    """The first round's records with each timing replaced by its median over the rounds."""
+    results = []
+    for records in zip(*rounds):
+        seconds = [r['seconds_per_batch'] for r in records]
+        result = dict(records[0], rounds=len(records), seconds_per_round=seconds,
+                      seconds_per_batch=statistics.median(seconds))
+        scale = records[0]['seconds_per_batch'] / result['seconds_per_batch']
+        result['images_per_s'] = records[0]['images_per_s'] * scale
+        if result.get('peak_fraction') is not None:
+            result['peak_fraction'] = records[0]['peak_fraction'] * scale
+        results.append(result)
     return results
 
 
 # ---- report -----------------------------------------------------------------------------------
 
+def _column(r: Dict) -> tuple:
+    return r['mode'], r['runtime'], r['batch']
+
+
+def _column_title(mode: str, runtime: Optional[str], batch: int) -> str:
+    name = mode if runtime is None else f'{mode} {runtime}'
+    return f'{name} b{batch} ' + ('(ms)' if batch == 1 else '(img/s)')
+
+
+def _cell(r: Dict) -> str:
+    value = f'{1000 * r["seconds_per_batch"]:.1f}' if r['batch'] == 1 else f'{r["images_per_s"]:.1f}'
+    return value + (f' ({r["chosen"]})' if r.get('chosen') else '')
+
+
 def markdown_table(machine: Dict, results: List[Dict]) -> str:
-    """One row per config; a throughput column per mode x batch; the matmul-peak fraction and the
-    peak RSS of the largest-batch inference-engine run (else the last forward mode measured)."""
-    columns = list(dict.fromkeys((r['mode'], r['batch']) for r in results))
+    """One row per config or compared file; a column per mode x runtime x batch (batch 1: latency
+    in ms, else images/s); the matmul-peak fraction and the peak RSS of the fastest largest-batch
+    inference run (else the last forward mode measured)."""
+    columns = list(dict.fromkeys(_column(r) for r in results))
     rows: Dict[str, Dict] = {}
     for r in results:
-        rows.setdefault(r['config'], {'first': r})[(r['mode'], r['batch'])] = r
-    header = ['config', 'params (M)', 'MAdds (M)'] + [f'{m} b{b} (img/s)' for m, b in columns] \
+        rows.setdefault(r['config'], {'first': r})[_column(r)] = r
+    header = ['config', 'params (M)', 'MAdds (M)'] + [_column_title(*c) for c in columns] \
         + ['% of matmul peak', 'peak RSS (MB)']
-    lines = [f'CPU: {machine["cpu"]}, {machine["threads"]} threads, measured matmul peak '
+    isa_cap = f', oneDNN capped at {machine["onednn_max_cpu_isa"]}' if machine['onednn_max_cpu_isa'] else ''
+    lines = [f'CPU: {machine["cpu"]}{isa_cap}, {machine["threads"]} threads, measured matmul peak '
              f'{machine["matmul_gflops"]:.0f} GFLOP/s (fp32 {machine["matmul_size"]}^3 GEMM; dygraph '
              f'{machine["matmul_gflops_dygraph"]:.0f}, paddle.inference {machine["matmul_gflops_inference"]:.0f}); median of '
-             f'{machine["iters"]} runs after {machine["warmup"]} warm-up.', '',
+             f'{machine["iters"]} runs after {machine["warmup"]} warm-up'
+             + (f', median over {machine["rounds"]} rounds.' if machine['rounds'] > 1 else '.'), '',
              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for config, row in rows.items():
         first = row['first']
         forward = [row[c] for c in columns if c in row and c[0] in INFERENCE_MODES]
-        chosen = max(forward, key=lambda r: (r['mode'] == 'inference', r['batch'])) if forward else first
-        cells = [os.path.splitext(os.path.basename(config))[0], f'{first["params"] / 1e6:.2f}',
-                 f'{first["madds"] / 1e6:.0f}']
-        cells += [f'{row[c]["images_per_s"]:.1f}' if c in row else '-' for c in columns]
-        cells += [f'{100 * chosen["peak_fraction"]:.0f}% ({chosen["mode"]} b{chosen["batch"]})',
+        chosen = max(forward, key=lambda r: (r['mode'] == 'inference', r['batch'], r['images_per_s'])) if forward else first
+        cells = [os.path.splitext(os.path.basename(config))[0]]
+        cells += [f'{first["params"] / 1e6:.2f}', f'{first["madds"] / 1e6:.0f}'] if 'params' in first else ['-', '-']
+        cells += [_cell(row[c]) if c in row else '-' for c in columns]
+        where = f'{chosen["mode"]}{" " + chosen["runtime"] if chosen["runtime"] else ""} b{chosen["batch"]}'
+        cells += [f'{100 * chosen["peak_fraction"]:.0f}% ({where})' if 'peak_fraction' in chosen else '-',
                   f'{chosen["peak_rss_mb"]:.0f}']
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
@@ -254,16 +343,27 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
 
     out = open(args.json, 'w') if args.json else sys.stdout
     try:
-        machine = {'record': 'machine', 'cpu': cpu_name(), 'threads': args.threads, 'iters': args.iters,
-                   'warmup': args.warmup, 'paddle': paddle.__version__, 'load_avg_1m': os.getloadavg()[0],
-                   'matmul_size': args.matmul_size, 'mkl_debug_cpu_type': os.environ.get('MKL_DEBUG_CPU_TYPE'),
+        machine = {'record': 'machine', 'cpu': cpu_description(), 'threads': args.threads, 'iters': args.iters,
+                   'warmup': args.warmup, 'rounds': args.rounds, 'runtimes': runtime_versions(),
+                   'onednn_max_cpu_isa': os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA'),
+                   'load_avg_1m': os.getloadavg()[0], 'matmul_size': args.matmul_size,
+                   'mkl_debug_cpu_type': os.environ.get('MKL_DEBUG_CPU_TYPE'),
                    **matmul_gflops(args.matmul_size, args.threads)}
         print(json.dumps(machine), file=out, flush=True)
-        results = []
-        for cfg_file in args.cfg:
-            for result in measure_config(cfg_file, args, machine['matmul_gflops']):
-                print(json.dumps(result), file=out, flush=True)
-                results.append(result)
+        rounds = []
+        for number in range(args.rounds):
+            records = []
+            for cfg_file in args.cfg:
+                records += measure_config(cfg_file, args, machine['matmul_gflops'])
+            for path in args.compare:
+                records += measure_onnx(path, args)
+            if args.rounds > 1:  # single rounds are reported below, medians after the last round
+                for record in records:
+                    print(json.dumps(dict(record, record='round', round=number)), file=out, flush=True)
+            rounds.append(records)
+        results = median_over_rounds(rounds) if args.rounds > 1 else rounds[0]
+        for result in results:
+            print(json.dumps(result), file=out, flush=True)
     finally:
         if args.json:
             out.close()

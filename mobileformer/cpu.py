@@ -1,6 +1,7 @@
 """CPU set-up: the MKL request below is applied when `mobileformer` is imported (before Paddle's
 first GEMM); the thread count and glibc's buffer reuse are applied by every command
-(`cli.run` -> `use_cpu_threads`), by `InferenceModel` and by the benchmark.
+(`cli.run` -> `use_cpu_threads`), by `InferenceModel` and by the benchmark; the oneDNN ISA cap on
+AMD AVX-512 CPUs by `deploy.PaddleModel` before it creates a predictor.
 
 Paddle's CPU build runs dense GEMMs (dygraph `matmul`, `linear`, and the im2col GEMMs of `conv2d`)
 through Intel MKL. On AMD CPUs MKL picks its generic code path unless `MKL_DEBUG_CPU_TYPE=5` asks for
@@ -11,21 +12,45 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Mapping, MutableMapping, Optional
+from typing import Dict, Mapping, MutableMapping, Optional
 
 CPUINFO = '/proc/cpuinfo'
 
 
-def _cpu_flags(cpuinfo: str) -> Optional[tuple]:
-    """(vendor_id, set of flags) of the first CPU listed, or None where there is no such file."""
+def _cpu_fields(cpuinfo: str) -> Optional[Dict[str, str]]:
+    """The `key: value` fields of the first CPU listed, or None where there is no such file."""
     try:
         with open(cpuinfo, encoding='utf-8', errors='replace') as f:
             text = f.read(1 << 16)
     except OSError:
         return None
-    fields = dict(line.split(':', 1) for line in text.splitlines() if ':' in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
-    return fields.get('vendor_id', ''), set(fields.get('flags', '').split())
+    fields: Dict[str, str] = {}
+    for line in text.splitlines():
+        if ':' in line:
+            key, value = line.split(':', 1)
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _cpu_flags(cpuinfo: str) -> Optional[tuple]:
+    """(vendor_id, set of flags) of the first CPU listed, or None where there is no such file."""
+    fields = _cpu_fields(cpuinfo)
+    return None if fields is None else (fields.get('vendor_id', ''), set(fields.get('flags', '').split()))
+
+
+# the instruction sets that decide which kernels the math libraries pick, widest first
+_ISA_LEVELS = (('avx512', 'avx512f'), ('avx2', 'avx2'), ('avx', 'avx'), ('sse4.2', 'sse4_2'))
+_ISA_EXTRAS = (('bf16', 'avx512_bf16'), ('vnni', 'avx512_vnni'), ('amx', 'amx_tile'))
+
+
+def cpu_description(cpuinfo: str = CPUINFO) -> str:
+    """The CPU's model name and its widest vector instruction set, e.g. 'AMD EPYC (avx512 bf16 vnni)'."""
+    fields = _cpu_fields(cpuinfo) or {}
+    flags = set(fields.get('flags', '').split())
+    isa = next((name for name, flag in _ISA_LEVELS if flag in flags), 'unknown ISA')
+    if isa == 'avx512':
+        isa = ' '.join([isa] + [name for name, flag in _ISA_EXTRAS if flag in flags])
+    return f"{fields.get('model name', 'unknown CPU')} ({isa})"
 
 
 def prefer_mkl_avx2_on_amd(environ: MutableMapping[str, str] = os.environ, cpuinfo: str = CPUINFO) -> bool:
@@ -42,6 +67,16 @@ def prefer_mkl_avx2_on_amd(environ: MutableMapping[str, str] = os.environ, cpuin
     return True
 
 
+def _set_at_start(name: str) -> bool:
+    """Whether the environment this process started with (Linux: /proc/self/environ) set `name`;
+    True where that cannot be read."""
+    try:
+        with open('/proc/self/environ', 'rb') as f:
+            return any(entry.startswith(name.encode() + b'=') for entry in f.read().split(b'\0'))
+    except OSError:
+        return True
+
+
 def cpu_threads(environ: Mapping[str, str] = os.environ) -> int:
     """Threads for Paddle's CPU math in this process: OMP_NUM_THREADS when set, else the CPUs this
     process may run on, shared among the ranks `paddle.distributed.launch` started on this machine."""
@@ -51,6 +86,17 @@ def cpu_threads(environ: Mapping[str, str] = os.environ) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     local_ranks = environ.get('PADDLE_LOCAL_SIZE', '')
     return max(1, cpus // (int(local_ranks) if local_ranks.isdigit() and int(local_ranks) > 0 else 1))
+
+
+def users_environ(environ: Mapping[str, str] = os.environ) -> Dict[str, str]:
+    """`environ` without the OMP_NUM_THREADS=1 that importing Paddle sets when the user left it
+    unset (told apart by the environment the process started with). `use_cpu_threads` (training,
+    evaluation) still counts Paddle's 1: resumed runs in a child process inherit it, and bit-identical
+    resumption needs the same thread count in both."""
+    environ = dict(environ)
+    if environ.get('OMP_NUM_THREADS') == '1' and not _set_at_start('OMP_NUM_THREADS'):
+        del environ['OMP_NUM_THREADS']
+    return environ
 
 
 def use_cpu_threads() -> int:
@@ -63,6 +109,35 @@ def use_cpu_threads() -> int:
     paddle.base.core.set_num_threads(threads)
     keep_freed_memory()
     return threads
+
+
+_DNNL_CPU_ISA_AVX2 = 0x7  # dnnl_cpu_isa_avx2 of oneDNN 3's dnnl_cpu_isa_t
+
+
+def cap_onednn_isa_on_amd_avx512(environ: Mapping[str, str] = os.environ, cpuinfo: str = CPUINFO,
+                                 library: Optional[str] = None) -> bool:
+    """Limits Paddle's oneDNN to its AVX2 kernels on an AMD CPU with AVX-512, unless the user set
+    ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA; True if applied.
+
+    On such CPUs (measured: AMD EPYC, Zen 4) paddle.inference runs exported Mobile-Former-26M
+    2-3x slower with AVX-512: oneDNN's AVX-512 grouped 1x1 convolution writes a 4-channel blocked
+    layout for which the following per-sample channel multiply (the dynamic ReLU) only has a
+    reference kernel (0.30 of 0.50 s at batch 32). oneDNN fixes its ISA at its first kernel, so
+    this must run before the first predictor of the process; later it changes nothing (False).
+    Intel CPUs are left alone: there the AVX-512 GEMMs are the fast ones."""
+    if 'ONEDNN_MAX_CPU_ISA' in environ or 'DNNL_MAX_CPU_ISA' in environ:
+        return False
+    cpu = _cpu_flags(cpuinfo)
+    if cpu is None or cpu[0] != 'AuthenticAMD' or 'avx512f' not in cpu[1]:
+        return False
+    if library is None:
+        import paddle
+        library = os.path.join(os.path.dirname(paddle.__file__), 'libs', 'libdnnl.so.3')
+    try:
+        set_max_cpu_isa = ctypes.CDLL(library).dnnl_set_max_cpu_isa  # the copy Paddle already loaded
+    except (OSError, AttributeError):  # oneDNN linked another way: leave it at its default
+        return False
+    return set_max_cpu_isa(_DNNL_CPU_ISA_AVX2) == 0  # dnnl_success; an error once the ISA is fixed
 
 
 # glibc mallopt parameters

@@ -1,39 +1,59 @@
-"""Smoke test of benchmarks/bench.py: one tiny config, every mode, one iteration. Checks that each
-JSON record carries its fields with positive values; timings are never asserted."""
+"""Smoke test of benchmarks/bench.py: one tiny config, every mode and runtime, an ONNX file beside
+it, one iteration, two rounds. Checks that each JSON record carries its fields with positive values;
+timings are never asserted."""
 import json
 import os
 
 import pytest
-from conftest import CONFIGS
+from conftest import CONFIGS, FIXTURES
 
 import benchmarks.bench as bench
+from mobileformer import get_config
+from mobileformer.deploy import build_for_inference, export_onnx, installed_runtimes
 
 RESULT_FIELDS = ('params', 'madds', 'batch', 'threads', 'seconds_per_batch', 'images_per_s', 'peak_rss_mb',
                  'peak_fraction')
 
+pytestmark = pytest.mark.openvino  # InferenceModel and the benchmark load every installed runtime
+
 
 @pytest.mark.timeout(300)
-def test_bench_smoke(tmp_path):
+def test_bench_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))  # auto's measurement
+    config = get_config(os.path.join(FIXTURES, 'timm_mixer_tiny.yaml'))
+    other = export_onnx(build_for_inference(config), config, str(tmp_path / 'other.onnx'))
     out, table = tmp_path / 'bench.jsonl', tmp_path / 'bench.md'
     cfg = os.path.join(CONFIGS, 'mixer_s32_224.yaml')
-    bench.main(['-cfg', cfg, '-modes', *bench.MODES, '-batches', '2', '-train_batch', '2', '-iters', '1',
-                '-warmup', '0', '-threads', '1', '-matmul_size', '256', '-image_size', '64', '-json', str(out), '-markdown', str(table)])
+    runtimes = ['auto'] + installed_runtimes()
+    bench.main(['-cfg', cfg, '-modes', *bench.MODES, '-runtimes', *runtimes, '-compare', other, '-rounds', '2',
+                '-batches', '2', '-train_batch', '2', '-iters', '1', '-warmup', '0', '-threads', '1',
+                '-matmul_size', '256', '-image_size', '64', '-json', str(out), '-markdown', str(table)])
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    machine, results = records[0], records[1:]
-    assert machine['record'] == 'machine' and machine['threads'] == 1
+    machine, results = records[0], [r for r in records if r['record'] == 'result']
+    assert machine['record'] == 'machine' and machine['threads'] == 1 and machine['rounds'] == 2
+    assert machine['cpu'].endswith(')') and sorted(machine['runtimes']) == sorted(installed_runtimes())
     for key in ('matmul_gflops', 'matmul_gflops_dygraph', 'matmul_gflops_inference'):
         assert machine[key] > 0
-    assert [(r['mode'], r['batch']) for r in results] == [(mode, 2) for mode in bench.MODES]
-    for r in results:
-        assert r['record'] == 'result' and r['model'] == 'mixer_s32_224' and r['image_size'] == 64
+    modes = [(mode, None) for mode in bench.MODES if mode != 'inference']
+    modes[2:2] = [('inference', runtime) for runtime in runtimes]
+    ours = [r for r in results if r['model'] == 'mixer_s32_224']
+    assert [(r['mode'], r['runtime'], r['batch']) for r in ours] == [(m, r, 2) for m, r in modes]
+    assert len([r for r in records if r['record'] == 'round']) == 2 * len(results)
+    for r in ours:
+        assert r['image_size'] == 64 and r['rounds'] == 2 and len(r['seconds_per_round']) == 2
         assert all(r[field] > 0 for field in RESULT_FIELDS) and r['load_avg_1m'] >= 0, r
+    assert next(r for r in ours if r['runtime'] == 'auto')['chosen'] in installed_runtimes()
+    compared = [r for r in results if r['config'] == other]
+    assert [r['runtime'] for r in compared] == [r for r in installed_runtimes() if r != 'paddle']
+    assert all(r['image_size'] == 32 and r['seconds_per_batch'] > 0 for r in compared)
     # token MLPs hold 513 weights per token and block: 8 blocks at 4 tokens instead of 49
-    assert results[0]['params'] == 19_104_624 - 8 * 513 * (49 - 4)
+    assert ours[0]['params'] == 19_104_624 - 8 * 513 * (49 - 4)
     lines = table.read_text().splitlines()
-    assert lines[-1].startswith('| mixer_s32_224 |') and len(lines) == 5
+    assert lines[0].startswith('CPU: ') and lines[-2].startswith('| mixer_s32_224 |') and lines[-1].startswith('| other |')
+    assert len(lines) == 6
 
 
 def test_bench_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
         bench.main(['-cfg', 'configs/nope.yaml'])
-    assert 'no such config file' in capsys.readouterr().err
+    assert 'no such file' in capsys.readouterr().err

@@ -59,3 +59,52 @@ def test_keep_freed_memory_applies_through_glibc_unless_the_user_tuned_malloc():
     assert not keep_freed_memory({'MALLOC_MMAP_THRESHOLD_': '0'})
     assert not keep_freed_memory({'MALLOC_TRIM_THRESHOLD_': '0'})
     assert not keep_freed_memory({}, libc_name='libdoes-not-exist.so')
+
+
+@pytest.mark.parametrize('user_value, expected', [(None, len(os.sched_getaffinity(0))), ('1', 1)])
+def test_paddles_own_omp_default_is_not_taken_for_the_users(user_value, expected):
+    """Importing Paddle sets OMP_NUM_THREADS=1 when it is unset; only a value the process started
+    with is the user's (InferenceModel's thread count)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != 'OMP_NUM_THREADS'}
+    if user_value is not None:
+        env['OMP_NUM_THREADS'] = user_value
+    code = ('import paddle, os; from mobileformer.cpu import cpu_threads, users_environ; '
+            'print(os.environ["OMP_NUM_THREADS"], cpu_threads(users_environ()))')
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ['1', str(expected)]
+
+
+AMD_AVX512 = 'processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\n'
+
+
+@pytest.mark.parametrize('cpuinfo, environ', [(INTEL, {}), (AMD, {}), (AMD_AVX512, {'ONEDNN_MAX_CPU_ISA': 'AVX512_CORE'}),
+                                              (AMD_AVX512, {'DNNL_MAX_CPU_ISA': 'AVX2'})])
+def test_onednn_isa_is_left_alone_off_amd_avx512_or_when_the_user_chose(tmp_path, cpuinfo, environ):
+    from mobileformer.cpu import cap_onednn_isa_on_amd_avx512
+
+    path = tmp_path / 'cpuinfo'
+    path.write_text(cpuinfo)
+    assert not cap_onednn_isa_on_amd_avx512(environ, str(path), library='libdoes-not-exist.so')
+
+
+def test_onednn_isa_cap_applies_before_the_first_kernel_only(tmp_path):
+    """In a fresh process: Paddle's oneDNN takes the AVX2 cap, then reports AVX2 (0x7) as its ISA,
+    and a second request is refused because the ISA is fixed by then."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    path = tmp_path / 'cpuinfo'
+    path.write_text(AMD_AVX512)
+    code = ('import ctypes, os, paddle; from mobileformer.cpu import cap_onednn_isa_on_amd_avx512 as cap; '
+            f'first = cap({{}}, {str(path)!r}); '
+            'lib = ctypes.CDLL(os.path.join(os.path.dirname(paddle.__file__), "libs", "libdnnl.so.3")); '
+            'print(first, lib.dnnl_get_effective_cpu_isa() <= 0x7, cap({}, ' + repr(str(path)) + '))')
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-3:] == ['True', 'True', 'False']

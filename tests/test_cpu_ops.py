@@ -141,24 +141,38 @@ class _TinyBlock(paddle.nn.Layer):
         return cpu_ops.dynamic_relu(x, slope1, slope2)
 
 
+def _saved_op_names(model, path, x):
+    """Saves `model` for inference at `path`; checks the program against dygraph; its op names."""
+    paddle.jit.save(model, path, input_spec=[paddle.static.InputSpec([None, *x.shape[1:]], 'float32')])
+    np.testing.assert_allclose(paddle.jit.load(path)(x).numpy(), model(x).numpy(), **TOL)
+    paddle.enable_static()
+    try:
+        program = paddle.static.load_inference_model(path, paddle.static.Executor(paddle.CPUPlace()))[0]
+        return {op.name() for op in program.global_block().ops}
+    finally:
+        paddle.disable_static()
+
+
 def test_export_uses_only_standard_ops(kernels, tmp_path):
     model = _TinyBlock()
     model.eval()
     x = paddle.randn([3, 4, 9, 9])
-    eager = model(x)
+    model(x)
     assert kernels.calls == 2
-    path = str(tmp_path / 'tiny')
-    paddle.jit.save(model, path, input_spec=[paddle.static.InputSpec([None, 4, 9, 9], 'float32')])
-    np.testing.assert_allclose(paddle.jit.load(path)(x).numpy(), eager.numpy(), **TOL)
-    paddle.enable_static()
-    try:
-        program = paddle.static.load_inference_model(path, paddle.static.Executor(paddle.CPUPlace()))[0]
-        names = {op.name() for op in program.global_block().ops}
-    finally:
-        paddle.disable_static()
+    names = _saved_op_names(model, str(tmp_path / 'tiny'), x)
     # the dynamic ReLU is exported as u + relu(v - u): no `maximum`, which has no oneDNN kernel
     assert {'pd_op.depthwise_conv2d', 'pd_op.relu'} <= names and 'pd_op.maximum' not in names
     assert all(name.split('.')[0] in ('pd_op', 'builtin') for name in names), names
+
+
+def test_programs_for_onnx_keep_the_maximum(tmp_path):
+    model = _TinyBlock()
+    model.eval()
+    x = paddle.randn([3, 4, 9, 9])
+    with cpu_ops.tracing_for_onnx():
+        names = _saved_op_names(model, str(tmp_path / 'onnx'), x)
+    assert 'pd_op.maximum' in names and 'pd_op.relu' not in names
+    assert 'pd_op.maximum' not in _saved_op_names(model, str(tmp_path / 'again'), x)  # traced anew
 
 
 def _fresh_state(monkeypatch):

@@ -1,6 +1,9 @@
-"""Deployment: the exported Paddle inference model and its ONNX twin match dygraph at batch 1 and 8
-(Mobile-Former, Mixer, folded RepMLPNet); export.py, predict.py and hubconf.py end to end."""
+"""Deployment: every installed runtime (paddle.inference, onnxruntime, OpenVINO) matches dygraph at
+batch 1 and 8 on the exported models (Mobile-Former, Mixer, folded RepMLPNet); the automatic choice
+is measured once and cached, falls back with a notice, and bad requests are refused in one sentence;
+export.py, predict.py and hubconf.py end to end."""
 import glob
+import json
 import os
 
 import numpy as np
@@ -13,14 +16,17 @@ import export
 import predict
 from mobileformer import get_config
 from mobileformer.convert import convert_checkpoint
-from mobileformer.deploy import (InferenceModel, OnnxModel, build_for_inference, dygraph_logits, export_inference,
-                                 export_onnx)
+from mobileformer import deploy
+from mobileformer.deploy import (InferenceModel, build_for_inference, dygraph_logits, export_inference, export_onnx,
+                                 installed_runtimes, load_runtime)
 
 # (tag, checkpoint); RepMLPNet is exported from its training checkpoint, so it is folded first
 MODELS = [('official_mobile_former_tiny_g1', 'official_mobile_former_tiny_g1.pth.tar'),
           ('official_mobile_former_tiny_g4', 'official_mobile_former_tiny_g4.pth.tar'),  # channel shuffles
           ('timm_mixer_tiny', 'timm_mixer_tiny.pth'),
           ('official_repmlpnet_tiny_train', 'official_repmlpnet_tiny_train.pth')]
+
+pytestmark = pytest.mark.openvino  # InferenceModel and the benchmark load every installed runtime
 
 
 @pytest.fixture(scope='module')
@@ -49,15 +55,20 @@ def test_exported_models_match_dygraph(tmp_path, converted, tag):
     io = np.load(os.path.join(FIXTURES, f'{tag}_io.npz'))
     close(dygraph_logits(model, io['input']), io['logits'], 1e-4)  # weights and folding are right
     export_inference(model, config, str(tmp_path))
-    onnx_file = export_onnx(str(tmp_path), str(tmp_path / 'model.onnx'))
-    exported, onnx = InferenceModel(str(tmp_path)), OnnxModel(onnx_file)
+    export_onnx(model, config, str(tmp_path / deploy.ONNX_FILE))
+    if 'mobile_former' in tag:  # the dynamic ReLU in the form the ONNX runtimes fuse (cpu_ops.tracing_for_onnx)
+        import onnx
+        assert 'Max' in {node.op_type for node in onnx.load(str(tmp_path / deploy.ONNX_FILE)).graph.node}
+    runtimes = {runtime: load_runtime(runtime, str(tmp_path)) for runtime in installed_runtimes()}
+    assert {'paddle', 'onnxruntime'} <= set(runtimes)  # both are requirements
     size = config.DATA.IMAGE_SIZE
     for batch in (1, 8):
         images = np.random.randn(batch, 3, size, size).astype(np.float32)
         reference = dygraph_logits(model, images)
         assert reference.shape == (batch, config.MODEL.NUM_CLASSES)
-        close(exported(images), reference)
-        close(onnx(images), reference)
+        for runtime, engine in runtimes.items():
+            assert engine.input_shape == (-1, 3, size, size), runtime
+            close(engine(images), reference)
 
 
 def test_repmlpnet_is_exported_folded(converted):
@@ -67,27 +78,39 @@ def test_repmlpnet_is_exported_folded(converted):
     assert sorted(model.state_dict()) == sorted(build_for_inference(folded).state_dict())
 
 
+def _images(folder, count=3):
+    """PNG files: colour, grey and alpha inputs of odd sizes."""
+    paths = []
+    for i, mode in enumerate(['RGB', 'L', 'RGBA'][:count]):
+        paths.append(str(folder / f'image{i}.png'))
+        Image.fromarray(np.random.randint(0, 255, (40 + 7 * i, 50, len(mode)), np.uint8).squeeze()).convert(mode).save(paths[-1])
+    return paths
+
+
 @pytest.mark.timeout(240)
-def test_export_and_predict_commands(tmp_path, converted, capsys):
+def test_export_and_predict_commands(tmp_path, converted, capsys, monkeypatch):
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     tag = 'timm_mixer_tiny'
     cfg = os.path.join(FIXTURES, f'{tag}.yaml')
-    export.main(['-cfg', cfg, '-pretrained', converted[tag], '-o', str(tmp_path / 'export'), '--onnx'])
+    export.main(['-cfg', cfg, '-pretrained', converted[tag], '-o', str(tmp_path / 'export')])
     lines = capsys.readouterr().out.splitlines()
-    paddle_line = next(line for line in lines if 'max |paddle.inference - dygraph|' in line)
-    onnx_line = next(line for line in lines if 'max |onnxruntime - dygraph|' in line)
-    assert float(paddle_line.rsplit(' ', 1)[1]) < 1e-5 and float(onnx_line.rsplit(' ', 1)[1]) < 1e-5
+    for runtime in installed_runtimes():
+        line = next(line for line in lines if line.startswith(f'max |{runtime} - dygraph|'))
+        assert float(line.rsplit(' ', 1)[1]) < 1e-5
+    chosen = [line for line in lines if line.startswith('runtime: ')]
+    assert len(chosen) == 1 and 'measured now' in chosen[0]
     assert sorted(os.listdir(tmp_path / 'export')) == ['inference.json', 'inference.onnx', 'inference.pdiparams']
 
-    images = []
-    for i, mode in enumerate(['RGB', 'L', 'RGBA']):  # colour, grey and alpha inputs of odd sizes
-        images.append(str(tmp_path / f'image{i}.png'))
-        Image.fromarray(np.random.randint(0, 255, (40 + 7 * i, 50, len(mode)), np.uint8).squeeze()).convert(mode).save(images[-1])
+    images = _images(tmp_path)
     digits = ['-opts', 'DATA.DATASET', 'digits']  # names 0..9 from the data layer
     outputs = {}
-    for source in (['-pretrained', converted[tag]], ['-model', str(tmp_path / 'export')]):
+    for source in (['-pretrained', converted[tag]], ['-model', str(tmp_path / 'export')],
+                   ['-model', str(tmp_path / 'export'), '-runtime', 'paddle']):
         predict.main(['-cfg', cfg] + source + images + digits)
-        outputs[source[0]] = capsys.readouterr().out
+        outputs[' '.join(source[::2])] = capsys.readouterr().out
     assert outputs['-pretrained'].splitlines()[0::6] == [f'{p}:' for p in images]
+    assert outputs['-model'].splitlines()[0].startswith('runtime: ') and 'cached in' in outputs['-model']
+    assert outputs['-model -runtime'].splitlines()[0] == 'runtime: paddle (chosen by the caller)'
     for text in outputs.values():
         rows = [line.split() for line in text.splitlines() if line.startswith('  ')]
         assert len(rows) == 5 * len(images)
@@ -96,7 +119,87 @@ def test_export_and_predict_commands(tmp_path, converted, capsys):
             assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0 + 1e-6
             assert all(r[1] in '0123456789' and r[2] == f'({r[1]})' for r in rows[start:start + 5])
     top = lambda text: [line.split()[1:] for line in text.splitlines() if line.startswith('  ')]  # noqa: E731
-    assert top(outputs['-pretrained']) == top(outputs['-model'])  # same classes from both runners
+    assert top(outputs['-pretrained']) == top(outputs['-model']) == top(outputs['-model -runtime'])
+
+
+@pytest.fixture
+def mixer_export(tmp_path, converted, monkeypatch):
+    """(folder with the tiny Mixer exported for every runtime, its dygraph model); the runtime cache
+    in tmp_path."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    config = get_config(os.path.join(FIXTURES, 'timm_mixer_tiny.yaml'))
+    model = build_for_inference(config, converted['timm_mixer_tiny'])
+    folder = str(tmp_path / 'export')
+    export_inference(model, config, folder)
+    export_onnx(model, config, os.path.join(folder, deploy.ONNX_FILE))
+    return folder, model
+
+
+@pytest.mark.timeout(120)
+def test_auto_runtime_is_measured_once_per_model_files_then_cached(mixer_export, monkeypatch):
+    folder, model = mixer_export
+    lines = []
+    first = InferenceModel(folder, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith(f'runtime: {first.runtime}, the fastest here') and 'measured now' in lines[0]
+    with open(deploy.runtime_cache_file()) as f:
+        (entry,) = json.load(f).values()
+    assert sorted(entry['seconds']) == sorted(installed_runtimes())
+    assert first.runtime == min(entry['seconds'], key=entry['seconds'].get)
+
+    def no_timing(*args):
+        raise AssertionError('timed again although the choice is cached')
+    monkeypatch.setattr(deploy, 'time_runtimes', no_timing)
+    lines.clear()
+    again = InferenceModel(folder, log=lines.append)
+    assert again.runtime == first.runtime and 'cached in' in lines[0]
+    images = np.random.randn(2, 3, 32, 32).astype(np.float32)
+    close(again(images), dygraph_logits(model, images))
+    os.utime(os.path.join(folder, deploy.ONNX_FILE))  # a new export: measured again
+    with pytest.raises(AssertionError, match='timed again'):
+        InferenceModel(folder, log=lines.append)
+
+
+@pytest.mark.timeout(120)
+def test_a_runtime_that_fails_to_load_falls_back_with_a_notice(mixer_export):
+    folder, model = mixer_export
+    with open(os.path.join(folder, deploy.ONNX_FILE), 'wb') as f:
+        f.write(b'not an onnx file')
+    lines = []
+    engine = InferenceModel(folder, log=lines.append)
+    notices = [line for line in lines if line.startswith('notice: ')]
+    assert [n.split(' could not load')[0] for n in notices] == [f'notice: runtime {r}' for r in installed_runtimes() if r != 'paddle']
+    assert engine.runtime == 'paddle' and lines[-1].startswith('runtime: paddle')
+    images = np.random.randn(2, 3, 32, 32).astype(np.float32)
+    close(engine(images), dygraph_logits(model, images))
+    with pytest.raises(ValueError, match=r"runtime onnxruntime could not load '.*inference.onnx' \(.*\); export the model again"):
+        InferenceModel(folder, runtime='onnxruntime')
+
+
+def test_bad_requests_are_one_sentence(mixer_export, tmp_path, monkeypatch, capsys):
+    folder, _ = mixer_export
+    cfg = os.path.join(FIXTURES, 'timm_mixer_tiny.yaml')
+    image = _images(tmp_path, 1)
+
+    def error(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            predict.main(['-cfg', cfg, *image, '-model', *args])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.strip()
+
+    # another image size than the export's
+    assert error(folder, '-opts', 'DATA.IMAGE_SIZE', '48') == (
+        f"error: the model in '{folder}' was exported for inputs [N, 3, 32, 32] but was given [1, 3, 48, 48]; "
+        f"feed images of its size, or export it again with -opts DATA.IMAGE_SIZE 48")
+    # a folder without the runtime's files
+    os.remove(os.path.join(folder, deploy.ONNX_FILE))
+    assert error(folder, '-runtime', 'onnxruntime') == (
+        f"error: '{folder}' holds no inference.onnx, which runtime onnxruntime needs; export the model again "
+        f"with export.py (it writes inference.onnx unless --no-onnx)")
+    assert error(str(tmp_path), '-runtime', 'paddle').startswith(f"error: '{tmp_path}' holds no Paddle inference model")
+    # a runtime that is not installed
+    monkeypatch.setattr(deploy, 'installed_runtimes', lambda: ['paddle', 'onnxruntime'])
+    assert error(folder, '-runtime', 'openvino') == ('error: runtime openvino needs the openvino package, which is not '
+                                                     'installed: pip install openvino, or choose the runtime auto')
 
 
 def test_imagenet_class_names():
