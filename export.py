@@ -1,6 +1,6 @@
 """Exports a model for deployment: Paddle inference files and ONNX (dynamic batch).
 
-    python export.py -cfg configs/mobileformer_26m.yaml -pretrained mobileformer_26m.pdparams -o export/mf26m [--no-onnx]
+    python export.py -cfg configs/mobileformer_26m.yaml -pretrained mobileformer_26m.pdparams -output export/mf26m [--no-onnx]
 
 Re-parameterisable blocks (RepMLP) are folded first. The export is checked against the dygraph
 model on a random batch in every installed runtime (the largest absolute difference of the logits
@@ -27,7 +27,7 @@ def run(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('-cfg', required=True, help='model config YAML')
     parser.add_argument('-pretrained', required=True, help='weights (.pdparams)')
-    parser.add_argument('-o', '--output', required=True, help='output folder')
+    parser.add_argument('-output', '-o', '--output', dest='output', required=True, help='output folder')
     parser.add_argument('--no-onnx', action='store_true',
                         help=f'skip {ONNX_FILE} (then only the paddle runtime can run the export)')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')

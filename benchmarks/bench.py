@@ -33,21 +33,21 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+import mobileformer  # noqa: F401  (before Paddle: it filters notices Paddle prints when imported)
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle.static import InputSpec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mobileformer import build_model, get_config  # noqa: E402  (after the path)
-from mobileformer.cpu import cpu_description, keep_freed_memory  # noqa: E402
-from mobileformer.deploy import (AUTO, INFERENCE_PREFIX, ONNX_FILE, RUNTIMES, InferenceModel, OnnxModel,  # noqa: E402
+from mobileformer import build_model, get_config
+from mobileformer.cpu import cpu_description, keep_freed_memory
+from mobileformer.deploy import (AUTO, INFERENCE_PREFIX, ONNX_FILE, RUNTIMES, InferenceModel, OnnxModel,
                                  OpenVinoModel, PaddleModel, build_for_inference, export_inference, export_onnx,
                                  installed_runtimes, runtime_versions)
-from mobileformer.flops import count_madds  # noqa: E402
-from mobileformer.model_utils import count_trainable  # noqa: E402
+from mobileformer.flops import count_madds
+from mobileformer.model_utils import count_trainable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 INFERENCE_MODES = ('dygraph', 'static', 'inference')
 TRAIN_MODES = ('train', 'train_static')
