@@ -72,7 +72,7 @@ def _link_flags() -> List[str]:
 
 
 @contextlib.contextmanager
-def _output_to(path: str) -> Iterator[None]:
+def output_to(path: str) -> Iterator[None]:
     """Sends this process's stdout and stderr, at file-descriptor level (the compiler runs in a
     subprocess) and at Python level (sys.stdout may not be fd 1, e.g. under pytest), to `path`."""
     sys.stdout.flush()
@@ -103,7 +103,7 @@ def _build() -> ModuleType:
     with open(os.path.join(directory, 'lock'), 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            with warnings.catch_warnings(), _output_to(log):
+            with warnings.catch_warnings(), output_to(log):
                 warnings.simplefilter('ignore')
                 return load(name=_NAME, sources=[_SOURCE], extra_cxx_cflags=_CXX_FLAGS,
                             extra_ldflags=_link_flags(), build_directory=directory)

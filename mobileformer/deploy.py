@@ -26,7 +26,7 @@ from paddle.static import InputSpec
 from yacs.config import CfgNode
 
 from mobileformer.cpu import cap_onednn_isa_on_amd_avx512, cpu_description, cpu_threads, keep_freed_memory, users_environ
-from mobileformer.cpu_ops import tracing_for_onnx
+from mobileformer.cpu_ops import output_to, tracing_for_onnx
 from mobileformer.model_utils import re_parameterize_model
 from mobileformer.registry import build_model
 from mobileformer.checkpoint import load_weights
@@ -172,18 +172,23 @@ def export_onnx(model: nn.Layer, config: CfgNode, path: str) -> str:
         import paddle2onnx
     except ImportError:
         raise ValueError('ONNX export needs paddle2onnx: pip install paddle2onnx, or pass --no-onnx') from None
+    log = path + '.paddle2onnx.log'
     with tempfile.TemporaryDirectory() as workdir:
         with tracing_for_onnx():
             export_inference(model, config, workdir)
         program, params = runtime_files('paddle', workdir)
-        # optimize_tool='None': the default (polygraphy) installs packages from the network at run time
+        # optimize_tool='None': the default (polygraphy) installs packages from the network at run time.
+        # Its progress lines go to a log that is kept only when the conversion fails.
         try:
-            data = paddle2onnx.export(program, params, save_file=None, opset_version=ONNX_OPSET,
-                                      enable_onnx_checker=True, optimize_tool='None')
+            with output_to(log):
+                data = paddle2onnx.export(program, params, save_file=None, opset_version=ONNX_OPSET,
+                                          enable_onnx_checker=True, optimize_tool='None')
         except Exception as e:  # it logs the cause and then fails on its own unset result
-            raise ValueError(f"paddle2onnx could not convert {config.MODEL.NAME} ({type(e).__name__}; see its log above)") from None
+            raise ValueError(f'paddle2onnx could not convert {config.MODEL.NAME} ({type(e).__name__}; '
+                             f"see '{log}')") from None
     if not data:
-        raise ValueError(f'paddle2onnx could not convert {config.MODEL.NAME} (see its log above)')
+        raise ValueError(f"paddle2onnx could not convert {config.MODEL.NAME} (see '{log}')")
+    os.remove(log)
     temporary = path + f'.{os.getpid()}.tmp'
     with open(temporary, 'wb') as f:
         f.write(data)
