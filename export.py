@@ -1,6 +1,6 @@
 """Exports a model for deployment: Paddle inference files and ONNX (dynamic batch).
 
-    python export.py -cfg configs/mobileformer_26m.yaml -pretrained mobileformer_26m.pdparams -output export/mf26m [--no-onnx]
+    python export.py -cfg configs/mobileformer_26m.yaml -pretrained mobileformer_26m.pdparams -output export/mf26m [-no_onnx]
 
 Re-parameterisable blocks (RepMLP) are folded first. The export is checked against the dygraph
 model on a random batch in every installed runtime (the largest absolute difference of the logits
@@ -28,7 +28,7 @@ def run(argv: Sequence[str]) -> None:
     parser.add_argument('-cfg', required=True, help='model config YAML')
     parser.add_argument('-pretrained', required=True, help='weights (.pdparams)')
     parser.add_argument('-output', '-o', '--output', dest='output', required=True, help='output folder')
-    parser.add_argument('--no-onnx', action='store_true',
+    parser.add_argument('-no_onnx', '--no-onnx', dest='no_onnx', action='store_true',
                         help=f'skip {ONNX_FILE} (then only the paddle runtime can run the export)')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
     args = parser.parse_args(argv)

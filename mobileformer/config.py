@@ -71,7 +71,7 @@ _C.MODEL.OUT_INDICES = []
 _C.TRAIN = CN()
 _C.TRAIN.EPOCHS = 300
 _C.TRAIN.BASE_LR = 1e-3
-# Training engine (mobileformer/engine.py). The LR schedule is stepped per iteration: linear
+# Training engine (mobileformer/engine/). The LR schedule is stepped per iteration: linear
 # warm-up WARMUP_START_LR -> BASE_LR over WARMUP_EPOCHS, cosine BASE_LR -> END_LR until
 # EPOCHS - COOLDOWN_EPOCHS, then END_LR for the cool-down epochs (EPOCHS counts all of them).
 # Warm-up and cool-down may be fractions of an epoch: a recipe shortened with -epochs / -opts

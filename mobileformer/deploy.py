@@ -95,7 +95,7 @@ def runtime_files(runtime: str, model_dir: str) -> List[str]:
     if runtime == 'openvino' and paddle_files is not None and paddle_files[0].endswith('.pdmodel'):
         return paddle_files
     raise ValueError(f"'{model_dir}' holds no {ONNX_FILE}, which runtime {runtime} needs; export the model "
-                     f"again with export.py (it writes {ONNX_FILE} unless --no-onnx)")
+                     f"again with export.py (it writes {ONNX_FILE} unless -no_onnx)")
 
 
 def installed_runtimes() -> List[str]:
@@ -171,7 +171,7 @@ def export_onnx(model: nn.Layer, config: CfgNode, path: str) -> str:
     try:
         import paddle2onnx
     except ImportError:
-        raise ValueError('ONNX export needs paddle2onnx: pip install paddle2onnx, or pass --no-onnx') from None
+        raise ValueError('ONNX export needs paddle2onnx: pip install paddle2onnx, or pass -no_onnx') from None
     log = path + '.paddle2onnx.log'
     with tempfile.TemporaryDirectory() as workdir:
         with tracing_for_onnx():

@@ -194,7 +194,7 @@ def test_bad_requests_are_one_sentence(mixer_export, tmp_path, monkeypatch, caps
     os.remove(os.path.join(folder, deploy.ONNX_FILE))
     assert error(folder, '-runtime', 'onnxruntime') == (
         f"error: '{folder}' holds no inference.onnx, which runtime onnxruntime needs; export the model again "
-        f"with export.py (it writes inference.onnx unless --no-onnx)")
+        f"with export.py (it writes inference.onnx unless -no_onnx)")
     assert error(str(tmp_path), '-runtime', 'paddle').startswith(f"error: '{tmp_path}' holds no Paddle inference model")
     # a runtime that is not installed
     monkeypatch.setattr(deploy, 'installed_runtimes', lambda: ['paddle', 'onnxruntime'])
