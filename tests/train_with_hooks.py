@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import List, Sequence
 
 import train  # first: through mobileformer, it filters notices Paddle prints when imported
@@ -43,10 +42,16 @@ def touch(path: str) -> None:
         f.write(str(os.getpid()))
 
 
-def received_signal() -> bool:
-    """Whether the graceful-stop handler installed for the run has caught SIGINT or SIGTERM."""
-    handler = signal.getsignal(signal.SIGTERM)
-    return getattr(getattr(handler, '__self__', None), 'received', None) is not None
+def wait_for_interrupt(seconds: float) -> bool:
+    """Blocks until SIGINT or SIGTERM has reached the run's own handler (the graceful stop), at most
+    `seconds`; True if one did. The handlers are chained, so the run reacts exactly as it would."""
+    arrived = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        def chained(number, frame, run_handler=signal.getsignal(signum)):
+            run_handler(number, frame)
+            arrived.set()
+        signal.signal(signum, chained)
+    return arrived.wait(seconds)  # a signal's handler runs while the main thread waits here
 
 
 class HoldAt(paddle.callbacks.Callback):
@@ -63,11 +68,8 @@ class HoldAt(paddle.callbacks.Callback):
         if (self.current_epoch, step + 1) != (self.epoch, self.step):
             return
         touch(self.path)
-        deadline = time.monotonic() + SIGNAL_WAIT_SECONDS
-        while not received_signal():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f'no signal arrived within {SIGNAL_WAIT_SECONDS} s of {self.path}')
-            time.sleep(0.01)
+        if not wait_for_interrupt(SIGNAL_WAIT_SECONDS):
+            raise RuntimeError(f'no signal arrived within {SIGNAL_WAIT_SECONDS} s of {self.path}')
 
 
 def hold_commit(number: int, path: str) -> None:
