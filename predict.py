@@ -23,7 +23,7 @@ from yacs.config import CfgNode
 
 from mobileformer.data import build_dataset, build_transforms
 from mobileformer import cli, get_config
-from mobileformer.deploy import AUTO, RUNTIMES, InferenceModel, build_for_inference, dygraph_logits
+from mobileformer.deploy import AUTO, RUNTIMES, InferenceModel, Outputs, build_for_inference, dygraph_outputs
 
 TOP_K = 5
 IMAGENET_NAMES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mobileformer', 'imagenet_classes.txt')
@@ -57,14 +57,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def predict(run: Callable[[np.ndarray], np.ndarray], images: Sequence[str], config: CfgNode,
+def predict(run: Callable[[np.ndarray], Outputs], images: Sequence[str], config: CfgNode,
             batch_size: int) -> List[List[tuple]]:
     """[(probability, class index), ...] top-5 per image."""
     transform = build_transforms(config, 'val')
     results = []
     for start in range(0, len(images), batch_size):
         batch = np.stack([load_image(p, transform) for p in images[start:start + batch_size]])
-        probabilities = softmax(run(batch).astype(np.float64))
+        logits = run(batch)
+        if isinstance(logits, list):
+            raise ValueError(f'the model is a feature extractor ({len(logits)} outputs, from MODEL.OUT_INDICES), '
+                             'which predicts no classes; predict with a classifier (no MODEL.OUT_INDICES)')
+        probabilities = softmax(logits.astype(np.float64))
         for row in probabilities:
             best = np.argsort(-row)[:TOP_K]
             results.append([(float(row[i]), int(i)) for i in best])
@@ -105,7 +109,7 @@ def run(argv: Sequence[str]) -> None:
         run = InferenceModel(args.model, runtime=args.runtime)
     else:
         model = build_for_inference(config, args.pretrained)
-        run = lambda batch: dygraph_logits(model, batch)  # noqa: E731
+        run = lambda batch: dygraph_outputs(model, batch)  # noqa: E731
     names = class_names(config)
     for path, top in zip(images, predict(run, images, config, config.DATA.BATCH_SIZE_EVAL)):
         print(f'{path}:')

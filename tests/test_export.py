@@ -17,7 +17,7 @@ import predict
 from mobileformer import get_config
 from mobileformer.convert import convert_checkpoint
 from mobileformer import deploy
-from mobileformer.deploy import (InferenceModel, build_for_inference, dygraph_logits, export_inference, export_onnx,
+from mobileformer.deploy import (InferenceModel, build_for_inference, dygraph_outputs, export_inference, export_onnx,
                                  installed_runtimes, load_runtime)
 
 # (tag, checkpoint); RepMLPNet is exported from its training checkpoint, so it is folded first
@@ -53,7 +53,7 @@ def test_exported_models_match_dygraph(tmp_path, converted, tag):
     config = get_config(os.path.join(FIXTURES, f'{tag}.yaml'))
     model = build_for_inference(config, converted[tag])
     io = np.load(os.path.join(FIXTURES, f'{tag}_io.npz'))
-    close(dygraph_logits(model, io['input']), io['logits'], 1e-4)  # weights and folding are right
+    close(dygraph_outputs(model, io['input']), io['logits'], 1e-4)  # weights and folding are right
     export_inference(model, config, str(tmp_path))
     export_onnx(model, config, str(tmp_path / deploy.ONNX_FILE))
     if 'mobile_former' in tag:  # the dynamic ReLU in the form the ONNX runtimes fuse (cpu_ops.tracing_for_onnx)
@@ -64,7 +64,7 @@ def test_exported_models_match_dygraph(tmp_path, converted, tag):
     size = config.DATA.IMAGE_SIZE
     for batch in (1, 8):
         images = np.random.randn(batch, 3, size, size).astype(np.float32)
-        reference = dygraph_logits(model, images)
+        reference = dygraph_outputs(model, images)
         assert reference.shape == (batch, config.MODEL.NUM_CLASSES)
         for runtime, engine in runtimes.items():
             assert engine.input_shape == (-1, 3, size, size), runtime
@@ -148,12 +148,12 @@ def test_auto_runtime_is_measured_once_per_model_files_then_cached(mixer_export,
 
     def no_timing(*args):
         raise AssertionError('timed again although the choice is cached')
-    monkeypatch.setattr(deploy, 'time_runtimes', no_timing)
+    monkeypatch.setattr(deploy.choice, 'time_runtimes', no_timing)
     lines.clear()
     again = InferenceModel(folder, log=lines.append)
     assert again.runtime == first.runtime and 'cached in' in lines[0]
     images = np.random.randn(2, 3, 32, 32).astype(np.float32)
-    close(again(images), dygraph_logits(model, images))
+    close(again(images), dygraph_outputs(model, images))
     os.utime(os.path.join(folder, deploy.ONNX_FILE))  # a new export: measured again
     with pytest.raises(AssertionError, match='timed again'):
         InferenceModel(folder, log=lines.append)
@@ -170,7 +170,7 @@ def test_a_runtime_that_fails_to_load_falls_back_with_a_notice(mixer_export):
     assert [n.split(' could not load')[0] for n in notices] == [f'notice: runtime {r}' for r in installed_runtimes() if r != 'paddle']
     assert engine.runtime == 'paddle' and lines[-1].startswith('runtime: paddle')
     images = np.random.randn(2, 3, 32, 32).astype(np.float32)
-    close(engine(images), dygraph_logits(model, images))
+    close(engine(images), dygraph_outputs(model, images))
     with pytest.raises(ValueError, match=r"runtime onnxruntime could not load '.*inference.onnx' \(.*\); export the model again"):
         InferenceModel(folder, runtime='onnxruntime')
 
@@ -197,7 +197,7 @@ def test_bad_requests_are_one_sentence(mixer_export, tmp_path, monkeypatch, caps
         f"with export.py (it writes inference.onnx unless -no_onnx)")
     assert error(str(tmp_path), '-runtime', 'paddle').startswith(f"error: '{tmp_path}' holds no Paddle inference model")
     # a runtime that is not installed
-    monkeypatch.setattr(deploy, 'installed_runtimes', lambda: ['paddle', 'onnxruntime'])
+    monkeypatch.setattr(deploy.runtimes, 'installed_runtimes', lambda: ['paddle', 'onnxruntime'])
     assert error(folder, '-runtime', 'openvino') == ('error: runtime openvino needs the openvino package, which is not '
                                                      'installed: pip install openvino, or choose the runtime auto')
 
@@ -222,3 +222,36 @@ def test_hub_lists_builds_and_loads_every_config(tmp_path):
     with pytest.raises(ValueError, match=r"was trained for 10 classes but MODEL.NUM_CLASSES is 1000; pass -opts "
                                           r"MODEL.NUM_CLASSES 10"):
         paddle.hub.load(ROOT, 'mobileformer_26m', source='local', pretrained=weights)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize('tag, out_indices', [('official_mobile_former_tiny_g1', '[0, 1, 2]'),  # 2: the tokens
+                                              ('timm_mixer_tiny', '[0, -1]'),
+                                              ('official_repmlpnet_tiny_train', '[1, 3]')])
+def test_a_feature_extractor_exports_every_output_to_every_runtime(tmp_path, converted, capsys, monkeypatch,
+                                                                   tag, out_indices):
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    cfg, folder = os.path.join(FIXTURES, f'{tag}.yaml'), str(tmp_path / 'export')
+    opts = ['MODEL.OUT_INDICES', out_indices]
+    export.main(['-cfg', cfg, '-pretrained', converted[tag], '-output', folder, '-opts'] + opts)
+    lines = capsys.readouterr().out.splitlines()
+    for runtime in installed_runtimes():
+        line = next(line for line in lines if line.startswith(f'max |{runtime} - dygraph|'))
+        assert float(line.rsplit(' ', 1)[1]) < 1e-4, line
+    config = get_config(cfg, opts)
+    model = build_for_inference(config, converted[tag])
+    size = config.DATA.IMAGE_SIZE
+    images = np.random.default_rng(1).standard_normal((2, 3, size, size), dtype=np.float32)
+    reference = dygraph_outputs(model, images)
+    channels = [r.shape[1] if r.ndim == 4 else r.shape[-1] for r in reference]  # maps [B, C, H, W], tokens [B, M, C]
+    assert channels == model.feat_channels and len(reference) == len(eval(out_indices))
+    for runtime in installed_runtimes():
+        outputs = InferenceModel(folder, runtime=runtime, log=lambda line: None)(images)
+        assert isinstance(outputs, list) and len(outputs) == len(reference), runtime
+        for actual, expected in zip(outputs, reference):
+            assert actual.shape == expected.shape, runtime
+            close(actual, expected, 1e-4)
+    with pytest.raises(SystemExit) as stop:
+        predict.main(['-cfg', cfg, '-model', folder, '-opts'] + opts + _images(tmp_path, 1))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith('error: ')

@@ -1,0 +1,100 @@
+"""A model ready for inference and its exports.
+
+- `build_for_inference(config, weights)`: builds, loads `.pdparams` (strictly), folds every
+  re-parameterisable block (RepMLP) and switches to eval mode.
+- `export_inference(model, config, out_dir)`: `paddle.jit.save` with a dynamic batch dimension.
+- `export_onnx(model, config, file)`: the same model as ONNX (paddle2onnx).
+- `dygraph_outputs(model, batch)`: what the exports are checked against.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import List, Optional, Union
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+from paddle.static import InputSpec
+from yacs.config import CfgNode
+
+from mobileformer.checkpoint import load_weights
+from mobileformer.cpu_ops import output_to, tracing_for_onnx
+from mobileformer.model_utils import re_parameterize_model
+from mobileformer.registry import build_model
+
+INFERENCE_PREFIX = 'inference'
+ONNX_FILE = 'inference.onnx'
+ONNX_OPSET = 13
+
+
+def paddle_files(model_dir: str) -> Optional[List[str]]:
+    """[program, parameters] of a Paddle inference model in `model_dir`, or None."""
+    params = os.path.join(model_dir, INFERENCE_PREFIX + '.pdiparams')
+    for suffix in ('.json', '.pdmodel'):  # PIR programs (Paddle 3) or the legacy program format
+        program = os.path.join(model_dir, INFERENCE_PREFIX + suffix)
+        if os.path.isfile(program) and os.path.isfile(params):
+            return [program, params]
+    return None
+
+
+def build_for_inference(config: CfgNode, weights: Optional[str] = None) -> nn.Layer:
+    """The model of `config` with `weights` loaded, re-parameterised, in eval mode."""
+    model = build_model(config)
+    if weights:
+        load_weights(model, weights)
+    return re_parameterize_model(model)
+
+
+def input_spec(config: CfgNode) -> InputSpec:
+    size = config.DATA.IMAGE_SIZE
+    return InputSpec([None, config.DATA.IN_CHANNELS, size, size], 'float32', 'x')
+
+
+def export_inference(model: nn.Layer, config: CfgNode, out_dir: str) -> str:
+    """Saves `model` as a static inference model in `out_dir`; returns the path prefix."""
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, INFERENCE_PREFIX)
+    # saving the dygraph layer traces a full-graph copy of forward and leaves `model` in dygraph
+    # (to_static on the model itself would re-trace it at every new batch size afterwards)
+    paddle.jit.save(model, prefix, input_spec=[input_spec(config)])
+    return prefix
+
+
+def export_onnx(model: nn.Layer, config: CfgNode, path: str) -> str:
+    """`model` as ONNX at `path` (written atomically), converted by paddle2onnx from a program traced
+    in the forms the ONNX runtimes run fastest (`cpu_ops.tracing_for_onnx`), not the oneDNN ones of
+    `export_inference`."""
+    try:
+        import paddle2onnx
+    except ImportError:
+        raise ValueError('ONNX export needs paddle2onnx: pip install paddle2onnx, or pass -no_onnx') from None
+    log = path + '.paddle2onnx.log'
+    with tempfile.TemporaryDirectory() as workdir:
+        with tracing_for_onnx():
+            export_inference(model, config, workdir)
+        program, params = paddle_files(workdir)
+        # optimize_tool='None': the default (polygraphy) installs packages from the network at run time.
+        # Its progress lines go to a log that is kept only when the conversion fails.
+        try:
+            with output_to(log):
+                data = paddle2onnx.export(program, params, save_file=None, opset_version=ONNX_OPSET,
+                                          enable_onnx_checker=True, optimize_tool='None')
+        except Exception as e:  # it logs the cause and then fails on its own unset result
+            raise ValueError(f'paddle2onnx could not convert {config.MODEL.NAME} ({type(e).__name__}; '
+                             f"see '{log}')") from None
+    if not data:
+        raise ValueError(f"paddle2onnx could not convert {config.MODEL.NAME} (see '{log}')")
+    os.remove(log)
+    temporary = path + f'.{os.getpid()}.tmp'
+    with open(temporary, 'wb') as f:
+        f.write(data)
+    os.replace(temporary, path)
+    return path
+
+
+def dygraph_outputs(model: nn.Layer, batch: np.ndarray) -> Union[np.ndarray, List[np.ndarray]]:
+    """The model's logits, or the list of maps of a feature extractor, as the runtimes return them."""
+    with paddle.no_grad():
+        outputs = model(paddle.to_tensor(batch, dtype='float32'))
+    return [o.numpy() for o in outputs] if isinstance(outputs, (list, tuple)) else outputs.numpy()

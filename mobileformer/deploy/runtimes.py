@@ -1,0 +1,188 @@
+"""The runtimes that run an export of `export.py`, each as `model(batch) -> outputs` (the logits, or
+the list of maps of a feature extractor): `PaddleModel` (paddle.inference with oneDNN), `OnnxModel`
+(onnxruntime), `OpenVinoModel` (OpenVINO, optional, float32 unless asked).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import paddle
+
+from mobileformer.cpu import cap_onednn_isa_on_amd_avx512, cpu_threads, keep_freed_memory, users_environ
+from mobileformer.deploy.export import INFERENCE_PREFIX, ONNX_FILE, paddle_files
+
+Outputs = Union[np.ndarray, List[np.ndarray]]
+
+RUNTIMES = ('paddle', 'onnxruntime', 'openvino')
+AUTO = 'auto'
+_DISTRIBUTIONS = {'paddle': 'paddlepaddle', 'onnxruntime': 'onnxruntime', 'openvino': 'openvino'}  # pip names
+OPENVINO_PRECISION = 'f32'  # OpenVINO's own default is bf16 on CPUs with avx512_bf16 or AMX
+
+
+def default_threads() -> int:
+    """Every CPU unless the user set OMP_NUM_THREADS (Paddle's own default of 1 does not count)."""
+    return cpu_threads(users_environ())
+
+
+def runtime_files(runtime: str, model_dir: str) -> List[str]:
+    """The files of `model_dir` that `runtime` reads; a ValueError says what is missing."""
+    program = paddle_files(model_dir)
+    if runtime == 'paddle':
+        if program is None:
+            raise ValueError(f"'{model_dir}' holds no Paddle inference model ({INFERENCE_PREFIX}.json or "
+                             f".pdmodel, with .pdiparams), which runtime paddle needs; create it with export.py")
+        return program
+    onnx_file = os.path.join(model_dir, ONNX_FILE)
+    if os.path.isfile(onnx_file):
+        return [onnx_file]
+    # OpenVINO also reads the legacy Paddle program format, but not Paddle 3's .json programs
+    if runtime == 'openvino' and program is not None and program[0].endswith('.pdmodel'):
+        return program
+    raise ValueError(f"'{model_dir}' holds no {ONNX_FILE}, which runtime {runtime} needs; export the model "
+                     f"again with export.py (it writes {ONNX_FILE} unless -no_onnx)")
+
+
+def installed_runtimes() -> List[str]:
+    return [r for r in RUNTIMES if importlib.util.find_spec(r) is not None]  # each module is named as its runtime
+
+
+def runtime_versions() -> Dict[str, str]:
+    # Paddle's own attribute: its distribution may be paddlepaddle-gpu
+    return {r: paddle.__version__ if r == 'paddle' else importlib.metadata.version(_DISTRIBUTIONS[r])
+            for r in installed_runtimes()}
+
+
+def _not_installed(runtime: str) -> ValueError:
+    return ValueError(f'runtime {runtime} needs the {_DISTRIBUTIONS[runtime]} package, which is not installed: '
+                      f'pip install {_DISTRIBUTIONS[runtime]}, or choose the runtime auto')
+
+
+def _paddle_input_shape(program: str) -> Optional[Tuple[int, ...]]:
+    """The input shape recorded in a PIR program's data op (-1: dynamic); None where it cannot be
+    read (legacy programs): the predictor itself does not report it."""
+    if not program.endswith('.json'):
+        return None
+    try:
+        with open(program, encoding='utf-8') as f:
+            stack = [json.load(f)]
+    except (OSError, ValueError):
+        return None
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get('#') == '1.data':
+                shapes = [a['AT']['D'] for a in node.get('A', []) if isinstance(a, dict) and a.get('N') == 'shape']
+                return tuple(shapes[0]) if shapes else None
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
+def one_or_all(outputs: List[np.ndarray]) -> Outputs:
+    """A classifier's logits, or every map of a feature extractor in the order the model returns them."""
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+class PaddleModel:
+    """An exported model run by `paddle.inference` (CPU, oneDNN): `model(batch) -> outputs`."""
+    name = 'paddle'
+
+    def __init__(self, model_dir: str, threads: Optional[int] = None):
+        from paddle import inference
+        program, params = runtime_files('paddle', model_dir)
+        config = inference.Config(program, params)
+        config.disable_gpu()
+        keep_freed_memory()
+        # oneDNN kernels plus its fusion passes (conv+BN+act, matmul+bias+act, fc); they also cover
+        # the GEMMs, which Paddle's own CPU BLAS runs several times slower on AMD CPUs.
+        config.enable_mkldnn()
+        cap_onednn_isa_on_amd_avx512()
+        config.set_cpu_math_library_num_threads(threads or default_threads())
+        # enable_memory_optim() is left off: in Paddle 3.3 its pass fails on PIR programs (.json)
+        config.disable_glog_info()
+        self.predictor = inference.create_predictor(config)
+        self.input_shape = _paddle_input_shape(program)
+
+    def __call__(self, batch: np.ndarray) -> Outputs:
+        name = self.predictor.get_input_names()[0]
+        handle = self.predictor.get_input_handle(name)
+        handle.reshape(list(batch.shape))
+        handle.copy_from_cpu(np.ascontiguousarray(batch, dtype=np.float32))
+        self.predictor.run()
+        return one_or_all([self.predictor.get_output_handle(name).copy_to_cpu()
+                           for name in self.predictor.get_output_names()])
+
+
+def _static_shape(dims) -> Tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d > 0 else -1 for d in dims)
+
+
+class OnnxModel:
+    """An ONNX file run by onnxruntime on the CPU: `model(batch) -> outputs`."""
+    name = 'onnxruntime'
+
+    def __init__(self, path: str, threads: Optional[int] = None):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise _not_installed('onnxruntime') from None
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # errors only: paddle2onnx leaves unused initialisers it warns about
+        options.intra_op_num_threads = threads or default_threads()
+        self.session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+        self.input_shape = _static_shape(self.session.get_inputs()[0].shape)
+
+    def __call__(self, batch: np.ndarray) -> Outputs:
+        name = self.session.get_inputs()[0].name
+        return one_or_all(self.session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)}))
+
+
+class OpenVinoModel:
+    """An ONNX file (or legacy .pdmodel) run by OpenVINO on the CPU, in float32 unless `precision`
+    says otherwise: `model(batch) -> outputs`."""
+    name = 'openvino'
+
+    def __init__(self, path: str, threads: Optional[int] = None, precision: str = OPENVINO_PRECISION):
+        try:
+            import openvino
+        except ImportError:
+            raise _not_installed('openvino') from None
+        core = openvino.Core()
+        model = core.read_model(path)
+        # LATENCY: one stream using every thread, as the other runtimes run a batch
+        compiled = core.compile_model(model, 'CPU', {'INFERENCE_PRECISION_HINT': precision,
+                                                     'INFERENCE_NUM_THREADS': threads or default_threads(),
+                                                     'PERFORMANCE_HINT': 'LATENCY'})
+        self.request = compiled.create_infer_request()
+        self.outputs = compiled.outputs
+        self.input_shape = tuple(d.get_length() if d.is_static else -1 for d in model.input(0).get_partial_shape())
+
+    def __call__(self, batch: np.ndarray) -> Outputs:
+        results = self.request.infer([np.ascontiguousarray(batch, dtype=np.float32)])
+        return one_or_all([results[output] for output in self.outputs])
+
+
+Engine = Union[PaddleModel, OnnxModel, OpenVinoModel]
+
+
+def load_runtime(runtime: str, model_dir: str, threads: Optional[int] = None) -> Engine:
+    """The export in `model_dir` loaded by `runtime`; any problem is a ValueError saying what to do."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime '{runtime}': choose one of {', '.join((AUTO,) + RUNTIMES)}")
+    if runtime not in installed_runtimes():
+        raise _not_installed(runtime)
+    files = runtime_files(runtime, model_dir)
+    try:
+        if runtime == 'paddle':
+            return PaddleModel(model_dir, threads)
+        return (OnnxModel if runtime == 'onnxruntime' else OpenVinoModel)(files[0], threads)
+    except Exception as e:  # each runtime has its own exception types for unreadable files
+        message = ' '.join(str(e).split())[:300]
+        raise ValueError(f"runtime {runtime} could not load '{files[0]}' ({type(e).__name__}: {message}); "
+                         f'export the model again with export.py') from None
