@@ -192,9 +192,9 @@ def _result(config: str, model: str, mode: str, batch_size: int, seconds: float,
 
 def _engine(runtime: str, model_dir: str, threads: int):
     """The runtime itself, not InferenceModel's wrapper, so every runtime is timed alike; `auto`
-    is InferenceModel's choice."""
+    is InferenceModel, which runs each batch size in the runtime it chose for it."""
     if runtime == AUTO:
-        return InferenceModel(model_dir, threads=threads).engine
+        return InferenceModel(model_dir, threads=threads)
     if runtime == 'paddle':
         return PaddleModel(model_dir, threads)
     onnx_file = os.path.join(model_dir, ONNX_FILE)
@@ -238,10 +238,10 @@ def measure_config(cfg_file: str, args: argparse.Namespace, peak_gflops: float) 
                 if set(args.runtimes) - {'paddle'}:
                     export_onnx(deployed, config, os.path.join(workdir, ONNX_FILE))
                 engines = {runtime: _engine(runtime, workdir, args.threads) for runtime in args.runtimes}
-                chosen = {AUTO: engines[AUTO].name} if AUTO in engines else {}
                 for (runtime, batch_size), seconds in _time_engines(engines, [channels, size, size], args, rng).items():
                     add(mode, batch_size, seconds, runtime)
-                    results[-1].update({'chosen': chosen[runtime]} if runtime in chosen else {})
+                    if runtime == AUTO:  # the runtime it chose for this batch size
+                        results[-1]['chosen'] = engines[AUTO].engine_for(batch_size).name
             continue
         batches = [args.train_batch] if mode in TRAIN_MODES else args.batches
         for batch_size in batches:

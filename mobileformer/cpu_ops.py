@@ -52,6 +52,11 @@ def tracing_for_onnx() -> Iterator[None]:
         _tracing['onnx'] = previous
 
 
+def traced_for_onnx() -> bool:
+    """True while `tracing_for_onnx` is in effect."""
+    return _tracing['onnx']
+
+
 def _cache_dir() -> str:
     root = os.environ.get('MOBILEFORMER_OPS_CACHE') or os.path.join(
         os.path.expanduser('~'), '.cache', 'mobileformer', 'ops')

@@ -143,8 +143,11 @@ def test_auto_runtime_is_measured_once_per_model_files_then_cached(mixer_export,
     assert len(lines) == 1 and lines[0].startswith(f'runtime: {first.runtime}, the fastest here') and 'measured now' in lines[0]
     with open(deploy.runtime_cache_file()) as f:
         (entry,) = json.load(f).values()
-    assert sorted(entry['seconds']) == sorted(installed_runtimes())
-    assert first.runtime == min(entry['seconds'], key=entry['seconds'].get)
+    for seconds in (entry['latency'], entry['throughput']):
+        assert sorted(seconds) == sorted(installed_runtimes())
+    fastest = {key: min(entry[key], key=entry[key].get) for key in ('latency', 'throughput')}
+    assert (first.small.name, first.large.name) == (fastest['latency'], fastest['throughput'])
+    assert entry['batch'] == deploy.choice.throughput_batch(min(entry['latency'].values()))
 
     def no_timing(*args):
         raise AssertionError('timed again although the choice is cached')
@@ -152,8 +155,9 @@ def test_auto_runtime_is_measured_once_per_model_files_then_cached(mixer_export,
     lines.clear()
     again = InferenceModel(folder, log=lines.append)
     assert again.runtime == first.runtime and 'cached in' in lines[0]
-    images = np.random.randn(2, 3, 32, 32).astype(np.float32)
-    close(again(images), dygraph_outputs(model, images))
+    for batch in (1, 2):  # the two choices
+        images = np.random.randn(batch, 3, 32, 32).astype(np.float32)
+        close(again(images), dygraph_outputs(model, images))
     os.utime(os.path.join(folder, deploy.ONNX_FILE))  # a new export: measured again
     with pytest.raises(AssertionError, match='timed again'):
         InferenceModel(folder, log=lines.append)

@@ -6,7 +6,8 @@ import hashlib
 import json
 import os
 import time
-from typing import Callable, Dict, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -14,9 +15,12 @@ from mobileformer.cpu import cpu_description, keep_freed_memory
 from mobileformer.deploy import runtimes as runtime_module
 from mobileformer.deploy.runtimes import AUTO, Engine, Outputs, default_threads, load_runtime, runtime_files
 
-TIMING_BATCHES = (1, 8)  # latency and throughput weigh alike in the score
+LATENCY_BATCH = 1
+THROUGHPUT_BATCH = 32  # the batch the throughput choice is timed at, unless one run of it would take
+THROUGHPUT_RUN_S = 0.3  # longer than this: then the largest power of two that does not (the large MLPs)
+LARGE_BATCH = 2  # batches of this size and more run in the throughput choice
 TIMING_ROUNDS = (3, 10)  # at least, at most: small models get more rounds within the budget
-TIMING_BUDGET_S = 3.0
+TIMING_BUDGET_S = 2.0  # per batch size
 
 
 def runtime_cache_file() -> str:
@@ -62,39 +66,70 @@ def _write_cache(path: str, key: str, entry: dict) -> None:
         pass
 
 
-def time_runtimes(engines: Sequence[Engine], shape: Sequence[int]) -> Dict[str, float]:
-    """Seconds per image at batch 1 plus seconds per image at batch 8, per runtime: the best of a few
-    rounds that alternate the runtimes, so a burst of load on the machine hits all of them alike.
-    Each timed run follows an untimed one of the same shape: OpenVINO re-plans a dynamic-shape
-    model whenever the shape changes, which a caller feeding one batch size never pays."""
-    rng = np.random.default_rng(0)
-    inputs = [rng.standard_normal((b, *shape), dtype=np.float32) for b in TIMING_BATCHES]
+@dataclass
+class Timing:
+    """Seconds per image of each runtime at batch 1 (`latency`) and at batch `batch` (`throughput`)."""
+    latency: Dict[str, float]
+    throughput: Dict[str, float]
+    batch: int
+
+    def fastest(self, batch_size: int) -> List[str]:
+        """The runtimes, fastest first, for batches of `batch_size`."""
+        seconds = self.latency if batch_size < LARGE_BATCH else self.throughput
+        return sorted(seconds, key=seconds.get)
+
+    def summary(self) -> str:
+        def ranking(seconds: Dict[str, float]) -> str:
+            return ', '.join(f'{name} {1000 * seconds[name]:.3g}' for name in sorted(seconds, key=seconds.get))
+        return f'batch {LATENCY_BATCH}: {ranking(self.latency)}; batch {self.batch}: {ranking(self.throughput)}'
+
+
+def _best_of_rounds(engines: Sequence[Engine], batch: np.ndarray) -> Dict[str, float]:
+    """Seconds per image per runtime: the best of a few rounds that alternate the runtimes, so a burst
+    of load on the machine hits all of them alike. Each timed run follows an untimed one of the same
+    shape: OpenVINO re-plans a dynamic-shape model whenever the shape changes, which a caller
+    feeding one batch size never pays."""
     best = {engine.name: float('inf') for engine in engines}
     start = time.perf_counter()
     for done in range(TIMING_ROUNDS[1]):
         if done >= TIMING_ROUNDS[0] and time.perf_counter() - start > TIMING_BUDGET_S:
             break
         for engine in engines:
-            seconds = 0.0
-            for x in inputs:
-                engine(x)
-                begin = time.perf_counter()
-                engine(x)
-                seconds += (time.perf_counter() - begin) / len(x)
-            best[engine.name] = min(best[engine.name], seconds)
+            engine(batch)
+            begin = time.perf_counter()
+            engine(batch)
+            best[engine.name] = min(best[engine.name], (time.perf_counter() - begin) / len(batch))
     return best
 
 
-def _summary(seconds: Dict[str, float]) -> str:
-    return ', '.join(f'{name} {1000 * s:.3g}' for name, s in sorted(seconds.items(), key=lambda item: item[1]))
+def throughput_batch(seconds_per_image: float) -> int:
+    """THROUGHPUT_BATCH, or the largest power of two below it whose run takes at most THROUGHPUT_RUN_S."""
+    batch = THROUGHPUT_BATCH
+    while batch > LARGE_BATCH and batch * seconds_per_image > THROUGHPUT_RUN_S:
+        batch //= 2
+    return batch
 
 
-def _load_first(order: Sequence[str], model_dir: str, threads: int, log: Callable[[str], None]) -> Engine:
-    """The first runtime of `order` that loads; each one that fails is reported in one line."""
+def time_runtimes(engines: Sequence[Engine], shape: Sequence[int]) -> Timing:
+    """Every engine timed at batch 1 and at a large batch (`throughput_batch` of the fastest)."""
+    rng = np.random.default_rng(0)
+    latency = _best_of_rounds(engines, rng.standard_normal((LATENCY_BATCH, *shape), dtype=np.float32))
+    batch = throughput_batch(min(latency.values()))
+    throughput = _best_of_rounds(engines, rng.standard_normal((batch, *shape), dtype=np.float32))
+    return Timing(latency, throughput, batch)
+
+
+def _load_first(order: Sequence[str], model_dir: str, threads: int, log: Callable[[str], None],
+                loaded: Dict[str, Engine]) -> Engine:
+    """The first runtime of `order` that loads (reusing those in `loaded`, adding to it); each one
+    that fails is reported in one line."""
     problems = []
     for i, runtime in enumerate(order):
+        if runtime in loaded:
+            return loaded[runtime]
         try:
-            return load_runtime(runtime, model_dir, threads)
+            loaded[runtime] = load_runtime(runtime, model_dir, threads)
+            return loaded[runtime]
         except ValueError as e:
             problems.append(str(e))
             if i + 1 < len(order):
@@ -102,9 +137,8 @@ def _load_first(order: Sequence[str], model_dir: str, threads: int, log: Callabl
     raise ValueError(' '.join(problems))
 
 
-def choose_runtime(model_dir: str, threads: int, log: Callable[[str], None] = print) -> Engine:
-    """The fastest runtime for the export in `model_dir` on this CPU, measured with `time_runtimes`
-    the first time and then read from `runtime_cache_file()`; prints the choice in one line."""
+def _candidates(model_dir: str) -> List[str]:
+    """The installed runtimes whose files are in `model_dir`."""
     installed = runtime_module.installed_runtimes()
     candidates = []
     for runtime in installed:
@@ -116,36 +150,66 @@ def choose_runtime(model_dir: str, threads: int, log: Callable[[str], None] = pr
     if not candidates:
         raise ValueError(f"'{model_dir}' holds no exported model that an installed runtime "
                          f"({', '.join(installed)}) can run; create it with export.py")
+    return candidates
+
+
+def _cached_timing(entry: Optional[dict], candidates: Sequence[str]) -> Optional[Timing]:
+    try:
+        timing = Timing(**{name: entry[name] for name in ('latency', 'throughput', 'batch')})
+    except (TypeError, KeyError):  # none, or written by an earlier version: measure again
+        return None
+    return timing if sorted(timing.latency) == sorted(timing.throughput) == sorted(candidates) else None
+
+
+def _measure(candidates: Sequence[str], model_dir: str, threads: int,
+             log: Callable[[str], None]) -> Tuple[Timing, Dict[str, Engine]]:
+    engines = {}
+    for runtime in candidates:
+        try:
+            engines[runtime] = load_runtime(runtime, model_dir, threads)
+        except ValueError as e:
+            log(f'notice: {e}; timing the other runtimes')
+    if not engines:
+        raise ValueError(f"no runtime could load '{model_dir}'; export the model again with export.py")
+    shape = next((e.input_shape[1:] for e in engines.values() if e.input_shape and -1 not in e.input_shape[1:]),
+                 None)
+    if shape is None:
+        raise ValueError(f"cannot tell the input size of the model in '{model_dir}'; choose a runtime")
+    return time_runtimes(list(engines.values()), shape), engines
+
+
+def choose_runtimes(model_dir: str, threads: int, log: Callable[[str], None] = print) -> Tuple[Engine, Engine]:
+    """The fastest runtimes for the export in `model_dir` on this CPU, (at batch 1, at larger batches):
+    often one and the same, but not always (an OpenVINO plan can win at batch 32 and lose at batch 1).
+    Measured with `time_runtimes` the first time, then read from `runtime_cache_file()`; the choice is
+    printed in one line."""
+    candidates = _candidates(model_dir)
     if len(candidates) == 1:
         engine = load_runtime(candidates[0], model_dir, threads)
         log(f"runtime: {engine.name} (the only installed runtime that has its files in '{model_dir}')")
-        return engine
+        return engine, engine
     cache_file, key = runtime_cache_file(), _cache_key(model_dir, candidates, threads)
-    entry = _read_cache(cache_file).get(key)
-    if entry and sorted(entry.get('seconds', {})) == sorted(candidates):
-        seconds, source = entry['seconds'], f'cached in {cache_file}'
-        engine = _load_first(sorted(candidates, key=seconds.get), model_dir, threads, log)
+    timing = _cached_timing(_read_cache(cache_file).get(key), candidates)
+    if timing is not None:
+        loaded, source = {}, f'cached in {cache_file}'
     else:
-        engines = []
-        for runtime in candidates:
-            try:
-                engines.append(load_runtime(runtime, model_dir, threads))
-            except ValueError as e:
-                log(f'notice: {e}; timing the other runtimes')
-        if not engines:
-            raise ValueError(f"no runtime could load '{model_dir}'; export the model again with export.py")
-        shape = next((e.input_shape[1:] for e in engines if e.input_shape and -1 not in e.input_shape[1:]), None)
-        if shape is None:
-            raise ValueError(f"cannot tell the input size of the model in '{model_dir}'; choose a runtime")
-        seconds = time_runtimes(engines, shape)
-        if len(engines) == len(candidates):  # a runtime that failed to load is measured next time
-            _write_cache(cache_file, key, {'seconds': seconds, 'cpu': cpu_description(), 'threads': threads,
+        timing, loaded = _measure(candidates, model_dir, threads, log)
+        if len(loaded) == len(candidates):  # a runtime that failed to load is measured next time
+            _write_cache(cache_file, key, {**asdict(timing), 'cpu': cpu_description(), 'threads': threads,
                                            'model': os.path.abspath(model_dir)})
-        engine = min(engines, key=lambda e: seconds[e.name])
         source = f'measured now, cached in {cache_file}'
-    log(f'runtime: {engine.name}, the fastest here for this model (ms per image at batch 1 + at batch 8, '
-        f'{threads} threads, {cpu_description()}: {_summary(seconds)}; {source})')
-    return engine
+    small = _load_first(timing.fastest(LATENCY_BATCH), model_dir, threads, log, loaded)
+    large = _load_first(timing.fastest(LARGE_BATCH), model_dir, threads, log, loaded)
+    log(f'runtime: {describe(small, large)}, the fastest here for this model (ms per image, {threads} threads, '
+        f'{cpu_description()}: {timing.summary()}; {source})')
+    return small, large
+
+
+def describe(small: Engine, large: Engine) -> str:
+    """The runtime name, or which runs which batches when there are two."""
+    if small is large:
+        return small.name
+    return f'{small.name} for batch {LATENCY_BATCH}, {large.name} for larger batches'
 
 
 class InferenceModel:
@@ -154,9 +218,10 @@ class InferenceModel:
 
     `runtime='auto'` (default) picks among paddle (paddle.inference with oneDNN), onnxruntime and
     OpenVINO (when installed; float32) by timing them on this model once per model files, CPU and
-    thread count (`choose_runtime`); a runtime that fails to load falls back to the next fastest with
-    a one-line notice. Any other value forces that runtime. The choice is printed in one line through
-    `log`, and kept in `self.runtime`. Batches of another image size than the export's are refused."""
+    thread count (`choose_runtimes`): the fastest at batch 1 runs single images, the fastest at a
+    large batch runs the others (the same runtime unless they differ); a runtime that fails to load
+    falls back to the next fastest with a one-line notice. Any other value forces that runtime. The
+    choice is printed in one line through `log`, and kept in `self.runtime`. Batches of another image size than the export's are refused."""
 
     def __init__(self, model_dir: str, threads: Optional[int] = None, runtime: str = AUTO,
                  log: Callable[[str], None] = print):
@@ -166,18 +231,22 @@ class InferenceModel:
         threads = threads or default_threads()
         keep_freed_memory()
         if runtime == AUTO:
-            self.engine = choose_runtime(model_dir, threads, log)
+            self.small, self.large = choose_runtimes(model_dir, threads, log)
         else:
-            self.engine = load_runtime(runtime, model_dir, threads)
+            self.small = self.large = load_runtime(runtime, model_dir, threads)
             log(f'runtime: {runtime} (chosen by the caller)')
-        self.runtime = self.engine.name
+        self.runtime = describe(self.small, self.large)
+
+    def engine_for(self, batch_size: int) -> Engine:
+        return self.small if batch_size < LARGE_BATCH else self.large
 
     def __call__(self, batch: np.ndarray) -> Outputs:
-        expected = self.engine.input_shape
+        engine = self.engine_for(len(batch))
+        expected = engine.input_shape
         if expected is not None and (batch.ndim != len(expected) or any(
                 e not in (-1, got) for e, got in zip(expected[1:], batch.shape[1:]))):
             size = ', '.join(str(e) if e >= 0 else 'N' for e in expected)
             raise ValueError(f"the model in '{self.model_dir}' was exported for inputs [{size}] but was given "
                              f"{list(batch.shape)}; feed images of its size, or export it again with "
                              f"-opts DATA.IMAGE_SIZE {batch.shape[-1]}")
-        return self.engine(batch)
+        return engine(batch)
