@@ -42,15 +42,17 @@ def touch(path: str) -> None:
         f.write(str(os.getpid()))
 
 
-def wait_for_interrupt(seconds: float) -> bool:
-    """Blocks until SIGINT or SIGTERM has reached the run's own handler (the graceful stop), at most
-    `seconds`; True if one did. The handlers are chained, so the run reacts exactly as it would."""
+def announce_and_wait_for_interrupt(path: str, seconds: float) -> bool:
+    """Creates `path`, then blocks until SIGINT or SIGTERM has reached the run's own handler (the
+    graceful stop), at most `seconds`; True if one did. The handlers are chained, so the run reacts
+    exactly as it would, and chained before `path` exists: the test signals as soon as it sees it."""
     arrived = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         def chained(number, frame, run_handler=signal.getsignal(signum)):
             run_handler(number, frame)
             arrived.set()
         signal.signal(signum, chained)
+    touch(path)
     return arrived.wait(seconds)  # a signal's handler runs while the main thread waits here
 
 
@@ -67,8 +69,7 @@ class HoldAt(paddle.callbacks.Callback):
     def on_train_batch_end(self, step: int, logs=None) -> None:
         if (self.current_epoch, step + 1) != (self.epoch, self.step):
             return
-        touch(self.path)
-        if not wait_for_interrupt(SIGNAL_WAIT_SECONDS):
+        if not announce_and_wait_for_interrupt(self.path, SIGNAL_WAIT_SECONDS):
             raise RuntimeError(f'no signal arrived within {SIGNAL_WAIT_SECONDS} s of {self.path}')
 
 
