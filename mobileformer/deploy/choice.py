@@ -12,6 +12,7 @@ import numpy as np
 
 from mobileformer.cpu import cpu_description, keep_freed_memory
 from mobileformer.deploy import runtimes as runtime_module
+from mobileformer.deploy.export import read_precision
 from mobileformer.deploy.runtimes import AUTO, Engine, Outputs, default_threads, load_runtime, runtime_files
 
 TIMING_BATCHES = (1, 8)  # latency and throughput weigh alike in the score
@@ -25,10 +26,10 @@ def runtime_cache_file() -> str:
 
 
 def _cache_key(model_dir: str, runtimes: Sequence[str], threads: int) -> str:
-    """The model's files (path, size, modification time), the CPU, the thread count, the ISA limits a
-    user set for oneDNN, and the candidate runtimes with their versions."""
+    """The model's files (path, size, modification time) and precision, the CPU, the thread count, the
+    ISA limits a user set for oneDNN, and the candidate runtimes with their versions."""
     parts = [cpu_description(), str(threads), os.environ.get('ONEDNN_MAX_CPU_ISA', ''),
-             os.environ.get('DNNL_MAX_CPU_ISA', '')]
+             os.environ.get('DNNL_MAX_CPU_ISA', ''), read_precision(model_dir)]
     versions = runtime_module.runtime_versions()
     for runtime in runtimes:
         parts.append(f'{runtime}={versions[runtime]}')
