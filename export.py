@@ -79,6 +79,21 @@ def check_low_precision(config, model_dir: str, precision: str, runtimes: list, 
     return results
 
 
+def keep_close_runtimes(check: dict, runtimes: list, min_agreement: float) -> list:
+    """The `runtimes` whose checked agreement with fp32 reaches `min_agreement` (all of them when
+    nothing could be checked); prints why each other one is left out."""
+    if not check:
+        return list(runtimes)
+    kept = []
+    for runtime in runtimes:
+        if check[runtime]['agreement'] >= min_agreement:
+            kept.append(runtime)
+        else:
+            print(f"{runtime} is left out: its top-1 agreement with fp32 ({check[runtime]['agreement']:.2%}) is below "
+                  f'-min_agreement {min_agreement:.2%}')
+    return kept
+
+
 def run(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('-cfg', required=True, help='model config YAML')
@@ -95,11 +110,17 @@ def run(argv: Sequence[str]) -> None:
                         default=quantize.DEFAULT_CALIBRATION_IMAGES, help='images to calibrate INT8 on')
     parser.add_argument('-check_images', '--check-images', dest='check_images', type=int, default=CHECK_IMAGES,
                         help='validation images on which a low precision is compared with fp32')
+    parser.add_argument('-min_agreement', '--min-agreement', dest='min_agreement', type=float,
+                        default=quantize.MIN_AGREEMENT,
+                        help='a runtime whose low-precision top-1 agrees with fp32 on a smaller fraction of the '
+                             'checked images is not used for it (0 keeps every runtime)')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
     args = parser.parse_args(argv)
     config = get_config(args.cfg, args.opts)
     # refused before anything is written: an earlier export in the folder stays as it was
     low_runtimes = low_precision_runtimes(args.precision, not args.no_onnx) if args.precision != 'fp32' else []
+    if args.precision == 'int8':
+        images = quantize.calibration_images(config, args.calib_images, args.calib_data)
     model = build_for_inference(config, args.pretrained)
     for stale in (PRECISION_FILE, INT8_ONNX_FILE):  # an earlier export's: they would describe the old model
         if os.path.exists(os.path.join(args.output, stale)):
@@ -122,14 +143,21 @@ def run(argv: Sequence[str]) -> None:
     if args.precision != 'fp32':
         details = {}
         if args.precision == 'int8':
-            images = quantize.calibration_images(config, args.calib_images, args.calib_data)
             print(f'INT8: calibrating on {len(images)} images of '
                   + (f"'{args.calib_data}'" if args.calib_data else f'the {config.DATA.DATASET} training split'))
             print(f'wrote {quantize.quantize_int8(args.output, images)}')
             details['calibration_images'] = len(images)
         details['check'] = check_low_precision(config, args.output, args.precision, low_runtimes, args.check_images)
-        write_precision(args.output, args.precision, details)
-        print(f'{args.output} runs {args.precision} (recorded in {PRECISION_FILE})')
+        kept = keep_close_runtimes(details['check'], low_runtimes, args.min_agreement)
+        if not kept:
+            if os.path.exists(os.path.join(args.output, INT8_ONNX_FILE)):
+                os.remove(os.path.join(args.output, INT8_ONNX_FILE))
+            agreements = ', '.join(f"{r} {c['agreement']:.2%}" for r, c in details['check'].items())
+            raise ValueError(f'{args.precision} changes the top-1 class of too many validation images in every runtime '
+                             f'that runs it (agreement with fp32: {agreements}; -min_agreement {args.min_agreement:.2%}); '
+                             f"the fp32 export in '{args.output}' is complete and is what runs")
+        write_precision(args.output, args.precision, kept, details)
+        print(f"{args.output} runs {args.precision} in {', '.join(kept)} (recorded in {PRECISION_FILE})")
     InferenceModel(args.output)  # measures the runtimes once and prints the fastest
 
 

@@ -45,29 +45,36 @@ def paddle_files(model_dir: str) -> Optional[List[str]]:
     return None
 
 
-def read_precision(model_dir: str) -> str:
-    """The precision the export in `model_dir` is run at: fp32 unless `precision.json` says otherwise."""
+def read_precision_record(model_dir: str) -> dict:
+    """`precision.json` of `model_dir`: {'precision': ..., 'runtimes': [those that may run it], ...},
+    or {'precision': 'fp32'} without it."""
     path = os.path.join(model_dir, PRECISION_FILE)
     if not os.path.isfile(path):
-        return 'fp32'
+        return {'precision': 'fp32'}
     try:
         with open(path, encoding='utf-8') as f:
-            precision = json.load(f).get('precision')
-    except (OSError, ValueError, AttributeError):
-        precision = None
-    if precision not in PRECISIONS:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get('precision') not in PRECISIONS:
         raise ValueError(f"'{path}' does not name a precision ({', '.join(PRECISIONS)}); export the model again "
                          'with export.py')
-    return precision
+    return record
 
 
-def write_precision(model_dir: str, precision: str, details: Optional[dict] = None) -> None:
-    """Records `precision` (and what was measured about it) for the runtimes; written atomically, last,
-    so a folder never names a precision whose files are incomplete."""
+def read_precision(model_dir: str) -> str:
+    """The precision the export in `model_dir` is run at: fp32 unless `precision.json` says otherwise."""
+    return read_precision_record(model_dir)['precision']
+
+
+def write_precision(model_dir: str, precision: str, runtimes: List[str], details: Optional[dict] = None) -> None:
+    """Records `precision`, the `runtimes` that may run it (those whose accuracy was checked and
+    found close enough to fp32) and what was measured about it; written atomically, last, so a
+    folder never names a precision whose files are incomplete."""
     path = os.path.join(model_dir, PRECISION_FILE)
     temporary = path + f'.{os.getpid()}.tmp'
     with open(temporary, 'w', encoding='utf-8') as f:
-        json.dump({'precision': precision, **(details or {})}, f, indent=1)
+        json.dump({'precision': precision, 'runtimes': list(runtimes), **(details or {})}, f, indent=1)
     os.replace(temporary, path)
 
 

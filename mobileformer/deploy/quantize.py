@@ -3,8 +3,11 @@
 - int8: the fp32 ONNX export -> onnxruntime's `quant_pre_process` (shape inference, graph
   optimisation) -> `quantize_static` in the QDQ format: int8 weights, one scale per output channel,
   and int8 activations whose ranges come from MinMax calibration on images with the evaluation
-  preprocessing (`calibration_images`). The result, `inference.int8.onnx`, runs in onnxruntime and
-  OpenVINO. Paddle's own post-training quantization is not used: on Paddle 3.3 it needs the legacy
+  preprocessing (`calibration_images`). Only the GEMM-bound ops are quantized (`QUANTIZED_OPS`),
+  and grouped / depthwise convolutions are not: neither onnxruntime nor OpenVINO has fast int8
+  kernels for them on CPUs (measured on Mobile-Former-26M, whose 1x1 convolutions are grouped: 3x
+  slower than fp32 with them quantized), and quantizing the element-wise ops only adds
+  quantize/dequantize pairs. The result, `inference.int8.onnx`, runs in onnxruntime and OpenVINO. Paddle's own post-training quantization is not used: on Paddle 3.3 it needs the legacy
   program format, and the PIR (.json) export silently runs it in fp32.
 - bf16: no new files; OpenVINO runs the fp32 ONNX with bf16 inference precision on CPUs with bf16
   instructions (`mobileformer.deploy.runtimes`).
@@ -26,6 +29,8 @@ from mobileformer.data import build_dataset, build_transforms
 from mobileformer.deploy.export import INT8_ONNX_FILE, ONNX_FILE
 from mobileformer.deploy.runtimes import Engine, Outputs, OnnxModel
 
+QUANTIZED_OPS = ('Conv', 'MatMul', 'Gemm')
+MIN_AGREEMENT = 0.99  # default of export.py -min_agreement
 MIN_CALIBRATION_IMAGES = 32  # fewer leave activation ranges to chance
 DEFAULT_CALIBRATION_IMAGES = 256
 CALIBRATION_BATCH = 16
@@ -75,6 +80,9 @@ def calibration_images(config: CfgNode, count: int, folder: Optional[str] = None
         where = f"the training split of DATA.DATASET '{config.DATA.DATASET}'"
         load = lambda i: dataset[int(i)][0]  # noqa: E731
         available = len(dataset)
+    if available == 0:
+        raise ValueError(f'{where} holds no images ({", ".join(IMAGE_SUFFIXES)}) to calibrate INT8 on; give a '
+                         'folder of images like those the model will see')
     if available < MIN_CALIBRATION_IMAGES:
         raise ValueError(f'{where} holds {available} images, too few to calibrate INT8 activation ranges; '
                          f'it needs at least {MIN_CALIBRATION_IMAGES}')
@@ -104,12 +112,19 @@ class _Batches:
         self.starts = iter(range(0, len(self.images), CALIBRATION_BATCH))
 
 
+def grouped_convolutions(model) -> List[str]:
+    """Names of the Conv nodes of an ONNX model with more than one group (depthwise included)."""
+    return [node.name for node in model.graph.node if node.op_type == 'Conv'
+            and any(a.name == 'group' and a.i > 1 for a in node.attribute)]
+
+
 def quantize_int8(model_dir: str, images: np.ndarray, log: Callable[[str], None] = print) -> str:
     """Writes `inference.int8.onnx` next to the fp32 `inference.onnx` of `model_dir`, calibrated on
     `images`, and returns its path. It is written only once it loads and gives finite outputs; any
     failure is a ValueError and leaves the folder's fp32 files as they were."""
     try:
         import onnxruntime
+        import onnx
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
     except ImportError as e:  # its optional dependencies (sympy, ml_dtypes) are missing
         raise ValueError(f'INT8 quantization needs onnxruntime.quantization, which cannot be imported ({e}); '
@@ -126,8 +141,10 @@ def quantize_int8(model_dir: str, images: np.ndarray, log: Callable[[str], None]
             prepared = os.path.join(workdir, 'prepared.onnx')
             # the symbolic shape inference fails on paddle2onnx's graphs; ONNX's own suffices here
             quant_pre_process(source, prepared, skip_symbolic_shape=True)
-            input_name = OnnxModel(prepared, threads=None).session.get_inputs()[0].name
+            graph = onnx.load(prepared)
+            input_name = graph.graph.input[0].name
             quantize_static(prepared, temporary, _Batches(input_name, images, log), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=grouped_convolutions(graph),
                             per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             # the calibration graph reduces each tensor to its min and max per batch,
                             # so memory does not grow with the number of images

@@ -19,7 +19,8 @@ import numpy as np
 import paddle
 
 from mobileformer.cpu import cap_onednn_isa_on_amd_avx512, cpu_threads, keep_freed_memory, users_environ
-from mobileformer.deploy.export import INFERENCE_PREFIX, INT8_ONNX_FILE, ONNX_FILE, paddle_files, read_precision
+from mobileformer.deploy.export import (INFERENCE_PREFIX, INT8_ONNX_FILE, ONNX_FILE, paddle_files,
+                                        read_precision_record)
 
 Outputs = Union[np.ndarray, List[np.ndarray]]
 
@@ -60,8 +61,12 @@ def precision_problem(runtime: str, precision: str) -> Optional[str]:
 def runtime_files(runtime: str, model_dir: str, precision: Optional[str] = None) -> List[str]:
     """The files of `model_dir` that `runtime` reads to run it at `precision` (default: the one the
     folder records); a ValueError says what is missing or that the runtime cannot run that precision."""
-    precision = precision or read_precision(model_dir)
+    record = read_precision_record(model_dir)
+    precision = precision or record['precision']
     problem = precision_problem(runtime, precision)
+    if not problem and precision == record['precision'] and runtime not in record.get('runtimes', RUNTIMES):
+        problem = (f"runtime {runtime} was left out at export (its top-1 agreement with fp32 was below "
+                   f"export.py's -min_agreement)")
     if problem:
         raise ValueError(f"'{model_dir}' holds a {precision} export, but {problem}; choose the runtime auto")
     if precision == 'int8':
@@ -219,7 +224,7 @@ def load_runtime(runtime: str, model_dir: str, threads: Optional[int] = None,
         raise ValueError(f"unknown runtime '{runtime}': choose one of {', '.join((AUTO,) + RUNTIMES)}")
     if runtime not in installed_runtimes():
         raise _not_installed(runtime)
-    precision = precision or read_precision(model_dir)
+    precision = precision or read_precision_record(model_dir)['precision']
     files = runtime_files(runtime, model_dir, precision)
     try:
         if runtime == 'paddle':
