@@ -154,10 +154,12 @@ class InferenceModel:
     (the logits, or the list of maps of a feature extractor exported with MODEL.OUT_INDICES).
 
     `runtime='auto'` (default) picks among paddle (paddle.inference with oneDNN), onnxruntime and
-    OpenVINO (when installed; float32) by timing them on this model once per model files, CPU and
-    thread count (`choose_runtime`); a runtime that fails to load falls back to the next fastest with
-    a one-line notice. Any other value forces that runtime. The choice is printed in one line through
-    `log`, and kept in `self.runtime`. Batches of another image size than the export's are refused."""
+    OpenVINO (when installed) by timing them on this model once per model files, CPU and thread
+    count (`choose_runtime`); a runtime that fails to load falls back to the next fastest with a
+    one-line notice. Only the runtimes that run the precision the folder records (export.py
+    -precision: fp32, int8 or bf16) are candidates. Any other value forces that runtime. The choice
+    is printed in one line through `log`, and kept in `self.runtime`. Batches of another image size
+    than the export's are refused."""
 
     def __init__(self, model_dir: str, threads: Optional[int] = None, runtime: str = AUTO,
                  log: Callable[[str], None] = print):
