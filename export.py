@@ -21,9 +21,10 @@ from __future__ import annotations
 import mobileformer  # noqa: F401  (first: it filters notices Paddle prints when imported)
 import argparse
 import os
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from yacs.config import CfgNode
 
 from mobileformer import cli, get_config
 from mobileformer.deploy import (INT8_ONNX_FILE, LOW_PRECISION_RUNTIMES, ONNX_FILE, PRECISION_FILE, PRECISIONS,
@@ -45,7 +46,7 @@ def max_difference(outputs: Outputs, reference: Outputs) -> float:
     return max(float(np.abs(a - b).max()) for a, b in zip(outputs, reference))
 
 
-def low_precision_runtimes(precision: str, onnx: bool) -> list:
+def low_precision_runtimes(precision: str, onnx: bool) -> List[str]:
     """The installed runtimes that run `precision` here; a ValueError says why there are none."""
     if precision == 'int8' and not onnx:
         raise ValueError('-precision int8 quantizes the ONNX export, which -no_onnx skips; drop -no_onnx')
@@ -59,7 +60,8 @@ def low_precision_runtimes(precision: str, onnx: bool) -> list:
     return able
 
 
-def check_low_precision(config, model_dir: str, precision: str, runtimes: list, count: int) -> dict:
+def check_low_precision(config: CfgNode, model_dir: str, precision: str, runtimes: List[str],
+                        count: int) -> Dict[str, dict]:
     """Prints top-1 of fp32 and of `precision` in each of `runtimes`, and their agreement, on `count`
     validation images; returns them per runtime (empty when the split cannot be read)."""
     try:
@@ -79,7 +81,7 @@ def check_low_precision(config, model_dir: str, precision: str, runtimes: list, 
     return results
 
 
-def keep_close_runtimes(check: dict, runtimes: list, min_agreement: float) -> list:
+def keep_close_runtimes(check: Dict[str, dict], runtimes: List[str], min_agreement: float) -> List[str]:
     """The `runtimes` whose checked agreement with fp32 reaches `min_agreement` (all of them when
     nothing could be checked); prints why each other one is left out."""
     if not check:
@@ -116,6 +118,10 @@ def run(argv: Sequence[str]) -> None:
                              'checked images is not used for it (0 keeps every runtime)')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
     args = parser.parse_args(argv)
+    if args.check_images < 1:
+        parser.error(f'-check_images must be at least 1, got {args.check_images}')
+    if not 0 <= args.min_agreement <= 1:
+        parser.error(f'-min_agreement is a fraction from 0 to 1, got {args.min_agreement}')
     config = get_config(args.cfg, args.opts)
     # refused before anything is written: an earlier export in the folder stays as it was
     low_runtimes = low_precision_runtimes(args.precision, not args.no_onnx) if args.precision != 'fp32' else []

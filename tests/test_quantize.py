@@ -182,9 +182,14 @@ def test_bad_low_precision_requests_are_one_sentence_and_keep_the_fp32_export(tm
     assert_runs_fp32(folder, weights)
 
     # refused after the fp32 export is written: it is complete, and it is what runs
-    assert export_error(capsys, weights, folder, '-precision', 'int8', '-calib_images', '32', '-min_agreement',
-                        '1.01').startswith('error: int8 changes the top-1 class of too many validation images in '
-                                           'every runtime that runs it')
+    def disagreeing(reference, candidate, images, labels):  # INT8 that flips half of the classes
+        return {'top1_fp32': 0.9, 'top1': 0.5, 'agreement': 0.5, 'samples': len(labels)}
+    monkeypatch.setattr(quantize, 'compare_precisions', disagreeing)
+    assert export_error(capsys, weights, folder, '-precision', 'int8', '-calib_images', '32').startswith(
+        'error: int8 changes the top-1 class of too many validation images in every runtime that runs it '
+        '(agreement with fp32: onnxruntime 50.00%')
+    monkeypatch.undo()
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     assert_runs_fp32(folder, weights)
 
     # a model whose quantization fails
