@@ -55,7 +55,7 @@ def low_precision_runtimes(precision: str, onnx: bool) -> List[str]:
     if not able:
         reasons = '; '.join(precision_problem(r, precision) for r in LOW_PRECISION_RUNTIMES[precision] if r in installed)
         raise ValueError(f"no installed runtime runs {precision} on this CPU (installed: {', '.join(installed)}"
-                         + (f'; {reasons}' if reasons else '') + f'); export with -precision fp32'
+                         + (f'; {reasons}' if reasons else '') + '); export with -precision fp32'
                          + (' or int8' if precision == 'bf16' else ''))
     return able
 

@@ -7,8 +7,9 @@
   and grouped / depthwise convolutions are not: neither onnxruntime nor OpenVINO has fast int8
   kernels for them on CPUs (measured on Mobile-Former-26M, whose 1x1 convolutions are grouped: 3x
   slower than fp32 with them quantized), and quantizing the element-wise ops only adds
-  quantize/dequantize pairs. The result, `inference.int8.onnx`, runs in onnxruntime and OpenVINO. Paddle's own post-training quantization is not used: on Paddle 3.3 it needs the legacy
-  program format, and the PIR (.json) export silently runs it in fp32.
+  quantize/dequantize pairs. The result, `inference.int8.onnx`, runs in onnxruntime and OpenVINO.
+  Paddle's own post-training quantization is not used: on Paddle 3.3 it needs the legacy program
+  format, and the PIR (.json) export silently runs it in fp32.
 - bf16: no new files; OpenVINO runs the fp32 ONNX with bf16 inference precision on CPUs with bf16
   instructions (`mobileformer.deploy.runtimes`).
 
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 from yacs.config import CfgNode
 
 from mobileformer.data import build_dataset, build_transforms
+from mobileformer.data.sources import IMAGE_EXTENSIONS, images_under
 from mobileformer.deploy.export import INT8_ONNX_FILE, ONNX_FILE
 from mobileformer.deploy.runtimes import Engine, Outputs, OnnxModel
 
@@ -35,7 +37,6 @@ MIN_CALIBRATION_IMAGES = 32  # fewer leave activation ranges to chance
 DEFAULT_CALIBRATION_IMAGES = 256
 CALIBRATION_BATCH = 16
 CHECK_BATCH = 64
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp')
 
 
 def evenly_spaced(length: int, count: int) -> np.ndarray:
@@ -44,15 +45,6 @@ def evenly_spaced(length: int, count: int) -> np.ndarray:
     if count >= length:
         return np.arange(length)
     return np.linspace(0, length - 1, count).round().astype(np.int64)
-
-
-def _images_in(folder: str) -> List[str]:
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files)
-                  if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith('.')]
-    return found
 
 
 def calibration_images(config: CfgNode, count: int, folder: Optional[str] = None) -> np.ndarray:
@@ -66,7 +58,7 @@ def calibration_images(config: CfgNode, count: int, folder: Optional[str] = None
     if folder is not None:
         if not os.path.isdir(folder):
             raise ValueError(f"-calib_data '{folder}' is not a folder; give a folder of images for INT8 calibration")
-        paths = _images_in(folder)
+        paths = images_under(folder)
         where = f"-calib_data '{folder}'"
         load = lambda i: transform(Image.open(paths[i]))  # noqa: E731
         available = len(paths)
@@ -81,7 +73,7 @@ def calibration_images(config: CfgNode, count: int, folder: Optional[str] = None
         load = lambda i: dataset[int(i)][0]  # noqa: E731
         available = len(dataset)
     if available == 0:
-        raise ValueError(f'{where} holds no images ({", ".join(IMAGE_SUFFIXES)}) to calibrate INT8 on; give a '
+        raise ValueError(f'{where} holds no images ({", ".join(IMAGE_EXTENSIONS)}) to calibrate INT8 on; give a '
                          'folder of images like those the model will see')
     if available < MIN_CALIBRATION_IMAGES:
         raise ValueError(f'{where} holds {available} images, too few to calibrate INT8 activation ranges; '
@@ -182,7 +174,7 @@ def compare_precisions(reference: Engine, candidate: Engine, images: Sequence[np
             'agreement': float((first == second).mean()), 'samples': int(len(labels))}
 
 
-def held_out_images(config: CfgNode, count: int) -> tuple:
+def held_out_images(config: CfgNode, count: int) -> Tuple[List[np.ndarray], np.ndarray]:
     """(images, labels): `count` images of the config's validation split, spread evenly over it, with
     the evaluation preprocessing; a ValueError says why the split cannot be read."""
     dataset = build_dataset(config, 'val')
