@@ -4,6 +4,9 @@
     python predict.py -cfg configs/mobileformer_26m.yaml -model export/mf26m cat.jpg     # exported model
     python predict.py -cfg configs/mobileformer_26m.yaml -model export/mf26m -runtime paddle cat.jpg
 
+An exported model runs at the precision its folder records (export.py -precision: fp32, int8 or
+bf16), in the fastest runtime that runs that precision.
+
 Preprocessing is the config's evaluation transform (mobileformer.data.build_transforms 'val': resize to
 IMAGE_SIZE / CROP_PCT, center crop, normalise). Class names: the built-in ImageNet-1k names for
 `imagenet` with 1000 classes, else the dataset's own (`mobileformer.data.build_dataset(config, 'val').classes`:
@@ -92,7 +95,7 @@ def run(argv: Sequence[str]) -> None:
     parser.add_argument('-cfg', required=True, help='model config YAML (preprocessing, classes)')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('-pretrained', help='weights (.pdparams), run in dygraph')
-    source.add_argument('-model', help='folder written by export.py, run in the fastest runtime for it')
+    source.add_argument('-model', help='folder written by export.py, run at its precision in the fastest runtime for it')
     parser.add_argument('-runtime', default=AUTO, choices=(AUTO,) + RUNTIMES,
                         help='runtime for -model (default: the fastest measured on this CPU)')
     parser.add_argument('-data_path', help='DATA.DATA_PATH, for the class names of a folder dataset')

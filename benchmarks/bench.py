@@ -9,6 +9,10 @@ Modes: `dygraph` / `static` (`paddle.jit.to_static`) / `inference` (the export o
 run by each runtime of `-runtimes`: paddle.inference with oneDNN, onnxruntime, OpenVINO in
 float32, or `auto`, the one `InferenceModel` picks) time eval-mode forwards; `train` /
 `train_static` time one training step (forward, cross-entropy, backward, AdamW step).
+`-precisions fp32 int8 bf16` adds, to the inference mode, the export quantized as `export.py
+-precision int8` does (calibrated on random images: the timing does not depend on the ranges) in
+each runtime that runs INT8, and bf16 in each runtime with a bf16 mode on this CPU; their columns
+are named `<runtime> int8` / `<runtime> bf16`.
 `-compare FILE.onnx ...` times other ONNX models (e.g. a PyTorch model exported with
 torch.onnx.export) in the same runtimes, batches and threads, in the same run.
 Each figure is the median of `-iters` timed runs after `-warmup` untimed ones; with `-rounds R`
@@ -41,9 +45,11 @@ from paddle.static import InputSpec
 
 from mobileformer import build_model, get_config
 from mobileformer.cpu import cpu_description, keep_freed_memory
-from mobileformer.deploy import (AUTO, INFERENCE_PREFIX, ONNX_FILE, RUNTIMES, InferenceModel, OnnxModel,
-                                 OpenVinoModel, PaddleModel, build_for_inference, export_inference, export_onnx,
-                                 installed_runtimes, runtime_versions)
+from mobileformer.deploy import (AUTO, INFERENCE_PREFIX, LOW_PRECISION_RUNTIMES, ONNX_FILE, PRECISIONS, RUNTIMES,
+                                 InferenceModel, OnnxModel, OpenVinoModel, PaddleModel, build_for_inference,
+                                 export_inference, export_onnx, installed_runtimes, load_runtime, precision_problem,
+                                 runtime_versions)
+from mobileformer.deploy.quantize import MIN_CALIBRATION_IMAGES, quantize_int8
 from mobileformer.flops import count_madds
 from mobileformer.model_utils import count_trainable
 
@@ -61,6 +67,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument('-modes', nargs='+', default=['dygraph', 'static', 'inference', 'train'], choices=MODES)
     parser.add_argument('-runtimes', nargs='+', default=None, choices=(AUTO,) + RUNTIMES,
                         help='runtimes of the inference mode (default: every installed one)')
+    parser.add_argument('-precisions', nargs='+', default=['fp32'], choices=PRECISIONS,
+                        help='precisions of the inference mode (fp32: every runtime of -runtimes; int8, bf16: '
+                             'every installed runtime that runs them here)')
     parser.add_argument('-compare', nargs='+', default=[], metavar='FILE.onnx',
                         help='ONNX models to time beside the configs (onnxruntime and OpenVINO of -runtimes)')
     parser.add_argument('-rounds', type=int, default=1, help='measure everything this many times in turn; report the median')
@@ -201,6 +210,20 @@ def _engine(runtime: str, model_dir: str, threads: int):
     return OnnxModel(onnx_file, threads) if runtime == 'onnxruntime' else OpenVinoModel(onnx_file, threads)
 
 
+def _low_precision_engines(model_dir: str, args: argparse.Namespace, shape: Sequence[int]) -> Dict[str, Callable]:
+    """{'<runtime> <precision>': engine} for each low precision of -precisions in each installed
+    runtime that runs it here; INT8 is quantized first (random calibration images)."""
+    engines = {}
+    for precision in [p for p in args.precisions if p != 'fp32']:
+        if precision == 'int8':
+            images = np.random.default_rng(0).standard_normal((MIN_CALIBRATION_IMAGES, *shape), dtype=np.float32)
+            quantize_int8(model_dir, images, log=lambda line: None)
+        for runtime in LOW_PRECISION_RUNTIMES[precision]:
+            if runtime in installed_runtimes() and precision_problem(runtime, precision) is None:
+                engines[f'{runtime} {precision}'] = load_runtime(runtime, model_dir, args.threads, precision)
+    return engines
+
+
 def _time_engines(engines: Dict[str, Callable], shape: Sequence[int], args: argparse.Namespace,
                   rng: np.random.Generator) -> Dict[tuple, float]:
     """{(runtime, batch): median seconds} for every engine at every inference batch size."""
@@ -235,9 +258,12 @@ def measure_config(cfg_file: str, args: argparse.Namespace, peak_gflops: float) 
         if mode == 'inference':
             with tempfile.TemporaryDirectory() as workdir:
                 export_inference(deployed, config, workdir)
-                if set(args.runtimes) - {'paddle'}:
+                if set(args.runtimes) - {'paddle'} or set(args.precisions) - {'fp32'}:
                     export_onnx(deployed, config, os.path.join(workdir, ONNX_FILE))
-                engines = {runtime: _engine(runtime, workdir, args.threads) for runtime in args.runtimes}
+                engines = {}
+                if 'fp32' in args.precisions:
+                    engines = {runtime: _engine(runtime, workdir, args.threads) for runtime in args.runtimes}
+                engines.update(_low_precision_engines(workdir, args, [channels, size, size]))
                 for (runtime, batch_size), seconds in _time_engines(engines, [channels, size, size], args, rng).items():
                     add(mode, batch_size, seconds, runtime)
                     if runtime == AUTO:  # the runtime it chose for this batch size

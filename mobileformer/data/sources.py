@@ -169,7 +169,8 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
 
 
-def _images_under(folder: str) -> list:
+def images_under(folder: str) -> list:
+    """Every image file below `folder` (links followed), in sorted order."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames.sort()
@@ -204,7 +205,7 @@ def scan_folder(root: str, mode: str) -> FileSource:
                           'both splits must use the same class names')
     paths, labels = [], []
     for name in present:
-        files = _images_under(os.path.join(split_dir, name))
+        files = images_under(os.path.join(split_dir, name))
         _require(files, f"class folder '{os.path.join(split_dir, name)}' has no images "
                         f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
         paths += files

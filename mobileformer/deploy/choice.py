@@ -13,6 +13,7 @@ import numpy as np
 
 from mobileformer.cpu import cpu_description, keep_freed_memory
 from mobileformer.deploy import runtimes as runtime_module
+from mobileformer.deploy.export import read_precision
 from mobileformer.deploy.runtimes import AUTO, Engine, Outputs, default_threads, load_runtime, runtime_files
 
 LATENCY_BATCH = 1
@@ -29,10 +30,10 @@ def runtime_cache_file() -> str:
 
 
 def _cache_key(model_dir: str, runtimes: Sequence[str], threads: int) -> str:
-    """The model's files (path, size, modification time), the CPU, the thread count, the ISA limits a
-    user set for oneDNN, and the candidate runtimes with their versions."""
+    """The model's files (path, size, modification time) and precision, the CPU, the thread count, the
+    ISA limits a user set for oneDNN, and the candidate runtimes with their versions."""
     parts = [cpu_description(), str(threads), os.environ.get('ONEDNN_MAX_CPU_ISA', ''),
-             os.environ.get('DNNL_MAX_CPU_ISA', '')]
+             os.environ.get('DNNL_MAX_CPU_ISA', ''), read_precision(model_dir)]
     versions = runtime_module.runtime_versions()
     for runtime in runtimes:
         parts.append(f'{runtime}={versions[runtime]}')
@@ -186,7 +187,7 @@ def choose_runtimes(model_dir: str, threads: int, log: Callable[[str], None] = p
     candidates = _candidates(model_dir)
     if len(candidates) == 1:
         engine = load_runtime(candidates[0], model_dir, threads)
-        log(f"runtime: {engine.name} (the only installed runtime that has its files in '{model_dir}')")
+        log(f"runtime: {engine.name} (the only installed runtime that can run the export in '{model_dir}')")
         return engine, engine
     cache_file, key = runtime_cache_file(), _cache_key(model_dir, candidates, threads)
     timing = _cached_timing(_read_cache(cache_file).get(key), candidates)
@@ -217,11 +218,13 @@ class InferenceModel:
     (the logits, or the list of maps of a feature extractor exported with MODEL.OUT_INDICES).
 
     `runtime='auto'` (default) picks among paddle (paddle.inference with oneDNN), onnxruntime and
-    OpenVINO (when installed; float32) by timing them on this model once per model files, CPU and
-    thread count (`choose_runtimes`): the fastest at batch 1 runs single images, the fastest at a
-    large batch runs the others (the same runtime unless they differ); a runtime that fails to load
-    falls back to the next fastest with a one-line notice. Any other value forces that runtime. The
-    choice is printed in one line through `log`, and kept in `self.runtime`. Batches of another image size than the export's are refused."""
+    OpenVINO (when installed) by timing them on this model once per model files, CPU and thread
+    count (`choose_runtimes`): the fastest at batch 1 runs single images, the fastest at a large
+    batch runs the others (the same runtime unless they differ); a runtime that fails to load falls
+    back to the next fastest with a one-line notice. Only the runtimes that run the precision the
+    folder records (export.py -precision: fp32, int8 or bf16) are candidates. Any other value forces
+    that runtime. The choice is printed in one line through `log`, and kept in `self.runtime`.
+    Batches of another image size than the export's are refused."""
 
     def __init__(self, model_dir: str, threads: Optional[int] = None, runtime: str = AUTO,
                  log: Callable[[str], None] = print):
@@ -236,6 +239,7 @@ class InferenceModel:
             self.small = self.large = load_runtime(runtime, model_dir, threads)
             log(f'runtime: {runtime} (chosen by the caller)')
         self.runtime = describe(self.small, self.large)
+        self.precision = self.small.precision  # the folder's: both engines run it
 
     def engine_for(self, batch_size: int) -> Engine:
         return self.small if batch_size < LARGE_BATCH else self.large

@@ -5,9 +5,13 @@
 - `export_inference(model, config, out_dir)`: `paddle.jit.save` with a dynamic batch dimension.
 - `export_onnx(model, config, file)`: the same model as ONNX (paddle2onnx).
 - `dygraph_outputs(model, batch)`: what the exports are checked against.
+- `read_precision(dir)` / `write_precision(dir, precision)`: which precision the runtimes run from
+  an export folder (`precision.json`; fp32 without it). The fp32 files are always there; an INT8
+  export adds `inference.int8.onnx` (`mobileformer.deploy.quantize`).
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import List, Optional, Union
@@ -26,6 +30,9 @@ from mobileformer.registry import build_model
 INFERENCE_PREFIX = 'inference'
 ONNX_FILE = 'inference.onnx'
 ONNX_OPSET = 13
+INT8_ONNX_FILE = 'inference.int8.onnx'
+PRECISION_FILE = 'precision.json'
+PRECISIONS = ('fp32', 'bf16', 'int8')
 
 
 def paddle_files(model_dir: str) -> Optional[List[str]]:
@@ -36,6 +43,39 @@ def paddle_files(model_dir: str) -> Optional[List[str]]:
         if os.path.isfile(program) and os.path.isfile(params):
             return [program, params]
     return None
+
+
+def read_precision_record(model_dir: str) -> dict:
+    """`precision.json` of `model_dir`: {'precision': ..., 'runtimes': [those that may run it], ...},
+    or {'precision': 'fp32'} without it."""
+    path = os.path.join(model_dir, PRECISION_FILE)
+    if not os.path.isfile(path):
+        return {'precision': 'fp32'}
+    try:
+        with open(path, encoding='utf-8') as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get('precision') not in PRECISIONS:
+        raise ValueError(f"'{path}' does not name a precision ({', '.join(PRECISIONS)}); export the model again "
+                         'with export.py')
+    return record
+
+
+def read_precision(model_dir: str) -> str:
+    """The precision the export in `model_dir` is run at: fp32 unless `precision.json` says otherwise."""
+    return read_precision_record(model_dir)['precision']
+
+
+def write_precision(model_dir: str, precision: str, runtimes: List[str], details: Optional[dict] = None) -> None:
+    """Records `precision`, the `runtimes` that may run it (those whose accuracy was checked and
+    found close enough to fp32) and what was measured about it; written atomically, last, so a
+    folder never names a precision whose files are incomplete."""
+    path = os.path.join(model_dir, PRECISION_FILE)
+    temporary = path + f'.{os.getpid()}.tmp'
+    with open(temporary, 'w', encoding='utf-8') as f:
+        json.dump({'precision': precision, 'runtimes': list(runtimes), **(details or {})}, f, indent=1)
+    os.replace(temporary, path)
 
 
 def build_for_inference(config: CfgNode, weights: Optional[str] = None) -> nn.Layer:

@@ -1,6 +1,11 @@
 """The runtimes that run an export of `export.py`, each as `model(batch) -> outputs` (the logits, or
 the list of maps of a feature extractor): `PaddleModel` (paddle.inference with oneDNN), `OnnxModel`
 (onnxruntime), `OpenVinoModel` (OpenVINO, optional, float32 unless asked).
+
+Each runs the precision its folder records (`read_precision`): fp32 in every runtime; int8 (the
+QDQ ONNX of `mobileformer.deploy.quantize`) in onnxruntime and OpenVINO; bf16 in OpenVINO on CPUs
+that have bf16 instructions (onnxruntime has no general bf16 CPU kernels, and Paddle's oneDNN runs
+its AVX2 kernels on AMD CPUs with AVX-512, see `cap_onednn_isa_on_amd_avx512`, which have no bf16).
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import numpy as np
 import paddle
 
 from mobileformer.cpu import cap_onednn_isa_on_amd_avx512, cpu_threads, keep_freed_memory, users_environ
-from mobileformer.deploy.export import INFERENCE_PREFIX, ONNX_FILE, paddle_files
+from mobileformer.deploy.export import (INFERENCE_PREFIX, INT8_ONNX_FILE, ONNX_FILE, paddle_files,
+                                        read_precision_record)
 
 Outputs = Union[np.ndarray, List[np.ndarray]]
 
@@ -22,6 +28,9 @@ RUNTIMES = ('paddle', 'onnxruntime', 'openvino')
 AUTO = 'auto'
 _DISTRIBUTIONS = {'paddle': 'paddlepaddle', 'onnxruntime': 'onnxruntime', 'openvino': 'openvino'}  # pip names
 OPENVINO_PRECISION = 'f32'  # OpenVINO's own default is bf16 on CPUs with avx512_bf16 or AMX
+# the runtimes that run each low precision (fp32: all of them)
+LOW_PRECISION_RUNTIMES = {'int8': ('onnxruntime', 'openvino'), 'bf16': ('openvino',)}
+_OPENVINO_CAPABILITY = {'int8': 'INT8', 'bf16': 'BF16'}  # in its CPU plugin's OPTIMIZATION_CAPABILITIES
 
 
 def default_threads() -> int:
@@ -29,8 +38,43 @@ def default_threads() -> int:
     return cpu_threads(users_environ())
 
 
-def runtime_files(runtime: str, model_dir: str) -> List[str]:
-    """The files of `model_dir` that `runtime` reads; a ValueError says what is missing."""
+def openvino_capabilities() -> List[str]:
+    """What OpenVINO's CPU plugin can run on this CPU (e.g. FP32, INT8, BF16)."""
+    import openvino
+    return list(openvino.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES'))
+
+
+def precision_problem(runtime: str, precision: str) -> Optional[str]:
+    """Why `runtime` cannot run `precision` here (one sentence), or None if it can."""
+    if precision == 'fp32':
+        return None
+    able = LOW_PRECISION_RUNTIMES[precision]
+    if runtime not in able:
+        return (f"runtime {runtime} does not run {precision} models here (runtimes that do: {', '.join(able)})")
+    if runtime == 'openvino' and runtime in installed_runtimes() and \
+            _OPENVINO_CAPABILITY[precision] not in openvino_capabilities():
+        return (f'this CPU has no {precision} support in OpenVINO (its CPU plugin lists '
+                f"{', '.join(openvino_capabilities())})")
+    return None
+
+
+def runtime_files(runtime: str, model_dir: str, precision: Optional[str] = None) -> List[str]:
+    """The files of `model_dir` that `runtime` reads to run it at `precision` (default: the one the
+    folder records); a ValueError says what is missing or that the runtime cannot run that precision."""
+    record = read_precision_record(model_dir)
+    precision = precision or record['precision']
+    problem = precision_problem(runtime, precision)
+    if not problem and precision == record['precision'] and runtime not in record.get('runtimes', RUNTIMES):
+        problem = (f"runtime {runtime} was left out at export (its top-1 agreement with fp32 was below "
+                   f"export.py's -min_agreement)")
+    if problem:
+        raise ValueError(f"'{model_dir}' holds an export in {precision}, but {problem}; choose the runtime auto")
+    if precision == 'int8':
+        int8_file = os.path.join(model_dir, INT8_ONNX_FILE)
+        if not os.path.isfile(int8_file):
+            raise ValueError(f"'{model_dir}' records int8 but holds no {INT8_ONNX_FILE}; export the model again "
+                             'with export.py -precision int8')
+        return [int8_file]
     program = paddle_files(model_dir)
     if runtime == 'paddle':
         if program is None:
@@ -95,7 +139,7 @@ class PaddleModel:
 
     def __init__(self, model_dir: str, threads: Optional[int] = None):
         from paddle import inference
-        program, params = runtime_files('paddle', model_dir)
+        program, params = runtime_files('paddle', model_dir, 'fp32')
         config = inference.Config(program, params)
         config.disable_gpu()
         keep_freed_memory()
@@ -171,17 +215,26 @@ class OpenVinoModel:
 Engine = Union[PaddleModel, OnnxModel, OpenVinoModel]
 
 
-def load_runtime(runtime: str, model_dir: str, threads: Optional[int] = None) -> Engine:
-    """The export in `model_dir` loaded by `runtime`; any problem is a ValueError saying what to do."""
+def load_runtime(runtime: str, model_dir: str, threads: Optional[int] = None,
+                 precision: Optional[str] = None) -> Engine:
+    """The export in `model_dir` loaded by `runtime` at `precision` (default: the one the folder
+    records, see `read_precision`); any problem is a ValueError saying what to do. The engine's
+    `precision` attribute says which it runs."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime '{runtime}': choose one of {', '.join((AUTO,) + RUNTIMES)}")
     if runtime not in installed_runtimes():
         raise _not_installed(runtime)
-    files = runtime_files(runtime, model_dir)
+    precision = precision or read_precision_record(model_dir)['precision']
+    files = runtime_files(runtime, model_dir, precision)
     try:
         if runtime == 'paddle':
-            return PaddleModel(model_dir, threads)
-        return (OnnxModel if runtime == 'onnxruntime' else OpenVinoModel)(files[0], threads)
+            engine = PaddleModel(model_dir, threads)
+        elif runtime == 'onnxruntime':
+            engine = OnnxModel(files[0], threads)
+        else:
+            engine = OpenVinoModel(files[0], threads, 'bf16' if precision == 'bf16' else OPENVINO_PRECISION)
+        engine.precision = precision
+        return engine
     except Exception as e:  # each runtime has its own exception types for unreadable files
         message = ' '.join(str(e).split())[:300]
         raise ValueError(f"runtime {runtime} could not load '{files[0]}' ({type(e).__name__}: {message}); "

@@ -1,0 +1,183 @@
+"""Low-precision versions of an export (`export.py -precision int8|bf16`) and what they cost in accuracy.
+
+- int8: the fp32 ONNX export -> onnxruntime's `quant_pre_process` (shape inference, graph
+  optimisation) -> `quantize_static` in the QDQ format: int8 weights, one scale per output channel,
+  and int8 activations whose ranges come from MinMax calibration on images with the evaluation
+  preprocessing (`calibration_images`). Only the GEMM-bound ops are quantized (`QUANTIZED_OPS`),
+  and grouped / depthwise convolutions are not: neither onnxruntime nor OpenVINO has fast int8
+  kernels for them on CPUs (measured on Mobile-Former-26M, whose 1x1 convolutions are grouped: 3x
+  slower than fp32 with them quantized), and quantizing the element-wise ops only adds
+  quantize/dequantize pairs. The result, `inference.int8.onnx`, runs in onnxruntime and OpenVINO.
+  Paddle's own post-training quantization is not used: on Paddle 3.3 it needs the legacy program
+  format, and the PIR (.json) export silently runs it in fp32.
+- bf16: no new files; OpenVINO runs the fp32 ONNX with bf16 inference precision on CPUs with bf16
+  instructions (`mobileformer.deploy.runtimes`).
+
+`compare_precisions` measures a low-precision runtime against the fp32 one on held-out images: top-1
+of each and how often their top-1 classes agree.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from yacs.config import CfgNode
+
+from mobileformer.data import build_dataset, build_transforms
+from mobileformer.data.sources import IMAGE_EXTENSIONS, images_under
+from mobileformer.deploy.export import INT8_ONNX_FILE, ONNX_FILE
+from mobileformer.deploy.runtimes import Engine, Outputs, OnnxModel
+
+QUANTIZED_OPS = ('Conv', 'MatMul', 'Gemm')
+MIN_AGREEMENT = 0.99  # default of export.py -min_agreement
+MIN_CALIBRATION_IMAGES = 32  # fewer leave activation ranges to chance
+DEFAULT_CALIBRATION_IMAGES = 256
+CALIBRATION_BATCH = 16
+CHECK_BATCH = 64
+
+
+def evenly_spaced(length: int, count: int) -> np.ndarray:
+    """`count` indices spread over range(length) (all of them if fewer): folder datasets are sorted by
+    class, so the first `count` would cover few classes."""
+    if count >= length:
+        return np.arange(length)
+    return np.linspace(0, length - 1, count).round().astype(np.int64)
+
+
+def calibration_images(config: CfgNode, count: int, folder: Optional[str] = None) -> np.ndarray:
+    """[N, C, S, S] float32: `count` images of `folder` (any layout, labels unused) or, without it, of
+    the config's training split, spread evenly over it and preprocessed as for evaluation. Fewer than
+    MIN_CALIBRATION_IMAGES, or none at all, is a ValueError."""
+    if count < MIN_CALIBRATION_IMAGES:
+        raise ValueError(f'-calib_images {count} is too few to calibrate INT8 activation ranges; give at least '
+                         f'{MIN_CALIBRATION_IMAGES} (default {DEFAULT_CALIBRATION_IMAGES})')
+    transform = build_transforms(config, 'val')
+    if folder is not None:
+        if not os.path.isdir(folder):
+            raise ValueError(f"-calib_data '{folder}' is not a folder; give a folder of images for INT8 calibration")
+        paths = images_under(folder)
+        where = f"-calib_data '{folder}'"
+        load = lambda i: transform(Image.open(paths[i]))  # noqa: E731
+        available = len(paths)
+    else:
+        try:
+            dataset = build_dataset(config, 'train')
+        except ValueError as e:
+            raise ValueError(f'INT8 needs calibration images and the training split cannot be read ({e}); '
+                             'pass -calib_data DIR, a folder of images like those the model will see') from None
+        dataset.transform = transform  # evaluation preprocessing: what the deployed model is fed
+        where = f"the training split of DATA.DATASET '{config.DATA.DATASET}'"
+        load = lambda i: dataset[int(i)][0]  # noqa: E731
+        available = len(dataset)
+    if available == 0:
+        raise ValueError(f'{where} holds no images ({", ".join(IMAGE_EXTENSIONS)}) to calibrate INT8 on; give a '
+                         'folder of images like those the model will see')
+    if available < MIN_CALIBRATION_IMAGES:
+        raise ValueError(f'{where} holds {available} images, too few to calibrate INT8 activation ranges; '
+                         f'it needs at least {MIN_CALIBRATION_IMAGES}')
+    try:
+        return np.stack([np.asarray(load(i), np.float32) for i in evenly_spaced(available, count)])
+    except (OSError, ValueError) as e:
+        raise ValueError(f'cannot read a calibration image of {where}: {e}') from None
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader protocol over an array of images, logging progress."""
+
+    def __init__(self, input_name: str, images: np.ndarray, log: Callable[[str], None]):
+        self.input_name, self.images, self.log = input_name, images, log
+        self.starts: Iterator[int] = iter(range(0, len(images), CALIBRATION_BATCH))
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        start = next(self.starts, None)
+        if start is None:
+            return None
+        end = min(start + CALIBRATION_BATCH, len(self.images))
+        if end == len(self.images) or end * 4 // len(self.images) > start * 4 // len(self.images):  # each quarter
+            self.log(f'calibrating: {end}/{len(self.images)} images')
+        return {self.input_name: self.images[start:end]}
+
+    def rewind(self) -> None:
+        self.starts = iter(range(0, len(self.images), CALIBRATION_BATCH))
+
+
+def grouped_convolutions(model) -> List[str]:
+    """Names of the Conv nodes of an ONNX model with more than one group (depthwise included)."""
+    return [node.name for node in model.graph.node if node.op_type == 'Conv'
+            and any(a.name == 'group' and a.i > 1 for a in node.attribute)]
+
+
+def quantize_int8(model_dir: str, images: np.ndarray, log: Callable[[str], None] = print) -> str:
+    """Writes `inference.int8.onnx` next to the fp32 `inference.onnx` of `model_dir`, calibrated on
+    `images`, and returns its path. It is written only once it loads and gives finite outputs; any
+    failure is a ValueError and leaves the folder's fp32 files as they were."""
+    try:
+        import onnxruntime
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+    except ImportError as e:  # its optional dependencies (sympy, ml_dtypes) are missing
+        raise ValueError(f'INT8 quantization needs onnxruntime.quantization, which cannot be imported ({e}); '
+                         'pip install -r requirements.txt') from None
+    source, target = os.path.join(model_dir, ONNX_FILE), os.path.join(model_dir, INT8_ONNX_FILE)
+    if not os.path.isfile(source):
+        raise ValueError(f"INT8 quantization starts from the fp32 {ONNX_FILE}, which '{model_dir}' lacks; "
+                         'export without -no_onnx')
+    temporary = target + f'.{os.getpid()}.tmp'
+    # errors only: the sessions it opens warn about each unused initialiser paddle2onnx leaves
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            prepared = os.path.join(workdir, 'prepared.onnx')
+            # the symbolic shape inference fails on paddle2onnx's graphs; ONNX's own suffices here
+            quant_pre_process(source, prepared, skip_symbolic_shape=True)
+            graph = onnx.load(prepared)
+            input_name = graph.graph.input[0].name
+            quantize_static(prepared, temporary, _Batches(input_name, images, log), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=grouped_convolutions(graph),
+                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            # the calibration graph reduces each tensor to its min and max per batch,
+                            # so memory does not grow with the number of images
+                            calibrate_method=CalibrationMethod.MinMax)
+        outputs = OnnxModel(temporary)(images[:2])
+        if not all(np.isfinite(o).all() for o in (outputs if isinstance(outputs, list) else [outputs])):
+            raise ValueError('it gives non-finite outputs')
+    except Exception as e:  # onnx, onnxruntime and their checkers each raise their own types
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        message = ' '.join(str(e).split())[:300]
+        raise ValueError(f"INT8 quantization of '{source}' failed ({type(e).__name__}: {message}); the fp32 "
+                         f"export in '{model_dir}' is complete and unchanged") from None
+    os.replace(temporary, target)
+    return target
+
+
+def _logits(outputs: Outputs) -> np.ndarray:
+    if isinstance(outputs, list):
+        raise ValueError('a feature extractor (MODEL.OUT_INDICES) has no classes to compare; export a classifier')
+    return outputs
+
+
+def compare_precisions(reference: Engine, candidate: Engine, images: Sequence[np.ndarray],
+                       labels: np.ndarray) -> Dict[str, float]:
+    """Top-1 of `reference` (fp32) and of `candidate` (a low precision) on `images` with `labels`, and
+    the fraction of images on which their top-1 classes agree."""
+    first, second = [], []
+    for start in range(0, len(labels), CHECK_BATCH):
+        batch = np.stack(images[start:start + CHECK_BATCH])
+        first.append(_logits(reference(batch)).argmax(axis=1))
+        second.append(_logits(candidate(batch)).argmax(axis=1))
+    first, second = np.concatenate(first), np.concatenate(second)
+    return {'top1_fp32': float((first == labels).mean()), 'top1': float((second == labels).mean()),
+            'agreement': float((first == second).mean()), 'samples': int(len(labels))}
+
+
+def held_out_images(config: CfgNode, count: int) -> Tuple[List[np.ndarray], np.ndarray]:
+    """(images, labels): `count` images of the config's validation split, spread evenly over it, with
+    the evaluation preprocessing; a ValueError says why the split cannot be read."""
+    dataset = build_dataset(config, 'val')
+    picked = evenly_spaced(len(dataset), count)
+    samples = [dataset[int(i)] for i in picked]
+    return [np.asarray(s[0], np.float32) for s in samples], np.array([int(s[1]) for s in samples])

@@ -1,0 +1,231 @@
+"""Low-precision export (export.py -precision int8|bf16): an INT8 round trip on a tiny model that
+really runs int8 and agrees with fp32, the precision recorded in the folder and honoured by every
+runtime, each bad request refused in one sentence with the fp32 export intact, and eval.py -model
+giving the dygraph metrics."""
+import json
+import os
+import re
+
+import numpy as np
+import onnx
+import pytest
+from conftest import FIXTURES
+from PIL import Image
+
+import eval as eval_script
+import export
+from mobileformer import get_config
+from mobileformer.convert import convert_checkpoint
+from mobileformer.deploy import (INT8_ONNX_FILE, ONNX_FILE, PRECISION_FILE, InferenceModel, build_for_inference,
+                                 dygraph_outputs, load_runtime, read_precision, runtimes)
+from mobileformer.deploy import quantize
+
+pytestmark = pytest.mark.openvino  # export.py checks the export in every installed runtime
+
+TAG = 'timm_mixer_tiny'
+CFG = os.path.join(FIXTURES, f'{TAG}.yaml')
+DIGITS = ['DATA.DATASET', 'digits', 'DATA.NUM_WORKERS', '0']  # grey digits, replicated to the model's 3 channels
+# INT8 vs fp32 top-1 on the digits validation split. The converted fixture is untrained: its logits
+# are near ties (top-1 at chance), so a class flips more easily than in a trained model (measured: 97%)
+MIN_AGREEMENT = 0.95
+FP32_FILES = ['inference.json', 'inference.onnx', 'inference.pdiparams']
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('weights') / f'{TAG}.pdparams')
+    convert_checkpoint(os.path.join(FIXTURES, f'{TAG}.pth'), get_config(CFG), path, log=lambda line: None)
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+
+
+def run_export(weights, folder, *flags):
+    """export.py on the tiny Mixer with the digits as its data (flags may add -opts after DIGITS)."""
+    opts = flags[flags.index('-opts') + 1:] if '-opts' in flags else []
+    flags = flags[:flags.index('-opts')] if '-opts' in flags else flags
+    export.main(['-cfg', CFG, '-pretrained', weights, '-output', str(folder), *flags, '-opts', *DIGITS, *opts])
+
+
+def export_error(capsys, weights, folder, *flags):
+    """The one line export.py prints for a refused request (status 2)."""
+    with pytest.raises(SystemExit) as stop:
+        run_export(weights, folder, *flags)
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ')
+    return lines[0]
+
+
+def validation_batch(count=64):
+    images, labels = quantize.held_out_images(get_config(CFG, DIGITS), count)
+    return np.stack(images), labels
+
+
+def assert_runs_fp32(folder, weights):
+    """The folder holds exactly the fp32 export and every runtime runs it at fp32."""
+    assert sorted(os.listdir(folder)) == FP32_FILES
+    assert read_precision(str(folder)) == 'fp32'
+    images, _ = validation_batch(8)
+    reference = dygraph_outputs(build_for_inference(get_config(CFG), weights), images)
+    for runtime in runtimes.installed_runtimes():
+        engine = InferenceModel(str(folder), runtime=runtime, log=lambda line: None)
+        assert engine.precision == 'fp32'
+        np.testing.assert_allclose(engine(images), reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.timeout(180)
+def test_int8_export_round_trip(tmp_path, weights, cache, capsys):
+    folder = tmp_path / 'export'
+    run_export(weights, folder, '-precision', 'int8', '-calib_images', '64', '-min_agreement', str(MIN_AGREEMENT))
+    out = capsys.readouterr().out
+    assert 'calibrating: 64/64 images' in out
+    checks = dict(re.findall(r'int8 in (\w+) on 360 validation images: .* top-1 agreement with fp32 ([\d.]+)%', out))
+    assert 'onnxruntime' in checks
+
+    # the folder: fp32 files, the INT8 model beside them, and the record of what runs
+    assert sorted(os.listdir(folder)) == sorted(FP32_FILES + [INT8_ONNX_FILE, PRECISION_FILE])
+    with open(folder / PRECISION_FILE) as f:
+        record = json.load(f)
+    assert record['precision'] == 'int8' and record['calibration_images'] == 64
+    assert record['runtimes'] == [r for r in checks if float(checks[r]) / 100 >= MIN_AGREEMENT]
+    assert record['check']['onnxruntime']['agreement'] == pytest.approx(float(checks['onnxruntime']) / 100, abs=1e-4)
+
+    # the quantized graph holds int8 weights and quantizes the activations of its matmuls
+    graph = onnx.load(str(folder / INT8_ONNX_FILE)).graph
+    assert {'QuantizeLinear', 'DequantizeLinear'} <= {node.op_type for node in graph.node}
+    assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2 for t in graph.initializer)
+
+    # every runtime that runs it runs int8: close to fp32, not equal to it, same classes
+    images, labels = validation_batch()
+    fp32 = load_runtime('onnxruntime', str(folder), precision='fp32')(images)
+    for runtime in record['runtimes']:
+        engine = InferenceModel(str(folder), runtime=runtime, log=lambda line: None)
+        assert engine.precision == 'int8'
+        int8 = engine(images)
+        assert not np.allclose(int8, fp32, rtol=0, atol=1e-6), runtime
+        assert np.abs(int8 - fp32).mean() < 0.05 * np.abs(fp32).max(), runtime
+        assert (int8.argmax(1) == fp32.argmax(1)).mean() >= MIN_AGREEMENT, runtime
+    lines = []
+    chosen = InferenceModel(str(folder), log=lines.append)
+    assert {chosen.small.name, chosen.large.name} <= set(record['runtimes'])
+    with pytest.raises(ValueError, match=r"holds an export in int8, but runtime paddle does not run int8 models here"):
+        InferenceModel(str(folder), runtime='paddle')
+
+    # eval.py -model evaluates the INT8 model with the numbers export.py printed for that runtime
+    eval_script.main(['-cfg', CFG, '-model', str(folder), '-runtime', 'onnxruntime', '-opts', *DIGITS])
+    top1 = float(re.search(r'top1=([\d.]+) .* samples=360$', capsys.readouterr().out.strip()).group(1))
+    assert top1 == pytest.approx(record['check']['onnxruntime']['top1'], abs=1e-4)
+
+
+@pytest.mark.timeout(120)
+def test_bf16_export_runs_in_openvino_bf16(tmp_path, weights, cache, capsys):
+    if 'openvino' not in runtimes.installed_runtimes() or 'BF16' not in runtimes.openvino_capabilities():
+        pytest.skip('needs OpenVINO on a CPU with bf16 instructions')
+    folder = tmp_path / 'export'
+    run_export(weights, folder, '-precision', 'bf16', '-min_agreement', str(MIN_AGREEMENT))
+    assert re.search(r'bf16 in openvino on 360 validation images: .* agreement with fp32', capsys.readouterr().out)
+    with open(folder / PRECISION_FILE) as f:
+        assert json.load(f)['runtimes'] == ['openvino']
+    assert sorted(os.listdir(folder)) == sorted(FP32_FILES + [PRECISION_FILE])  # bf16 is a mode, no new files
+    engine = InferenceModel(str(folder), log=lambda line: None)
+    assert engine.runtime == 'openvino' and engine.precision == 'bf16'
+    images, _ = validation_batch(8)
+    fp32 = load_runtime('openvino', str(folder), precision='fp32')(images)
+    bf16 = engine(images)
+    assert not np.allclose(bf16, fp32, rtol=0, atol=1e-6)
+    assert np.abs(bf16 - fp32).max() < 0.05 * np.abs(fp32).max()
+    for runtime in ('onnxruntime', 'paddle'):
+        with pytest.raises(ValueError, match=f'holds an export in bf16, but runtime {runtime} does not run bf16'):
+            InferenceModel(str(folder), runtime=runtime)
+
+
+@pytest.mark.timeout(240)
+def test_bad_low_precision_requests_are_one_sentence_and_keep_the_fp32_export(tmp_path, weights, cache, capsys,
+                                                                             monkeypatch):
+    folder = tmp_path / 'export'
+    run_export(weights, folder)
+    capsys.readouterr()
+    before = {name: os.stat(folder / name).st_mtime_ns for name in FP32_FILES}
+
+    # refused before anything is written: the earlier export stays as it was
+    empty, few = tmp_path / 'empty', tmp_path / 'few'
+    empty.mkdir()
+    few.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((8, 8), 30 * i, np.uint8)).save(few / f'{i}.png')
+    refusals = [
+        (['-no_onnx'], 'error: -precision int8 quantizes the ONNX export, which -no_onnx skips; drop -no_onnx'),
+        (['-calib_images', '8'], 'error: -calib_images 8 is too few to calibrate INT8 activation ranges; give at '
+                                 f'least {quantize.MIN_CALIBRATION_IMAGES} (default {quantize.DEFAULT_CALIBRATION_IMAGES})'),
+        (['-calib_data', str(empty)], f"error: -calib_data '{empty}' holds no images"),
+        (['-calib_data', str(few)], f"error: -calib_data '{few}' holds 5 images, too few to calibrate INT8 "
+                                    f'activation ranges; it needs at least {quantize.MIN_CALIBRATION_IMAGES}'),
+        (['-opts', 'DATA.DATASET', 'imagenet'], 'error: INT8 needs calibration images and the training split cannot '
+                                                'be read (DATA.DATA_PATH is empty'),
+    ]
+    for flags, start in refusals:
+        assert export_error(capsys, weights, folder, '-precision', 'int8', *flags).startswith(start)
+    monkeypatch.setattr(runtimes, 'openvino_capabilities', lambda: ['FP32', 'INT8'])  # a CPU without bf16
+    message = export_error(capsys, weights, folder, '-precision', 'bf16')
+    assert message.startswith('error: no installed runtime runs bf16 on this CPU (installed: ')
+    assert message.endswith('; export with -precision fp32 or int8')
+    for module in (export, runtimes):  # only Paddle installed, which does not run INT8 ONNX models
+        monkeypatch.setattr(module, 'installed_runtimes', lambda: ['paddle'])
+    assert export_error(capsys, weights, folder, '-precision', 'int8') == (
+        'error: no installed runtime runs int8 on this CPU (installed: paddle); export with -precision fp32')
+    monkeypatch.undo()
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    assert {name: os.stat(folder / name).st_mtime_ns for name in FP32_FILES} == before
+    assert_runs_fp32(folder, weights)
+
+    # refused after the fp32 export is written: it is complete, and it is what runs
+    def disagreeing(reference, candidate, images, labels):  # INT8 that flips half of the classes
+        return {'top1_fp32': 0.9, 'top1': 0.5, 'agreement': 0.5, 'samples': len(labels)}
+    monkeypatch.setattr(quantize, 'compare_precisions', disagreeing)
+    assert export_error(capsys, weights, folder, '-precision', 'int8', '-calib_images', '32').startswith(
+        'error: int8 changes the top-1 class of too many validation images in every runtime that runs it '
+        '(agreement with fp32: onnxruntime 50.00%')
+    monkeypatch.undo()
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    assert_runs_fp32(folder, weights)
+
+    # a model whose quantization fails
+    import onnxruntime.quantization
+
+    def failing(*args, **kwargs):
+        raise RuntimeError('unsupported operator')
+    monkeypatch.setattr(onnxruntime.quantization, 'quantize_static', failing)
+    assert export_error(capsys, weights, folder, '-precision', 'int8', '-calib_images', '32') == (
+        f"error: INT8 quantization of '{folder / ONNX_FILE}' failed (RuntimeError: unsupported operator); "
+        f"the fp32 export in '{folder}' is complete and unchanged")
+    assert_runs_fp32(folder, weights)
+
+
+def test_a_corrupt_precision_record_is_one_sentence(tmp_path):
+    (tmp_path / PRECISION_FILE).write_text('{"precision": "int4"}')
+    with pytest.raises(ValueError, match=r"'.*precision.json' does not name a precision \(fp32, bf16, int8\); export "
+                                         r'the model again with export.py'):
+        load_runtime('onnxruntime', str(tmp_path))
+
+
+@pytest.mark.timeout(120)
+def test_eval_of_an_fp32_export_equals_dygraph(tmp_path, weights, cache, capsys):
+    folder = str(tmp_path / 'export')
+    run_export(weights, folder)
+    capsys.readouterr()
+    lines = {}
+    for source in (['-pretrained', weights], ['-model', folder], ['-model', folder, '-runtime', 'paddle']):
+        eval_script.main(['-cfg', CFG, *source, '-opts', *DIGITS])
+        lines[' '.join(source[::2])] = capsys.readouterr().out.strip().splitlines()[-1]
+    metrics = {k: dict(pair.split('=') for pair in line.split()) for k, line in lines.items()}
+    reference = metrics['-pretrained']
+    assert reference['samples'] == '360'
+    for source, values in metrics.items():
+        assert values.keys() == reference.keys(), source
+        assert (values['top1'], values['top5'], values['samples']) == (
+            reference['top1'], reference['top5'], reference['samples']), source
+        assert float(values['loss']) == pytest.approx(float(reference['loss']), abs=2e-4), source
