@@ -62,13 +62,19 @@ def _cache_dir() -> str:
     return os.path.join(root, digest.hexdigest()[:16])
 
 
+def _paddle_dir(*parts: str) -> str:
+    return os.path.join(os.path.dirname(paddle.__file__), *parts)
+
+
 def _link_flags() -> List[str]:
+    # The oneDNN Paddle ships (and has loaded already) serves the linear layer's GEMMs.
     # libiomp5 also serves the GOMP_* entry points gcc emits for `#pragma omp`: linking it instead
     # of libgomp gives one thread pool shared with MKL rather than two competing ones.
-    libs = os.path.join(os.path.dirname(paddle.__file__), 'libs')
+    libs = _paddle_dir('libs')
+    onednn = ['-l:libdnnl.so.3']
     if os.path.exists(os.path.join(libs, 'libiomp5.so')):
-        return [f'-L{libs}', '-l:libiomp5.so', f'-Wl,-rpath,{libs}']
-    return ['-fopenmp']
+        return [f'-L{libs}', *onednn, '-l:libiomp5.so', f'-Wl,-rpath,{libs}']
+    return [f'-L{libs}', *onednn, f'-Wl,-rpath,{libs}', '-fopenmp']
 
 
 @contextlib.contextmanager
@@ -191,3 +197,13 @@ def dynamic_relu(x: paddle.Tensor, slope1: paddle.Tensor, slope2: paddle.Tensor)
     # (measured: Mobile-Former-294M exported, batch 32: 0.76 -> 0.54 s). At a tie (x = 0 or
     # slope1 = slope2) this form gives the whole gradient to slope1, the kernel half to each.
     return x * slope1 + F.relu(x * (slope2 - slope1))
+
+
+def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor]) -> paddle.Tensor:
+    """`F.linear(x, weight, bias)`: x [..., K], weight [K, N], bias [N] or None; -> [..., N].
+    The compiled kernel (oneDNN's GEMM, forward and backward) takes the layers with a bias."""
+    if bias is not None and _eligible(x, weight, bias):
+        library = _kernels()
+        if library is not None:
+            return library.mf_linear(x, weight, bias)
+    return F.linear(x, weight, bias)

@@ -23,7 +23,7 @@ from yacs.config import CfgNode
 
 from mobileformer.backbone import TokenBackbone
 from mobileformer.config import ConfigError, check_patch_grid
-from mobileformer.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
+from mobileformer.layers import DropPath, Linear, Mlp, PatchEmbed, drop_path_rates
 from mobileformer.registry import register_converter, register_model
 from mobileformer.torch_io import to_paddle_layout
 
@@ -58,7 +58,7 @@ class SpatialGatingUnit(nn.Layer):
     def __init__(self, hidden: int, num_tokens: int):
         super().__init__()
         self.norm = nn.LayerNorm(hidden // 2, epsilon=1e-5)  # PyTorch default, unlike the blocks
-        self.proj = nn.Linear(num_tokens, num_tokens)
+        self.proj = Linear(num_tokens, num_tokens)
 
     def init_weights(self) -> None:
         # Near-zero weight and unit bias: the gate starts as identity (u * 1).
@@ -75,10 +75,10 @@ class GatedMlp(nn.Layer):
 
     def __init__(self, dim: int, hidden: int, num_tokens: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU()
         self.gate = SpatialGatingUnit(hidden, num_tokens)
-        self.fc2 = nn.Linear(hidden // 2, dim)
+        self.fc2 = Linear(hidden // 2, dim)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.fc2(self.gate(self.act(self.fc1(x))))
@@ -116,7 +116,7 @@ class ResBlock(nn.Layer):
                  drop_path: float = 0.0):
         super().__init__()
         self.norm1 = Affine(dim)
-        self.linear_tokens = nn.Linear(num_tokens, num_tokens)
+        self.linear_tokens = Linear(num_tokens, num_tokens)
         self.norm2 = Affine(dim)
         self.mlp_channels = Mlp(dim, hidden)
         self.ls1 = self.create_parameter([dim], default_initializer=I.Constant(layerscale_init))

@@ -1,10 +1,12 @@
-// CPU kernels (float32, NCHW) for the two operations whose stock Paddle CPU kernels dominate
-// Mobile-Former's dygraph time: depthwise convolution and the dynamic ReLU max(x*a1, x*a2).
+// CPU kernels (float32) for the operations whose stock Paddle CPU kernels dominate dygraph time:
+// Mobile-Former's depthwise convolution and dynamic ReLU max(x*a1, x*a2) (NCHW), and the dense
+// layers (`linear`) of every model, whose GEMMs go to oneDNN instead of MKL.
 // Built just in time by mobileformer/cpu_ops.py, which also falls back to standard Paddle ops.
 //
 // Threads: `#pragma omp` loops. The library is linked against Paddle's own libiomp5 (see
-// cpu_ops.py), so these loops share one thread pool with MKL and follow
-// `paddle.base.core.set_num_threads` like Paddle's math library does.
+// cpu_ops.py), so these loops share one thread pool with MKL and oneDNN (whose OpenMP calls bind
+// to the same runtime in Paddle's process) and follow `paddle.base.core.set_num_threads` like
+// Paddle's math library does.
 
 #include <algorithm>
 #include <cstring>
@@ -326,6 +328,93 @@ std::vector<std::vector<int64_t>> DynamicReluInferShape(const std::vector<int64_
   return {x};
 }
 
+// ---- linear: y = x W + b through oneDNN's GEMM ----
+// Paddle's dygraph `linear` / `matmul` call MKL, which has no AVX-512 kernels on AMD CPUs;
+// oneDNN's sgemm picks its kernels by instruction set alone (and honours ONEDNN_MAX_CPU_ISA).
+
+// oneDNN's C API (libdnnl.so.3; Paddle's wheel ships the library but not all of its headers):
+// returns dnnl_success (0) or an error status.
+extern "C" int dnnl_sgemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha,
+                          const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                          float* c, int64_t ldc);
+constexpr int kDnnlSuccess = 0;
+
+// Row-major C[m x n] = A' B' + beta C, A' = A or A^T (trans_a), likewise B'.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
+          const float* b, float beta, float* c) {
+  const int status =
+      dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, 1.f, a, trans_a ? m : k, b,
+                 trans_b ? k : n, beta, c, n);
+  PD_CHECK(status == kDnnlSuccess, "linear: oneDNN sgemm failed with status ", status, ".");
+}
+
+void check_linear_args(const paddle::Tensor& x, const paddle::Tensor& w, const paddle::Tensor& b) {
+  PD_CHECK(x.is_cpu() && w.is_cpu() && b.is_cpu(), "linear: tensors must be on the CPU.");
+  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && w.dtype() == paddle::DataType::FLOAT32 &&
+               b.dtype() == paddle::DataType::FLOAT32,
+           "linear: tensors must be float32.");
+  PD_CHECK(!x.shape().empty() && w.shape().size() == 2 && x.shape().back() == w.shape()[0] &&
+               b.shape() == std::vector<int64_t>({w.shape()[1]}),
+           "linear: x must be [..., K], the weight [K, N] and the bias [N].");
+}
+
+std::vector<paddle::Tensor> LinearForward(const paddle::Tensor& x_in, const paddle::Tensor& w_in,
+                                          const paddle::Tensor& b_in) {
+  check_linear_args(x_in, w_in, b_in);
+  const paddle::Tensor x = x_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
+  const int64_t k = w.shape()[0], n = w.shape()[1], m = x.numel() / std::max<int64_t>(k, 1);
+  std::vector<int64_t> shape = x.shape();
+  shape.back() = n;
+  auto y = paddle::empty(shape, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float* bp = b.data<float>();
+  float* yp = y.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < m; ++i) std::memcpy(yp + i * n, bp, n * sizeof(float));
+  if (m > 0 && k > 0) gemm(false, false, m, n, k, x.data<float>(), w.data<float>(), 1.f, yp);
+  return {y};
+}
+
+// dx = dy W^T, dW = x^T dy, db = the column sums of dy (summed in row order whatever the thread
+// count, so the bias gradient does not depend on it).
+std::vector<paddle::Tensor> LinearBackward(const paddle::Tensor& x_in, const paddle::Tensor& w_in,
+                                           const paddle::Tensor& b_in, const paddle::Tensor& dy_in) {
+  const paddle::Tensor x = x_in.contiguous(), w = w_in.contiguous(), dy = dy_in.contiguous();
+  const int64_t k = w.shape()[0], n = w.shape()[1], m = x.numel() / std::max<int64_t>(k, 1);
+  auto dx = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto dw = paddle::empty(w.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto db = paddle::empty(b_in.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *xp = x.data<float>(), *wp = w.data<float>(), *gp = dy.data<float>();
+  float *dxp = dx.data<float>(), *dwp = dw.data<float>(), *dbp = db.data<float>();
+  if (m > 0 && n > 0 && k > 0) {
+    gemm(false, true, m, k, n, gp, wp, 0.f, dxp);
+    gemm(true, false, k, n, m, xp, gp, 0.f, dwp);
+  } else {  // an empty product: zero gradients
+    std::fill(dxp, dxp + dx.numel(), 0.f);
+    std::fill(dwp, dwp + dw.numel(), 0.f);
+  }
+  constexpr int64_t kColumns = 64;
+#pragma omp parallel for schedule(static)
+  for (int64_t c0 = 0; c0 < n; c0 += kColumns) {
+    const int64_t c1 = std::min(n, c0 + kColumns);
+    float* sums = dbp + c0;
+    std::fill(sums, dbp + c1, 0.f);
+    for (int64_t i = 0; i < m; ++i) {
+      const float* row = gp + i * n;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) sums[c - c0] += row[c];
+    }
+  }
+  return {dx, dw, db};
+}
+
+std::vector<std::vector<int64_t>> LinearInferShape(const std::vector<int64_t>& x,
+                                                   const std::vector<int64_t>& w,
+                                                   const std::vector<int64_t>&) {
+  std::vector<int64_t> out = x;
+  out.back() = w[1];
+  return {out};
+}
+
 std::vector<paddle::DataType> SameDtype(const paddle::DataType& x, const paddle::DataType&,
                                         const paddle::DataType&) {
   return {x};
@@ -362,3 +451,15 @@ PD_BUILD_GRAD_OP(mf_dynamic_relu)
     .Inputs({"X", "A1", "A2", paddle::Grad("Out")})
     .Outputs({paddle::Grad("X"), paddle::Grad("A1"), paddle::Grad("A2")})
     .SetKernelFn(PD_KERNEL(DynamicReluBackward));
+
+PD_BUILD_OP(mf_linear)
+    .Inputs({"X", "W", "B"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(LinearForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(LinearInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));
+
+PD_BUILD_GRAD_OP(mf_linear)
+    .Inputs({"X", "W", "B", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("W"), paddle::Grad("B")})
+    .SetKernelFn(PD_KERNEL(LinearBackward));
