@@ -17,6 +17,8 @@ Environment: MOBILEFORMER_CPU_OPS=0 disables the kernels; MOBILEFORMER_OPS_CACHE
 cache root `~/.cache/mobileformer/ops` (builds go to `<root>/<hash of source, flags, Paddle>`).
 """
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import sys
@@ -30,6 +32,21 @@ import paddle.nn.functional as F
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_ops.cc')
 _NAME = 'mobileformer_cpu_ops'
 _CXX_FLAGS = ['-O3', '-fopenmp']
+_LIBMVEC_ERF = '_ZGVbN4v_erff'  # glibc 2.35+: the vector erf the GELU loops need
+
+
+def _has_libmvec() -> bool:
+    """Whether glibc's vector math library (with erf) can vectorise the GELU loops; without it they
+    call the scalar functions."""
+    name = ctypes.util.find_library('mvec')
+    try:
+        return name is not None and hasattr(ctypes.CDLL(name), _LIBMVEC_ERF)
+    except OSError:
+        return False
+
+
+def _cxx_flags() -> List[str]:
+    return _CXX_FLAGS + (['-DMF_LIBMVEC'] if _has_libmvec() else [])
 _KERNEL_SIZES = (3, 5)
 _STRIDES = (1, 2)
 
@@ -58,7 +75,7 @@ def _cache_dir() -> str:
     digest = hashlib.sha256()
     with open(_SOURCE, 'rb') as f:
         digest.update(f.read())
-    digest.update(' '.join([paddle.__version__, *_CXX_FLAGS, *_link_flags()]).encode())
+    digest.update(' '.join([paddle.__version__, *_cxx_flags(), *_link_flags()]).encode())
     return os.path.join(root, digest.hexdigest()[:16])
 
 
@@ -71,10 +88,10 @@ def _link_flags() -> List[str]:
     # libiomp5 also serves the GOMP_* entry points gcc emits for `#pragma omp`: linking it instead
     # of libgomp gives one thread pool shared with MKL rather than two competing ones.
     libs = _paddle_dir('libs')
-    onednn = ['-l:libdnnl.so.3']
+    common = [f'-L{libs}', '-l:libdnnl.so.3', f'-Wl,-rpath,{libs}'] + (['-lmvec'] if _has_libmvec() else [])
     if os.path.exists(os.path.join(libs, 'libiomp5.so')):
-        return [f'-L{libs}', *onednn, '-l:libiomp5.so', f'-Wl,-rpath,{libs}']
-    return [f'-L{libs}', *onednn, f'-Wl,-rpath,{libs}', '-fopenmp']
+        return common + ['-l:libiomp5.so']
+    return common + ['-fopenmp']
 
 
 @contextlib.contextmanager
@@ -111,7 +128,7 @@ def _build() -> ModuleType:
         try:
             with warnings.catch_warnings(), output_to(log):
                 warnings.simplefilter('ignore')
-                return load(name=_NAME, sources=[_SOURCE], extra_cxx_cflags=_CXX_FLAGS,
+                return load(name=_NAME, sources=[_SOURCE], extra_cxx_cflags=_cxx_flags(),
                             extra_ldflags=_link_flags(), build_directory=directory)
         except Exception as error:
             raise RuntimeError(f'{str(error).splitlines()[0][:300]} (build log: {log})') from error
@@ -207,3 +224,12 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor
         if library is not None:
             return library.mf_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def gelu(x: paddle.Tensor) -> paddle.Tensor:
+    """`F.gelu(x)` (the exact, erf form)."""
+    if _eligible(x):
+        library = _kernels()
+        if library is not None:
+            return library.mf_gelu(x)
+    return F.gelu(x)

@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from mobileformer.cpu_ops import depthwise_conv2d, linear
+from mobileformer.cpu_ops import depthwise_conv2d, gelu, linear
 
 
 def drop_path_rates(max_rate: float, num_blocks: int) -> List[float]:
@@ -63,13 +63,23 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class GELU(nn.GELU):
+    """Exact (erf) GELU run by `cpu_ops.gelu`: the compiled multi-threaded kernel in dygraph on the
+    CPU, `F.gelu` elsewhere."""
+
+    runs_cpu_kernels = True  # see cpu_ops.prepare
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return gelu(x)
+
+
 class Mlp(nn.Layer):
     """Linear -> exact GELU -> Linear (timm `Mlp`)."""
 
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
         self.fc1 = Linear(in_features, hidden_features)
-        self.act = nn.GELU()  # erf form, as the references
+        self.act = GELU()  # erf form, as the references
         self.fc2 = Linear(hidden_features, in_features)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:

@@ -23,7 +23,7 @@ from yacs.config import CfgNode
 
 from mobileformer.backbone import TokenBackbone
 from mobileformer.config import ConfigError, check_patch_grid
-from mobileformer.layers import DropPath, Linear, Mlp, PatchEmbed, drop_path_rates
+from mobileformer.layers import GELU, DropPath, Linear, Mlp, PatchEmbed, drop_path_rates
 from mobileformer.registry import register_converter, register_model
 from mobileformer.torch_io import to_paddle_layout
 
@@ -76,7 +76,7 @@ class GatedMlp(nn.Layer):
     def __init__(self, dim: int, hidden: int, num_tokens: int):
         super().__init__()
         self.fc1 = Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.gate = SpatialGatingUnit(hidden, num_tokens)
         self.fc2 = Linear(hidden // 2, dim)
 

@@ -172,6 +172,21 @@ def test_linear_layer_keeps_nn_linears_parameters(kernels):
     assert kernels.calls == 1
 
 
+def test_gelu_matches_paddles_exact_gelu(kernels):
+    x = (np.random.randn(3, 5, 67) * 3).astype('float32')
+    x[0, 0, :4] = [0.0, -10.0, 10.0, -0.5]
+    _assert_matches(cpu_ops.gelu, F.gelu, [x], x.shape)
+    assert kernels.calls == 1
+
+
+def test_gelu_layer_is_the_exact_form(kernels):
+    from mobileformer.layers import GELU
+
+    x = paddle.randn([4, 9])
+    np.testing.assert_allclose(GELU()(x).numpy(), F.gelu(x, approximate=False).numpy(), **TOL)
+    assert kernels.calls == 1
+
+
 class _TinyBlock(paddle.nn.Layer):
     def __init__(self, channels: int = 4, multiplier: int = 2):
         super().__init__()

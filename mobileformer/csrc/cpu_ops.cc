@@ -9,6 +9,7 @@
 // Paddle's math library does.
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -415,6 +416,55 @@ std::vector<std::vector<int64_t>> LinearInferShape(const std::vector<int64_t>& x
   return {out};
 }
 
+// ---- exact GELU: y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) ----
+// Paddle's CPU kernel runs one thread and a scalar erf; these loops use every thread and, where
+// glibc's vector math library is linked (MF_LIBMVEC, see cpu_ops.py), its vector erf and exp.
+
+#ifdef MF_LIBMVEC
+extern "C" {
+#pragma omp declare simd notinbranch
+float erff(float);
+#pragma omp declare simd notinbranch
+float expf(float);
+}
+#endif
+
+constexpr float kSqrtHalf = 0.70710678118654752f;     // 1 / sqrt(2)
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;   // 1 / sqrt(2 pi)
+
+std::vector<paddle::Tensor> GeluForward(const paddle::Tensor& x_in) {
+  PD_CHECK(x_in.is_cpu() && x_in.dtype() == paddle::DataType::FLOAT32,
+           "gelu: x must be a float32 CPU tensor.");
+  const paddle::Tensor x = x_in.contiguous();
+  auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float* xp = x.data<float>();
+  float* yp = y.data<float>();
+  const int64_t size = x.numel();
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < size; ++i) yp[i] = 0.5f * xp[i] * (1.f + erff(xp[i] * kSqrtHalf));
+  return {y};
+}
+
+// dx = dy * (Phi(x) + x phi(x)), phi the standard normal density.
+std::vector<paddle::Tensor> GeluBackward(const paddle::Tensor& x_in, const paddle::Tensor& dy_in) {
+  const paddle::Tensor x = x_in.contiguous(), dy = dy_in.contiguous();
+  auto dx = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *xp = x.data<float>(), *gp = dy.data<float>();
+  float* dxp = dx.data<float>();
+  const int64_t size = x.numel();
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < size; ++i) {
+    const float v = xp[i];
+    const float cdf = 0.5f * (1.f + erff(v * kSqrtHalf));
+    dxp[i] = gp[i] * (cdf + v * kInvSqrt2Pi * expf(-0.5f * v * v));
+  }
+  return {dx};
+}
+
+std::vector<std::vector<int64_t>> SameShape(const std::vector<int64_t>& x) { return {x}; }
+
+std::vector<paddle::DataType> SameDtype1(const paddle::DataType& x) { return {x}; }
+
 std::vector<paddle::DataType> SameDtype(const paddle::DataType& x, const paddle::DataType&,
                                         const paddle::DataType&) {
   return {x};
@@ -463,3 +513,15 @@ PD_BUILD_GRAD_OP(mf_linear)
     .Inputs({"X", "W", "B", paddle::Grad("Out")})
     .Outputs({paddle::Grad("X"), paddle::Grad("W"), paddle::Grad("B")})
     .SetKernelFn(PD_KERNEL(LinearBackward));
+
+PD_BUILD_OP(mf_gelu)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(GeluForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(SameShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype1));
+
+PD_BUILD_GRAD_OP(mf_gelu)
+    .Inputs({"X", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X")})
+    .SetKernelFn(PD_KERNEL(GeluBackward));
