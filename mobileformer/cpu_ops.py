@@ -233,3 +233,13 @@ def gelu(x: paddle.Tensor) -> paddle.Tensor:
         if library is not None:
             return library.mf_gelu(x)
     return F.gelu(x)
+
+
+def channel_scale(x: paddle.Tensor, scale: paddle.Tensor, shift: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+    """`x * scale (+ shift)` over the last axis: x [..., C], scale and shift [C]."""
+    tensors = (x, scale) if shift is None else (x, scale, shift)
+    if x.ndim >= 1 and _eligible(*tensors):
+        library = _kernels()
+        if library is not None:
+            return library.mf_channel_scale(x, scale) if shift is None else library.mf_channel_affine(x, scale, shift)
+    return x * scale if shift is None else x * scale + shift

@@ -23,6 +23,7 @@ from yacs.config import CfgNode
 
 from mobileformer.backbone import TokenBackbone
 from mobileformer.config import ConfigError, check_patch_grid
+from mobileformer.cpu_ops import channel_scale
 from mobileformer.layers import GELU, DropPath, Linear, Mlp, PatchEmbed, drop_path_rates
 from mobileformer.registry import register_converter, register_model
 from mobileformer.torch_io import to_paddle_layout
@@ -105,8 +106,10 @@ class Affine(nn.Layer):
         self.alpha = self.create_parameter([dim], default_initializer=I.Constant(1.0))
         self.beta = self.create_parameter([dim], default_initializer=I.Constant(0.0))
 
+    runs_cpu_kernels = True  # see cpu_ops.prepare
+
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.alpha * x + self.beta
+        return channel_scale(x, self.alpha, self.beta)
 
 
 class ResBlock(nn.Layer):
@@ -124,8 +127,8 @@ class ResBlock(nn.Layer):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = x + self.drop_path(self.ls1 * _over_tokens(self.linear_tokens, self.norm1(x)))
-        return x + self.drop_path(self.ls2 * self.mlp_channels(self.norm2(x)))
+        x = x + self.drop_path(channel_scale(_over_tokens(self.linear_tokens, self.norm1(x)), self.ls1))
+        return x + self.drop_path(channel_scale(self.mlp_channels(self.norm2(x)), self.ls2))
 
 
 BLOCK_TYPES = ('mixer', 'gmlp', 'resmlp')

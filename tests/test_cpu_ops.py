@@ -187,6 +187,15 @@ def test_gelu_layer_is_the_exact_form(kernels):
     assert kernels.calls == 1
 
 
+@pytest.mark.parametrize('shape', [(7,), (3, 5, 70), (2, 3, 4, 130)])
+def test_channel_scale_and_shift_match_broadcast_ops(kernels, shape):
+    x = np.random.randn(*shape).astype('float32')
+    scale, shift = np.random.randn(shape[-1]).astype('float32'), np.random.randn(shape[-1]).astype('float32')
+    _assert_matches(cpu_ops.channel_scale, lambda a, s: a * s, [x, scale], shape)
+    _assert_matches(cpu_ops.channel_scale, lambda a, s, b: a * s + b, [x, scale, shift], shape)
+    assert kernels.calls == 2
+
+
 class _TinyBlock(paddle.nn.Layer):
     def __init__(self, channels: int = 4, multiplier: int = 2):
         super().__init__()

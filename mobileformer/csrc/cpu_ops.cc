@@ -323,7 +323,7 @@ std::vector<paddle::Tensor> DynamicReluBackward(const paddle::Tensor& x_in,
   return {dx, da1, da2};
 }
 
-std::vector<std::vector<int64_t>> DynamicReluInferShape(const std::vector<int64_t>& x,
+std::vector<std::vector<int64_t>> FirstShape3(const std::vector<int64_t>& x,
                                                         const std::vector<int64_t>&,
                                                         const std::vector<int64_t>&) {
   return {x};
@@ -461,6 +461,108 @@ std::vector<paddle::Tensor> GeluBackward(const paddle::Tensor& x_in, const paddl
   return {dx};
 }
 
+// ---- per-channel scale (and shift) over the last axis: y = x * a (+ b), a and b [C] ----
+// ResMLP's Affine normalisation and LayerScale. Paddle's broadcast multiply and add reduce their
+// parameter gradients on one thread.
+
+void check_channel_args(const paddle::Tensor& x, const paddle::Tensor& a) {
+  PD_CHECK(x.is_cpu() && a.is_cpu() && x.dtype() == paddle::DataType::FLOAT32 &&
+               a.dtype() == paddle::DataType::FLOAT32,
+           "channel scale: tensors must be float32 CPU tensors.");
+  PD_CHECK(!x.shape().empty() && a.shape() == std::vector<int64_t>({x.shape().back()}),
+           "channel scale: x must be [..., C] and the scale (and shift) [C].");
+}
+
+// y = x * a + (b or 0), rows of `channels` floats.
+void channel_affine(const float* x, const float* a, const float* b, float* y, int64_t rows,
+                    int64_t channels) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * channels;
+    float* yr = y + r * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) yr[c] = xr[c] * a[c] + (b ? b[c] : 0.f);
+  }
+}
+
+// dx = dy * a; da = the column sums of dy * x and db (when given) those of dy, summed in row
+// order whatever the thread count.
+void channel_affine_grad(const float* x, const float* a, const float* dy, float* dx, float* da,
+                         float* db, int64_t rows, int64_t channels) {
+  constexpr int64_t kColumns = 64;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) dx[r * channels + c] = dy[r * channels + c] * a[c];
+    }
+#pragma omp for schedule(static)
+    for (int64_t c0 = 0; c0 < channels; c0 += kColumns) {
+      const int64_t c1 = std::min(channels, c0 + kColumns);
+      std::fill(da + c0, da + c1, 0.f);
+      if (db) std::fill(db + c0, db + c1, 0.f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * channels, *gr = dy + r * channels;
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) da[c] += gr[c] * xr[c];
+        if (db) {
+#pragma omp simd
+          for (int64_t c = c0; c < c1; ++c) db[c] += gr[c];
+        }
+      }
+    }
+  }
+}
+
+std::vector<paddle::Tensor> ChannelScaleForward(const paddle::Tensor& x_in, const paddle::Tensor& a_in) {
+  check_channel_args(x_in, a_in);
+  const paddle::Tensor x = x_in.contiguous(), a = a_in.contiguous();
+  auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const int64_t channels = a.numel(), rows = x.numel() / std::max<int64_t>(channels, 1);
+  channel_affine(x.data<float>(), a.data<float>(), nullptr, y.data<float>(), rows, channels);
+  return {y};
+}
+
+std::vector<paddle::Tensor> ChannelScaleBackward(const paddle::Tensor& x_in, const paddle::Tensor& a_in,
+                                                 const paddle::Tensor& dy_in) {
+  const paddle::Tensor x = x_in.contiguous(), a = a_in.contiguous(), dy = dy_in.contiguous();
+  auto dx = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto da = paddle::empty(a.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const int64_t channels = a.numel(), rows = x.numel() / std::max<int64_t>(channels, 1);
+  channel_affine_grad(x.data<float>(), a.data<float>(), dy.data<float>(), dx.data<float>(),
+                      da.data<float>(), nullptr, rows, channels);
+  return {dx, da};
+}
+
+std::vector<paddle::Tensor> ChannelAffineForward(const paddle::Tensor& x_in, const paddle::Tensor& a_in,
+                                                 const paddle::Tensor& b_in) {
+  check_channel_args(x_in, a_in);
+  check_channel_args(x_in, b_in);
+  const paddle::Tensor x = x_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
+  auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const int64_t channels = a.numel(), rows = x.numel() / std::max<int64_t>(channels, 1);
+  channel_affine(x.data<float>(), a.data<float>(), b.data<float>(), y.data<float>(), rows, channels);
+  return {y};
+}
+
+std::vector<paddle::Tensor> ChannelAffineBackward(const paddle::Tensor& x_in, const paddle::Tensor& a_in,
+                                                  const paddle::Tensor& b_in, const paddle::Tensor& dy_in) {
+  const paddle::Tensor x = x_in.contiguous(), a = a_in.contiguous(), dy = dy_in.contiguous();
+  auto dx = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto da = paddle::empty(a.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto db = paddle::empty(b_in.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const int64_t channels = a.numel(), rows = x.numel() / std::max<int64_t>(channels, 1);
+  channel_affine_grad(x.data<float>(), a.data<float>(), dy.data<float>(), dx.data<float>(),
+                      da.data<float>(), db.data<float>(), rows, channels);
+  return {dx, da, db};
+}
+
+std::vector<std::vector<int64_t>> FirstShape2(const std::vector<int64_t>& x,
+                                              const std::vector<int64_t>&) {
+  return {x};
+}
+
 std::vector<std::vector<int64_t>> SameShape(const std::vector<int64_t>& x) { return {x}; }
 
 std::vector<paddle::DataType> SameDtype1(const paddle::DataType& x) { return {x}; }
@@ -494,7 +596,7 @@ PD_BUILD_OP(mf_dynamic_relu)
     .Inputs({"X", "A1", "A2"})
     .Outputs({"Out"})
     .SetKernelFn(PD_KERNEL(DynamicReluForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(DynamicReluInferShape))
+    .SetInferShapeFn(PD_INFER_SHAPE(FirstShape3))
     .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));
 
 PD_BUILD_GRAD_OP(mf_dynamic_relu)
@@ -525,3 +627,27 @@ PD_BUILD_GRAD_OP(mf_gelu)
     .Inputs({"X", paddle::Grad("Out")})
     .Outputs({paddle::Grad("X")})
     .SetKernelFn(PD_KERNEL(GeluBackward));
+
+PD_BUILD_OP(mf_channel_scale)
+    .Inputs({"X", "A"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(ChannelScaleForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(FirstShape2))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype2));
+
+PD_BUILD_GRAD_OP(mf_channel_scale)
+    .Inputs({"X", "A", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("A")})
+    .SetKernelFn(PD_KERNEL(ChannelScaleBackward));
+
+PD_BUILD_OP(mf_channel_affine)
+    .Inputs({"X", "A", "B"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(ChannelAffineForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(FirstShape3))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));
+
+PD_BUILD_GRAD_OP(mf_channel_affine)
+    .Inputs({"X", "A", "B", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("A"), paddle::Grad("B")})
+    .SetKernelFn(PD_KERNEL(ChannelAffineBackward));
