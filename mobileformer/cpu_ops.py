@@ -243,3 +243,13 @@ def channel_scale(x: paddle.Tensor, scale: paddle.Tensor, shift: Optional[paddle
         if library is not None:
             return library.mf_channel_scale(x, scale) if shift is None else library.mf_channel_affine(x, scale, shift)
     return x * scale if shift is None else x * scale + shift
+
+
+def layer_norm(x: paddle.Tensor, weight: Optional[paddle.Tensor], bias: Optional[paddle.Tensor],
+               epsilon: float) -> paddle.Tensor:
+    """`F.layer_norm` over the last axis: x [..., C], weight and bias [C] or None."""
+    if weight is not None and bias is not None and x.ndim >= 1 and _eligible(x, weight, bias):
+        library = _kernels()
+        if library is not None:
+            return library.mf_layer_norm(x, weight, bias, epsilon)[0]
+    return F.layer_norm(x, x.shape[-1:], weight, bias, epsilon)

@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from mobileformer.cpu_ops import depthwise_conv2d, gelu, linear
+from mobileformer.cpu_ops import depthwise_conv2d, gelu, layer_norm, linear
 
 
 def drop_path_rates(max_rate: float, num_blocks: int) -> List[float]:
@@ -71,6 +71,19 @@ class GELU(nn.GELU):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return gelu(x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over the last axis run by `cpu_ops.layer_norm`: the compiled multi-threaded
+    kernel in dygraph on the CPU, `F.layer_norm` elsewhere. Same parameters as nn.LayerNorm."""
+
+    runs_cpu_kernels = True  # see cpu_ops.prepare
+
+    def __init__(self, normalized_shape: int, epsilon: float = 1e-5):
+        super().__init__(normalized_shape, epsilon=epsilon)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return layer_norm(x, self.weight, self.bias, self._epsilon)
 
 
 class Mlp(nn.Layer):

@@ -24,7 +24,7 @@ from yacs.config import CfgNode
 from mobileformer.backbone import TokenBackbone
 from mobileformer.config import ConfigError, check_patch_grid
 from mobileformer.cpu_ops import channel_scale
-from mobileformer.layers import GELU, DropPath, Linear, Mlp, PatchEmbed, drop_path_rates
+from mobileformer.layers import GELU, DropPath, LayerNorm, Linear, Mlp, PatchEmbed, drop_path_rates
 from mobileformer.registry import register_converter, register_model
 from mobileformer.torch_io import to_paddle_layout
 
@@ -42,9 +42,9 @@ class MixerBlock(nn.Layer):
     def __init__(self, dim: int, num_tokens: int, token_hidden: int, channel_hidden: int,
                  drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, epsilon=1e-6)
+        self.norm1 = LayerNorm(dim, epsilon=1e-6)
         self.mlp_tokens = Mlp(num_tokens, token_hidden)
-        self.norm2 = nn.LayerNorm(dim, epsilon=1e-6)
+        self.norm2 = LayerNorm(dim, epsilon=1e-6)
         self.mlp_channels = Mlp(dim, channel_hidden)
         self.drop_path = DropPath(drop_path)
 
@@ -58,7 +58,7 @@ class SpatialGatingUnit(nn.Layer):
 
     def __init__(self, hidden: int, num_tokens: int):
         super().__init__()
-        self.norm = nn.LayerNorm(hidden // 2, epsilon=1e-5)  # PyTorch default, unlike the blocks
+        self.norm = LayerNorm(hidden // 2, epsilon=1e-5)  # PyTorch default, unlike the blocks
         self.proj = Linear(num_tokens, num_tokens)
 
     def init_weights(self) -> None:
@@ -90,7 +90,7 @@ class SpatialGatingBlock(nn.Layer):
 
     def __init__(self, dim: int, num_tokens: int, hidden: int, drop_path: float = 0.0):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, epsilon=1e-6)
+        self.norm = LayerNorm(dim, epsilon=1e-6)
         self.mlp_channels = GatedMlp(dim, hidden, num_tokens)
         self.drop_path = DropPath(drop_path)
 
@@ -159,7 +159,7 @@ class MlpMixer(TokenBackbone):
         hidden = int(mlp_ratio * embed_dim)
         # Norm and blocks are made before the stem, as they always were: the order of the random
         # draws of the default initialisers decides the values the seeded re-initialisation gives.
-        norm = Affine(embed_dim) if block_type == 'resmlp' else nn.LayerNorm(embed_dim, epsilon=1e-6)
+        norm = Affine(embed_dim) if block_type == 'resmlp' else LayerNorm(embed_dim, epsilon=1e-6)
         blocks = []
         for rate in drop_path_rates(drop_path, depth):
             if block_type == 'mixer':

@@ -196,6 +196,25 @@ def test_channel_scale_and_shift_match_broadcast_ops(kernels, shape):
     assert kernels.calls == 2
 
 
+@pytest.mark.parametrize('shape, epsilon', [((5, 7), 1e-5), ((2, 3, 130), 1e-6)])
+def test_layer_norm_matches_paddles(kernels, shape, epsilon):
+    x = (np.random.randn(*shape) * 2 + 1).astype('float32')
+    weight, bias = np.random.randn(shape[-1]).astype('float32'), np.random.randn(shape[-1]).astype('float32')
+    _assert_matches(lambda a, w, b: cpu_ops.layer_norm(a, w, b, epsilon),
+                    lambda a, w, b: F.layer_norm(a, shape[-1:], w, b, epsilon), [x, weight, bias], shape)
+    assert kernels.calls == 1
+
+
+def test_layer_norm_layer_keeps_nn_layer_norms_parameters(kernels):
+    from mobileformer.layers import LayerNorm
+
+    layer = LayerNorm(6, epsilon=1e-6)
+    assert [name for name, _ in layer.named_parameters()] == ['weight', 'bias']
+    x = paddle.randn([2, 3, 6])
+    np.testing.assert_allclose(layer(x).numpy(), F.layer_norm(x, [6], layer.weight, layer.bias, 1e-6).numpy(), **TOL)
+    assert kernels.calls == 1
+
+
 class _TinyBlock(paddle.nn.Layer):
     def __init__(self, channels: int = 4, multiplier: int = 2):
         super().__init__()

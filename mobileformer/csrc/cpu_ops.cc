@@ -563,6 +563,107 @@ std::vector<std::vector<int64_t>> FirstShape2(const std::vector<int64_t>& x,
   return {x};
 }
 
+// ---- layer norm over the last axis: y = (x - mean) / sqrt(var + eps) * gamma + beta ----
+// Paddle's CPU kernel, and most of all its gradient, run one thread.
+
+std::vector<paddle::Tensor> LayerNormForward(const paddle::Tensor& x_in, const paddle::Tensor& g_in,
+                                             const paddle::Tensor& b_in, float epsilon) {
+  check_channel_args(x_in, g_in);
+  check_channel_args(x_in, b_in);
+  const paddle::Tensor x = x_in.contiguous(), g = g_in.contiguous(), b = b_in.contiguous();
+  const int64_t channels = g.numel(), rows = x.numel() / std::max<int64_t>(channels, 1);
+  auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto mean = paddle::empty({rows}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto rstd = paddle::empty({rows}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *xp = x.data<float>(), *gp = g.data<float>(), *bp = b.data<float>();
+  float *yp = y.data<float>(), *mp = mean.data<float>(), *rp = rstd.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * channels;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < channels; ++c) sum += xr[c];
+    const float mu = sum / channels;
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t c = 0; c < channels; ++c) squares += (xr[c] - mu) * (xr[c] - mu);
+    const float inv = 1.f / std::sqrt(squares / channels + epsilon);
+    float* yr = yp + r * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) yr[c] = (xr[c] - mu) * inv * gp[c] + bp[c];
+    mp[r] = mu;
+    rp[r] = inv;
+  }
+  return {y, mean, rstd};
+}
+
+// With xh = (x - mean) * rstd and h = dy * gamma per row:
+// dx = rstd * (h - mean(h) - xh * mean(h * xh)); dgamma, dbeta = the column sums of dy * xh and
+// dy, summed in row order whatever the thread count.
+std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x_in, const paddle::Tensor& g_in,
+                                              const paddle::Tensor& b_in, const paddle::Tensor& mean,
+                                              const paddle::Tensor& rstd, const paddle::Tensor& dy_in,
+                                              float) {
+  const paddle::Tensor x = x_in.contiguous(), g = g_in.contiguous(), dy = dy_in.contiguous();
+  const int64_t channels = g.numel(), rows = x.numel() / std::max<int64_t>(channels, 1);
+  auto dx = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto dg = paddle::empty(g.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto db = paddle::empty(b_in.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *xp = x.data<float>(), *gp = g.data<float>(), *dyp = dy.data<float>(),
+              *mp = mean.data<float>(), *rp = rstd.data<float>();
+  float *dxp = dx.data<float>(), *dgp = dg.data<float>(), *dbp = db.data<float>();
+  constexpr int64_t kColumns = 64;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t r = 0; r < rows; ++r) {
+      const float *xr = xp + r * channels, *gr = dyp + r * channels;
+      const float mu = mp[r], inv = rp[r];
+      float sum_h = 0.f, sum_hx = 0.f;
+#pragma omp simd reduction(+ : sum_h, sum_hx)
+      for (int64_t c = 0; c < channels; ++c) {
+        const float h = gr[c] * gp[c];
+        sum_h += h;
+        sum_hx += h * (xr[c] - mu) * inv;
+      }
+      const float mean_h = sum_h / channels, mean_hx = sum_hx / channels;
+      float* dxr = dxp + r * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c)
+        dxr[c] = inv * (gr[c] * gp[c] - mean_h - (xr[c] - mu) * inv * mean_hx);
+    }
+#pragma omp for schedule(static)
+    for (int64_t c0 = 0; c0 < channels; c0 += kColumns) {
+      const int64_t c1 = std::min(channels, c0 + kColumns);
+      std::fill(dgp + c0, dgp + c1, 0.f);
+      std::fill(dbp + c0, dbp + c1, 0.f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = xp + r * channels, *gr = dyp + r * channels;
+        const float mu = mp[r], inv = rp[r];
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) {
+          dgp[c] += gr[c] * (xr[c] - mu) * inv;
+          dbp[c] += gr[c];
+        }
+      }
+    }
+  }
+  return {dx, dg, db};
+}
+
+std::vector<std::vector<int64_t>> LayerNormInferShape(const std::vector<int64_t>& x,
+                                                      const std::vector<int64_t>& g,
+                                                      const std::vector<int64_t>&) {
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < x.size(); ++i) rows = x[i] < 0 ? -1 : (rows < 0 ? -1 : rows * x[i]);
+  return {x, {rows}, {rows}};
+}
+
+std::vector<paddle::DataType> LayerNormDtypes(const paddle::DataType& x, const paddle::DataType&,
+                                              const paddle::DataType&) {
+  return {x, x, x};
+}
+
 std::vector<std::vector<int64_t>> SameShape(const std::vector<int64_t>& x) { return {x}; }
 
 std::vector<paddle::DataType> SameDtype1(const paddle::DataType& x) { return {x}; }
@@ -651,3 +752,17 @@ PD_BUILD_GRAD_OP(mf_channel_affine)
     .Inputs({"X", "A", "B", paddle::Grad("Out")})
     .Outputs({paddle::Grad("X"), paddle::Grad("A"), paddle::Grad("B")})
     .SetKernelFn(PD_KERNEL(ChannelAffineBackward));
+
+PD_BUILD_OP(mf_layer_norm)
+    .Inputs({"X", "Gamma", "Beta"})
+    .Outputs({"Out", "Mean", "Rstd"})
+    .Attrs({"epsilon: float"})
+    .SetKernelFn(PD_KERNEL(LayerNormForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(LayerNormInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(LayerNormDtypes));
+
+PD_BUILD_GRAD_OP(mf_layer_norm)
+    .Inputs({"X", "Gamma", "Beta", "Mean", "Rstd", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("Gamma"), paddle::Grad("Beta")})
+    .Attrs({"epsilon: float"})
+    .SetKernelFn(PD_KERNEL(LayerNormBackward));
