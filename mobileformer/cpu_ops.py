@@ -1,17 +1,20 @@
-"""Fast CPU kernels for depthwise conv2d and the dynamic ReLU, with a standard-op fallback.
+"""Fast CPU kernels for the operations whose stock Paddle CPU kernels dominate dygraph time, with
+a standard-op fallback.
 
-Paddle's stock CPU kernels for these two operations dominate Mobile-Former's dygraph time (an
-im2col + tiny GEMM per sample and group for depthwise conv; single-threaded broadcast multiplies
-for max(x * a1, x * a2)). `csrc/cpu_ops.cc` implements both, forward and backward, as Paddle
-custom operators, compiled just in time on first use and cached.
+Mobile-Former: depthwise conv2d (Paddle: an im2col + tiny GEMM per sample and group) and the
+dynamic ReLU (single-threaded broadcast multiplies for max(x * a1, x * a2)). The MLP family:
+`linear` (Paddle's dygraph GEMM is MKL's, without AVX-512 on AMD CPUs; the kernel calls oneDNN's
+sgemm), the exact GELU, layer norm over the last axis and ResMLP's per-channel scale/shift (Paddle
+runs these, or their parameter gradients, on one thread). `csrc/cpu_ops.cc` implements them,
+forward and backward, as Paddle custom operators, compiled just in time on first use and cached.
 
 The kernels run only in dynamic mode on float32 CPU tensors once the library is built. Everywhere
 else (`paddle.jit.to_static` and exported programs, other devices or dtypes,
 MOBILEFORMER_CPU_OPS=0, or a failed build) the same computation runs with standard Paddle ops,
 so exported models never need the custom library.
 
-Threads: the library links Paddle's own OpenMP runtime (libiomp5), so its loops share MKL's
-thread pool and follow `paddle.base.core.set_num_threads` (Paddle's default: 1 thread).
+Threads: the library links Paddle's own OpenMP runtime (libiomp5), so its loops (and oneDNN's)
+share MKL's thread pool and follow `paddle.base.core.set_num_threads` (Paddle's default: 1 thread).
 
 Environment: MOBILEFORMER_CPU_OPS=0 disables the kernels; MOBILEFORMER_OPS_CACHE replaces the
 cache root `~/.cache/mobileformer/ops` (builds go to `<root>/<hash of source, flags, Paddle>`).
