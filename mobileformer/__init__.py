@@ -16,9 +16,12 @@ warnings.filterwarnings('ignore', message='To copy construct from a tensor')
 # "not support input out tensor" at every export; GLOG_minloglevel=0 brings it back.
 os.environ.setdefault('GLOG_minloglevel', '2')
 
-from mobileformer.cpu import prefer_mkl_avx2_on_amd  # noqa: E402  (after the filters)
+from mobileformer.cpu import forget_paddles_omp_default, prefer_mkl_avx2_on_amd  # noqa: E402  (after the filters)
 
 prefer_mkl_avx2_on_amd()
+import paddle  # noqa: E402,F401  (sets OMP_NUM_THREADS=1 where it is unset, undone below)
+
+forget_paddles_omp_default()
 
 from mobileformer.config import ConfigError, get_config
 from mobileformer.registry import build_model, register_model, registered_models

@@ -1,5 +1,5 @@
 """CPU set-up: the MKL request below is applied when `mobileformer` is imported (before Paddle's
-first GEMM); the thread count and glibc's buffer reuse are applied by every command
+first GEMM), and so is the removal of Paddle's own OMP_NUM_THREADS=1; the thread count and glibc's buffer reuse are applied by every command
 (`cli.run` -> `use_cpu_threads`), by `InferenceModel` and by the benchmark; the oneDNN ISA cap on
 AMD AVX-512 CPUs by `deploy.runtimes.PaddleModel` before it creates a predictor.
 
@@ -90,19 +90,32 @@ def cpu_threads(environ: Mapping[str, str] = os.environ) -> int:
 
 def users_environ(environ: Mapping[str, str] = os.environ) -> Dict[str, str]:
     """`environ` without the OMP_NUM_THREADS=1 that importing Paddle sets when the user left it
-    unset (told apart by the environment the process started with). `use_cpu_threads` (training,
-    evaluation) still counts Paddle's 1: resumed runs in a child process inherit it, and bit-identical
-    resumption needs the same thread count in both."""
+    unset (told apart by the environment the process started with)."""
     environ = dict(environ)
     if environ.get('OMP_NUM_THREADS') == '1' and not _set_at_start('OMP_NUM_THREADS'):
         del environ['OMP_NUM_THREADS']
     return environ
 
 
+def forget_paddles_omp_default(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Removes the OMP_NUM_THREADS=1 that importing Paddle put into `environ` when the user left it
+    unset; True if it did. Importing `mobileformer` calls it, after Paddle's import.
+
+    Left there, it would read as the user's choice: `use_cpu_threads` would run one thread, and
+    every process started from this one (a training run a script or test launches, a resumed run)
+    would inherit it as a setting of its own, so that two runs of one command could use different
+    thread counts, and bit-identical resumption needs the same count in both."""
+    if 'OMP_NUM_THREADS' in environ and 'OMP_NUM_THREADS' not in users_environ(environ):
+        del environ['OMP_NUM_THREADS']
+        return True
+    return False
+
+
 def use_cpu_threads() -> int:
     """Sets Paddle's CPU math threads (its default is 1, where PyTorch uses every core) to
-    `cpu_threads()` and applies `keep_freed_memory()`; returns the thread count. The compiled
-    kernels of `cpu_ops` share this thread pool."""
+    `cpu_threads()` (every CPU unless the user set OMP_NUM_THREADS: see
+    `forget_paddles_omp_default`) and applies `keep_freed_memory()`; returns the thread count. The
+    compiled kernels of `cpu_ops` and oneDNN share this thread pool."""
     import paddle
 
     threads = cpu_threads()

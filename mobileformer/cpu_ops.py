@@ -1,22 +1,27 @@
-"""Fast CPU kernels for depthwise conv2d and the dynamic ReLU, with a standard-op fallback.
+"""Fast CPU kernels for the operations whose stock Paddle CPU kernels dominate dygraph time, with
+a standard-op fallback.
 
-Paddle's stock CPU kernels for these two operations dominate Mobile-Former's dygraph time (an
-im2col + tiny GEMM per sample and group for depthwise conv; single-threaded broadcast multiplies
-for max(x * a1, x * a2)). `csrc/cpu_ops.cc` implements both, forward and backward, as Paddle
-custom operators, compiled just in time on first use and cached.
+Mobile-Former: depthwise conv2d (Paddle: an im2col + tiny GEMM per sample and group) and the
+dynamic ReLU (single-threaded broadcast multiplies for max(x * a1, x * a2)). The MLP family:
+`linear` (Paddle's dygraph GEMM is MKL's, without AVX-512 on AMD CPUs; the kernel calls oneDNN's
+sgemm), the exact GELU, layer norm over the last axis and ResMLP's per-channel scale/shift (Paddle
+runs these, or their parameter gradients, on one thread). `csrc/cpu_ops.cc` implements them,
+forward and backward, as Paddle custom operators, compiled just in time on first use and cached.
 
 The kernels run only in dynamic mode on float32 CPU tensors once the library is built. Everywhere
 else (`paddle.jit.to_static` and exported programs, other devices or dtypes,
 MOBILEFORMER_CPU_OPS=0, or a failed build) the same computation runs with standard Paddle ops,
 so exported models never need the custom library.
 
-Threads: the library links Paddle's own OpenMP runtime (libiomp5), so its loops share MKL's
-thread pool and follow `paddle.base.core.set_num_threads` (Paddle's default: 1 thread).
+Threads: the library links Paddle's own OpenMP runtime (libiomp5), so its loops (and oneDNN's)
+share MKL's thread pool and follow `paddle.base.core.set_num_threads` (Paddle's default: 1 thread).
 
 Environment: MOBILEFORMER_CPU_OPS=0 disables the kernels; MOBILEFORMER_OPS_CACHE replaces the
 cache root `~/.cache/mobileformer/ops` (builds go to `<root>/<hash of source, flags, Paddle>`).
 """
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import sys
@@ -30,6 +35,21 @@ import paddle.nn.functional as F
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_ops.cc')
 _NAME = 'mobileformer_cpu_ops'
 _CXX_FLAGS = ['-O3', '-fopenmp']
+_LIBMVEC_ERF = '_ZGVbN4v_erff'  # glibc 2.35+: the vector erf the GELU loops need
+
+
+def _has_libmvec() -> bool:
+    """Whether glibc's vector math library (with erf) can vectorise the GELU loops; without it they
+    call the scalar functions."""
+    name = ctypes.util.find_library('mvec')
+    try:
+        return name is not None and hasattr(ctypes.CDLL(name), _LIBMVEC_ERF)
+    except OSError:
+        return False
+
+
+def _cxx_flags() -> List[str]:
+    return _CXX_FLAGS + (['-DMF_LIBMVEC'] if _has_libmvec() else [])
 _KERNEL_SIZES = (3, 5)
 _STRIDES = (1, 2)
 
@@ -63,17 +83,23 @@ def _cache_dir() -> str:
     digest = hashlib.sha256()
     with open(_SOURCE, 'rb') as f:
         digest.update(f.read())
-    digest.update(' '.join([paddle.__version__, *_CXX_FLAGS, *_link_flags()]).encode())
+    digest.update(' '.join([paddle.__version__, *_cxx_flags(), *_link_flags()]).encode())
     return os.path.join(root, digest.hexdigest()[:16])
 
 
+def _paddle_dir(*parts: str) -> str:
+    return os.path.join(os.path.dirname(paddle.__file__), *parts)
+
+
 def _link_flags() -> List[str]:
+    # The oneDNN Paddle ships (and has loaded already) serves the linear layer's GEMMs.
     # libiomp5 also serves the GOMP_* entry points gcc emits for `#pragma omp`: linking it instead
     # of libgomp gives one thread pool shared with MKL rather than two competing ones.
-    libs = os.path.join(os.path.dirname(paddle.__file__), 'libs')
+    libs = _paddle_dir('libs')
+    common = [f'-L{libs}', '-l:libdnnl.so.3', f'-Wl,-rpath,{libs}'] + (['-lmvec'] if _has_libmvec() else [])
     if os.path.exists(os.path.join(libs, 'libiomp5.so')):
-        return [f'-L{libs}', '-l:libiomp5.so', f'-Wl,-rpath,{libs}']
-    return ['-fopenmp']
+        return common + ['-l:libiomp5.so']
+    return common + ['-fopenmp']
 
 
 @contextlib.contextmanager
@@ -110,7 +136,7 @@ def _build() -> ModuleType:
         try:
             with warnings.catch_warnings(), output_to(log):
                 warnings.simplefilter('ignore')
-                return load(name=_NAME, sources=[_SOURCE], extra_cxx_cflags=_CXX_FLAGS,
+                return load(name=_NAME, sources=[_SOURCE], extra_cxx_cflags=_cxx_flags(),
                             extra_ldflags=_link_flags(), build_directory=directory)
         except Exception as error:
             raise RuntimeError(f'{str(error).splitlines()[0][:300]} (build log: {log})') from error
@@ -196,3 +222,42 @@ def dynamic_relu(x: paddle.Tensor, slope1: paddle.Tensor, slope2: paddle.Tensor)
     # (measured: Mobile-Former-294M exported, batch 32: 0.76 -> 0.54 s). At a tie (x = 0 or
     # slope1 = slope2) this form gives the whole gradient to slope1, the kernel half to each.
     return x * slope1 + F.relu(x * (slope2 - slope1))
+
+
+def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor]) -> paddle.Tensor:
+    """`F.linear(x, weight, bias)`: x [..., K], weight [K, N], bias [N] or None; -> [..., N].
+    The compiled kernel (oneDNN's GEMM, forward and backward) takes the layers with a bias."""
+    if bias is not None and _eligible(x, weight, bias):
+        library = _kernels()
+        if library is not None:
+            return library.mf_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def gelu(x: paddle.Tensor) -> paddle.Tensor:
+    """`F.gelu(x)` (the exact, erf form)."""
+    if _eligible(x):
+        library = _kernels()
+        if library is not None:
+            return library.mf_gelu(x)
+    return F.gelu(x)
+
+
+def channel_scale(x: paddle.Tensor, scale: paddle.Tensor, shift: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+    """`x * scale (+ shift)` over the last axis: x [..., C], scale and shift [C]."""
+    tensors = (x, scale) if shift is None else (x, scale, shift)
+    if x.ndim >= 1 and _eligible(*tensors):
+        library = _kernels()
+        if library is not None:
+            return library.mf_channel_scale(x, scale) if shift is None else library.mf_channel_affine(x, scale, shift)
+    return x * scale if shift is None else x * scale + shift
+
+
+def layer_norm(x: paddle.Tensor, weight: Optional[paddle.Tensor], bias: Optional[paddle.Tensor],
+               epsilon: float) -> paddle.Tensor:
+    """`F.layer_norm` over the last axis: x [..., C], weight and bias [C] or None."""
+    if weight is not None and bias is not None and x.ndim >= 1 and _eligible(x, weight, bias):
+        library = _kernels()
+        if library is not None:
+            return library.mf_layer_norm(x, weight, bias, epsilon)[0]
+    return F.layer_norm(x, x.shape[-1:], weight, bias, epsilon)

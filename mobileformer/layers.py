@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from mobileformer.cpu_ops import depthwise_conv2d
+from mobileformer.cpu_ops import depthwise_conv2d, gelu, layer_norm, linear
 
 
 def drop_path_rates(max_rate: float, num_blocks: int) -> List[float]:
@@ -53,14 +53,47 @@ class DepthwiseConv2D(nn.Conv2D):
         return depthwise_conv2d(x, self.weight, self.stride, self.padding)
 
 
+class Linear(nn.Linear):
+    """nn.Linear run by `cpu_ops.linear`: oneDNN's GEMM (compiled kernel) in dygraph on the CPU,
+    `F.linear` elsewhere. Same parameters and state-dict names as nn.Linear."""
+
+    runs_cpu_kernels = True  # see cpu_ops.prepare
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class GELU(nn.GELU):
+    """Exact (erf) GELU run by `cpu_ops.gelu`: the compiled multi-threaded kernel in dygraph on the
+    CPU, `F.gelu` elsewhere."""
+
+    runs_cpu_kernels = True  # see cpu_ops.prepare
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return gelu(x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over the last axis run by `cpu_ops.layer_norm`: the compiled multi-threaded
+    kernel in dygraph on the CPU, `F.layer_norm` elsewhere. Same parameters as nn.LayerNorm."""
+
+    runs_cpu_kernels = True  # see cpu_ops.prepare
+
+    def __init__(self, normalized_shape: int, epsilon: float = 1e-5):
+        super().__init__(normalized_shape, epsilon=epsilon)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return layer_norm(x, self.weight, self.bias, self._epsilon)
+
+
 class Mlp(nn.Layer):
     """Linear -> exact GELU -> Linear (timm `Mlp`)."""
 
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()  # erf form, as the references
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc1 = Linear(in_features, hidden_features)
+        self.act = GELU()  # erf form, as the references
+        self.fc2 = Linear(hidden_features, in_features)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.fc2(self.act(self.fc1(x)))

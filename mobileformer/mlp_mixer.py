@@ -23,7 +23,8 @@ from yacs.config import CfgNode
 
 from mobileformer.backbone import TokenBackbone
 from mobileformer.config import ConfigError, check_patch_grid
-from mobileformer.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
+from mobileformer.cpu_ops import channel_scale
+from mobileformer.layers import GELU, DropPath, LayerNorm, Linear, Mlp, PatchEmbed, drop_path_rates
 from mobileformer.registry import register_converter, register_model
 from mobileformer.torch_io import to_paddle_layout
 
@@ -41,9 +42,9 @@ class MixerBlock(nn.Layer):
     def __init__(self, dim: int, num_tokens: int, token_hidden: int, channel_hidden: int,
                  drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, epsilon=1e-6)
+        self.norm1 = LayerNorm(dim, epsilon=1e-6)
         self.mlp_tokens = Mlp(num_tokens, token_hidden)
-        self.norm2 = nn.LayerNorm(dim, epsilon=1e-6)
+        self.norm2 = LayerNorm(dim, epsilon=1e-6)
         self.mlp_channels = Mlp(dim, channel_hidden)
         self.drop_path = DropPath(drop_path)
 
@@ -57,8 +58,8 @@ class SpatialGatingUnit(nn.Layer):
 
     def __init__(self, hidden: int, num_tokens: int):
         super().__init__()
-        self.norm = nn.LayerNorm(hidden // 2, epsilon=1e-5)  # PyTorch default, unlike the blocks
-        self.proj = nn.Linear(num_tokens, num_tokens)
+        self.norm = LayerNorm(hidden // 2, epsilon=1e-5)  # PyTorch default, unlike the blocks
+        self.proj = Linear(num_tokens, num_tokens)
 
     def init_weights(self) -> None:
         # Near-zero weight and unit bias: the gate starts as identity (u * 1).
@@ -75,10 +76,10 @@ class GatedMlp(nn.Layer):
 
     def __init__(self, dim: int, hidden: int, num_tokens: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.fc1 = Linear(dim, hidden)
+        self.act = GELU()
         self.gate = SpatialGatingUnit(hidden, num_tokens)
-        self.fc2 = nn.Linear(hidden // 2, dim)
+        self.fc2 = Linear(hidden // 2, dim)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.fc2(self.gate(self.act(self.fc1(x))))
@@ -89,7 +90,7 @@ class SpatialGatingBlock(nn.Layer):
 
     def __init__(self, dim: int, num_tokens: int, hidden: int, drop_path: float = 0.0):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, epsilon=1e-6)
+        self.norm = LayerNorm(dim, epsilon=1e-6)
         self.mlp_channels = GatedMlp(dim, hidden, num_tokens)
         self.drop_path = DropPath(drop_path)
 
@@ -105,8 +106,10 @@ class Affine(nn.Layer):
         self.alpha = self.create_parameter([dim], default_initializer=I.Constant(1.0))
         self.beta = self.create_parameter([dim], default_initializer=I.Constant(0.0))
 
+    runs_cpu_kernels = True  # see cpu_ops.prepare
+
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.alpha * x + self.beta
+        return channel_scale(x, self.alpha, self.beta)
 
 
 class ResBlock(nn.Layer):
@@ -116,7 +119,7 @@ class ResBlock(nn.Layer):
                  drop_path: float = 0.0):
         super().__init__()
         self.norm1 = Affine(dim)
-        self.linear_tokens = nn.Linear(num_tokens, num_tokens)
+        self.linear_tokens = Linear(num_tokens, num_tokens)
         self.norm2 = Affine(dim)
         self.mlp_channels = Mlp(dim, hidden)
         self.ls1 = self.create_parameter([dim], default_initializer=I.Constant(layerscale_init))
@@ -124,8 +127,8 @@ class ResBlock(nn.Layer):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = x + self.drop_path(self.ls1 * _over_tokens(self.linear_tokens, self.norm1(x)))
-        return x + self.drop_path(self.ls2 * self.mlp_channels(self.norm2(x)))
+        x = x + self.drop_path(channel_scale(_over_tokens(self.linear_tokens, self.norm1(x)), self.ls1))
+        return x + self.drop_path(channel_scale(self.mlp_channels(self.norm2(x)), self.ls2))
 
 
 BLOCK_TYPES = ('mixer', 'gmlp', 'resmlp')
@@ -156,7 +159,7 @@ class MlpMixer(TokenBackbone):
         hidden = int(mlp_ratio * embed_dim)
         # Norm and blocks are made before the stem, as they always were: the order of the random
         # draws of the default initialisers decides the values the seeded re-initialisation gives.
-        norm = Affine(embed_dim) if block_type == 'resmlp' else nn.LayerNorm(embed_dim, epsilon=1e-6)
+        norm = Affine(embed_dim) if block_type == 'resmlp' else LayerNorm(embed_dim, epsilon=1e-6)
         blocks = []
         for rate in drop_path_rates(drop_path, depth):
             if block_type == 'mixer':

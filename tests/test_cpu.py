@@ -63,8 +63,9 @@ def test_keep_freed_memory_applies_through_glibc_unless_the_user_tuned_malloc():
 
 @pytest.mark.parametrize('user_value, expected', [(None, len(os.sched_getaffinity(0))), ('1', 1)])
 def test_paddles_own_omp_default_is_not_taken_for_the_users(user_value, expected):
-    """Importing Paddle sets OMP_NUM_THREADS=1 when it is unset; only a value the process started
-    with is the user's (InferenceModel's thread count)."""
+    """Importing Paddle sets OMP_NUM_THREADS=1 when it is unset; importing mobileformer removes it
+    again, so that commands (and the processes they or a script start) use every CPU, while a value
+    the process started with is the user's."""
     import subprocess
     import sys
 
@@ -73,10 +74,19 @@ def test_paddles_own_omp_default_is_not_taken_for_the_users(user_value, expected
     env = {k: v for k, v in os.environ.items() if k != 'OMP_NUM_THREADS'}
     if user_value is not None:
         env['OMP_NUM_THREADS'] = user_value
-    code = ('import paddle, os; from mobileformer.cpu import cpu_threads, users_environ; '
-            'print(os.environ["OMP_NUM_THREADS"], cpu_threads(users_environ()))')
+    code = ('import paddle, os; import mobileformer; from mobileformer.cpu import cpu_threads, use_cpu_threads, users_environ; '
+            'print(os.environ.get("OMP_NUM_THREADS", "unset"), cpu_threads(users_environ()), use_cpu_threads())')
     out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split()[-2:] == ['1', str(expected)]
+    assert out.stdout.split()[-3:] == [user_value or 'unset', str(expected), str(expected)]
+
+
+def test_only_paddles_omp_default_is_forgotten():
+    from mobileformer.cpu import forget_paddles_omp_default
+
+    environ = {'OMP_NUM_THREADS': '3'}
+    assert not forget_paddles_omp_default(environ)
+    assert environ == {'OMP_NUM_THREADS': '3'}
+    assert not forget_paddles_omp_default({})
 
 
 AMD_AVX512 = 'processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\n'

@@ -129,6 +129,92 @@ def test_dynamic_relu_rejects_unbroadcast_slopes():
         cpu_ops.dynamic_relu(paddle.ones([1, 2, 3, 3]), paddle.ones([1, 2, 1, 1]), paddle.ones([1, 2, 1, 1]))
 
 
+@pytest.mark.parametrize('x_shape, n', [((5, 7), 3), ((2, 9, 33), 70), ((3, 4, 2, 8), 1)])
+def test_linear_matches_paddles(kernels, x_shape, n):
+    x = np.random.randn(*x_shape).astype('float32')
+    weight = np.random.randn(x_shape[-1], n).astype('float32')
+    bias = np.random.randn(n).astype('float32')
+    _assert_matches(cpu_ops.linear, F.linear, [x, weight, bias], (*x_shape[:-1], n))
+    assert kernels.calls == 1
+
+
+def test_linear_over_a_transposed_view_and_an_empty_batch(kernels):
+    # the token-mixing layers of the MLP models read x [B, N, C] transposed: a strided view
+    x = np.random.randn(2, 6, 5).astype('float32')
+    weight, bias = np.random.randn(6, 4).astype('float32'), np.random.randn(4).astype('float32')
+
+    def ours(a, w, b):
+        view = a.transpose([0, 2, 1])
+        assert not view.is_contiguous()
+        return cpu_ops.linear(view, w, b)
+    _assert_matches(ours, lambda a, w, b: F.linear(a.transpose([0, 2, 1]), w, b), [x, weight, bias], (2, 5, 4))
+    empty = _leaf(np.zeros((0, 6), 'float32'))
+    w, b = _leaf(weight), _leaf(bias)
+    out = cpu_ops.linear(empty, w, b)
+    out.sum().backward()
+    assert out.shape == [0, 4] and not w.grad.numpy().any() and not b.grad.numpy().any()
+    assert kernels.calls == 2
+
+
+def test_linear_without_bias_uses_paddles(kernels):
+    x, weight = paddle.randn([3, 4]), paddle.randn([4, 2])
+    np.testing.assert_allclose(cpu_ops.linear(x, weight, None).numpy(), F.linear(x, weight).numpy(), **TOL)
+    assert kernels.calls == 0
+
+
+def test_linear_layer_keeps_nn_linears_parameters(kernels):
+    from mobileformer.layers import Linear
+
+    layer = Linear(6, 3)
+    assert [name for name, _ in layer.named_parameters()] == ['weight', 'bias']
+    x = paddle.randn([2, 6])
+    np.testing.assert_allclose(layer(x).numpy(), F.linear(x, layer.weight, layer.bias).numpy(), **TOL)
+    assert kernels.calls == 1
+
+
+def test_gelu_matches_paddles_exact_gelu(kernels):
+    x = (np.random.randn(3, 5, 67) * 3).astype('float32')
+    x[0, 0, :4] = [0.0, -10.0, 10.0, -0.5]
+    _assert_matches(cpu_ops.gelu, F.gelu, [x], x.shape)
+    assert kernels.calls == 1
+
+
+def test_gelu_layer_is_the_exact_form(kernels):
+    from mobileformer.layers import GELU
+
+    x = paddle.randn([4, 9])
+    np.testing.assert_allclose(GELU()(x).numpy(), F.gelu(x, approximate=False).numpy(), **TOL)
+    assert kernels.calls == 1
+
+
+@pytest.mark.parametrize('shape', [(7,), (3, 5, 70), (2, 3, 4, 130)])
+def test_channel_scale_and_shift_match_broadcast_ops(kernels, shape):
+    x = np.random.randn(*shape).astype('float32')
+    scale, shift = np.random.randn(shape[-1]).astype('float32'), np.random.randn(shape[-1]).astype('float32')
+    _assert_matches(cpu_ops.channel_scale, lambda a, s: a * s, [x, scale], shape)
+    _assert_matches(cpu_ops.channel_scale, lambda a, s, b: a * s + b, [x, scale, shift], shape)
+    assert kernels.calls == 2
+
+
+@pytest.mark.parametrize('shape, epsilon', [((5, 7), 1e-5), ((2, 3, 130), 1e-6)])
+def test_layer_norm_matches_paddles(kernels, shape, epsilon):
+    x = (np.random.randn(*shape) * 2 + 1).astype('float32')
+    weight, bias = np.random.randn(shape[-1]).astype('float32'), np.random.randn(shape[-1]).astype('float32')
+    _assert_matches(lambda a, w, b: cpu_ops.layer_norm(a, w, b, epsilon),
+                    lambda a, w, b: F.layer_norm(a, shape[-1:], w, b, epsilon), [x, weight, bias], shape)
+    assert kernels.calls == 1
+
+
+def test_layer_norm_layer_keeps_nn_layer_norms_parameters(kernels):
+    from mobileformer.layers import LayerNorm
+
+    layer = LayerNorm(6, epsilon=1e-6)
+    assert [name for name, _ in layer.named_parameters()] == ['weight', 'bias']
+    x = paddle.randn([2, 3, 6])
+    np.testing.assert_allclose(layer(x).numpy(), F.layer_norm(x, [6], layer.weight, layer.bias, 1e-6).numpy(), **TOL)
+    assert kernels.calls == 1
+
+
 class _TinyBlock(paddle.nn.Layer):
     def __init__(self, channels: int = 4, multiplier: int = 2):
         super().__init__()

@@ -1,12 +1,15 @@
-// CPU kernels (float32, NCHW) for the two operations whose stock Paddle CPU kernels dominate
-// Mobile-Former's dygraph time: depthwise convolution and the dynamic ReLU max(x*a1, x*a2).
+// CPU kernels (float32) for the operations whose stock Paddle CPU kernels dominate dygraph time:
+// Mobile-Former's depthwise convolution and dynamic ReLU max(x*a1, x*a2) (NCHW), and the dense
+// layers (`linear`) of every model, whose GEMMs go to oneDNN instead of MKL.
 // Built just in time by mobileformer/cpu_ops.py, which also falls back to standard Paddle ops.
 //
 // Threads: `#pragma omp` loops. The library is linked against Paddle's own libiomp5 (see
-// cpu_ops.py), so these loops share one thread pool with MKL and follow
-// `paddle.base.core.set_num_threads` like Paddle's math library does.
+// cpu_ops.py), so these loops share one thread pool with MKL and oneDNN (whose OpenMP calls bind
+// to the same runtime in Paddle's process) and follow `paddle.base.core.set_num_threads` like
+// Paddle's math library does.
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -320,11 +323,350 @@ std::vector<paddle::Tensor> DynamicReluBackward(const paddle::Tensor& x_in,
   return {dx, da1, da2};
 }
 
-std::vector<std::vector<int64_t>> DynamicReluInferShape(const std::vector<int64_t>& x,
+std::vector<std::vector<int64_t>> FirstShape3(const std::vector<int64_t>& x,
                                                         const std::vector<int64_t>&,
                                                         const std::vector<int64_t>&) {
   return {x};
 }
+
+// ---- linear: y = x W + b through oneDNN's GEMM ----
+// Paddle's dygraph `linear` / `matmul` call MKL, which has no AVX-512 kernels on AMD CPUs;
+// oneDNN's sgemm picks its kernels by instruction set alone (and honours ONEDNN_MAX_CPU_ISA).
+
+// oneDNN's C API (libdnnl.so.3; Paddle's wheel ships the library but not all of its headers):
+// returns dnnl_success (0) or an error status.
+extern "C" int dnnl_sgemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha,
+                          const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                          float* c, int64_t ldc);
+constexpr int kDnnlSuccess = 0;
+
+// Row-major C[m x n] = A' B' + beta C, A' = A or A^T (trans_a), likewise B'.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
+          const float* b, float beta, float* c) {
+  const int status =
+      dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, 1.f, a, trans_a ? m : k, b,
+                 trans_b ? k : n, beta, c, n);
+  PD_CHECK(status == kDnnlSuccess, "linear: oneDNN sgemm failed with status ", status, ".");
+}
+
+void check_linear_args(const paddle::Tensor& x, const paddle::Tensor& w, const paddle::Tensor& b) {
+  PD_CHECK(x.is_cpu() && w.is_cpu() && b.is_cpu(), "linear: tensors must be on the CPU.");
+  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && w.dtype() == paddle::DataType::FLOAT32 &&
+               b.dtype() == paddle::DataType::FLOAT32,
+           "linear: tensors must be float32.");
+  PD_CHECK(!x.shape().empty() && w.shape().size() == 2 && x.shape().back() == w.shape()[0] &&
+               b.shape() == std::vector<int64_t>({w.shape()[1]}),
+           "linear: x must be [..., K], the weight [K, N] and the bias [N].");
+}
+
+std::vector<paddle::Tensor> LinearForward(const paddle::Tensor& x_in, const paddle::Tensor& w_in,
+                                          const paddle::Tensor& b_in) {
+  check_linear_args(x_in, w_in, b_in);
+  const paddle::Tensor x = x_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
+  const int64_t k = w.shape()[0], n = w.shape()[1], m = x.numel() / std::max<int64_t>(k, 1);
+  std::vector<int64_t> shape = x.shape();
+  shape.back() = n;
+  auto y = paddle::empty(shape, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float* bp = b.data<float>();
+  float* yp = y.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < m; ++i) std::memcpy(yp + i * n, bp, n * sizeof(float));
+  if (m > 0 && k > 0) gemm(false, false, m, n, k, x.data<float>(), w.data<float>(), 1.f, yp);
+  return {y};
+}
+
+// dx = dy W^T, dW = x^T dy, db = the column sums of dy (summed in row order whatever the thread
+// count, so the bias gradient does not depend on it).
+std::vector<paddle::Tensor> LinearBackward(const paddle::Tensor& x_in, const paddle::Tensor& w_in,
+                                           const paddle::Tensor& b_in, const paddle::Tensor& dy_in) {
+  const paddle::Tensor x = x_in.contiguous(), w = w_in.contiguous(), dy = dy_in.contiguous();
+  const int64_t k = w.shape()[0], n = w.shape()[1], m = x.numel() / std::max<int64_t>(k, 1);
+  auto dx = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto dw = paddle::empty(w.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto db = paddle::empty(b_in.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *xp = x.data<float>(), *wp = w.data<float>(), *gp = dy.data<float>();
+  float *dxp = dx.data<float>(), *dwp = dw.data<float>(), *dbp = db.data<float>();
+  if (m > 0 && n > 0 && k > 0) {
+    gemm(false, true, m, k, n, gp, wp, 0.f, dxp);
+    gemm(true, false, k, n, m, xp, gp, 0.f, dwp);
+  } else {  // an empty product: zero gradients
+    std::fill(dxp, dxp + dx.numel(), 0.f);
+    std::fill(dwp, dwp + dw.numel(), 0.f);
+  }
+  constexpr int64_t kColumns = 64;
+#pragma omp parallel for schedule(static)
+  for (int64_t c0 = 0; c0 < n; c0 += kColumns) {
+    const int64_t c1 = std::min(n, c0 + kColumns);
+    float* sums = dbp + c0;
+    std::fill(sums, dbp + c1, 0.f);
+    for (int64_t i = 0; i < m; ++i) {
+      const float* row = gp + i * n;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) sums[c - c0] += row[c];
+    }
+  }
+  return {dx, dw, db};
+}
+
+std::vector<std::vector<int64_t>> LinearInferShape(const std::vector<int64_t>& x,
+                                                   const std::vector<int64_t>& w,
+                                                   const std::vector<int64_t>&) {
+  std::vector<int64_t> out = x;
+  out.back() = w[1];
+  return {out};
+}
+
+// ---- exact GELU: y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) ----
+// Paddle's CPU kernel runs one thread and a scalar erf; these loops use every thread and, where
+// glibc's vector math library is linked (MF_LIBMVEC, see cpu_ops.py), its vector erf and exp.
+
+#ifdef MF_LIBMVEC
+extern "C" {
+#pragma omp declare simd notinbranch
+float erff(float);
+#pragma omp declare simd notinbranch
+float expf(float);
+}
+#endif
+
+constexpr float kSqrtHalf = 0.70710678118654752f;     // 1 / sqrt(2)
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;   // 1 / sqrt(2 pi)
+
+std::vector<paddle::Tensor> GeluForward(const paddle::Tensor& x_in) {
+  PD_CHECK(x_in.is_cpu() && x_in.dtype() == paddle::DataType::FLOAT32,
+           "gelu: x must be a float32 CPU tensor.");
+  const paddle::Tensor x = x_in.contiguous();
+  auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float* xp = x.data<float>();
+  float* yp = y.data<float>();
+  const int64_t size = x.numel();
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < size; ++i) yp[i] = 0.5f * xp[i] * (1.f + erff(xp[i] * kSqrtHalf));
+  return {y};
+}
+
+// dx = dy * (Phi(x) + x phi(x)), phi the standard normal density.
+std::vector<paddle::Tensor> GeluBackward(const paddle::Tensor& x_in, const paddle::Tensor& dy_in) {
+  const paddle::Tensor x = x_in.contiguous(), dy = dy_in.contiguous();
+  auto dx = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *xp = x.data<float>(), *gp = dy.data<float>();
+  float* dxp = dx.data<float>();
+  const int64_t size = x.numel();
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < size; ++i) {
+    const float v = xp[i];
+    const float cdf = 0.5f * (1.f + erff(v * kSqrtHalf));
+    dxp[i] = gp[i] * (cdf + v * kInvSqrt2Pi * expf(-0.5f * v * v));
+  }
+  return {dx};
+}
+
+// ---- per-channel scale (and shift) over the last axis: y = x * a (+ b), a and b [C] ----
+// ResMLP's Affine normalisation and LayerScale. Paddle's broadcast multiply and add reduce their
+// parameter gradients on one thread.
+
+void check_channel_args(const paddle::Tensor& x, const paddle::Tensor& a) {
+  PD_CHECK(x.is_cpu() && a.is_cpu() && x.dtype() == paddle::DataType::FLOAT32 &&
+               a.dtype() == paddle::DataType::FLOAT32,
+           "channel scale: tensors must be float32 CPU tensors.");
+  PD_CHECK(!x.shape().empty() && a.shape() == std::vector<int64_t>({x.shape().back()}),
+           "channel scale: x must be [..., C] and the scale (and shift) [C].");
+}
+
+// y = x * a + (b or 0), rows of `channels` floats.
+void channel_affine(const float* x, const float* a, const float* b, float* y, int64_t rows,
+                    int64_t channels) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * channels;
+    float* yr = y + r * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) yr[c] = xr[c] * a[c] + (b ? b[c] : 0.f);
+  }
+}
+
+// dx = dy * a; da = the column sums of dy * x and db (when given) those of dy, summed in row
+// order whatever the thread count.
+void channel_affine_grad(const float* x, const float* a, const float* dy, float* dx, float* da,
+                         float* db, int64_t rows, int64_t channels) {
+  constexpr int64_t kColumns = 64;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) dx[r * channels + c] = dy[r * channels + c] * a[c];
+    }
+#pragma omp for schedule(static)
+    for (int64_t c0 = 0; c0 < channels; c0 += kColumns) {
+      const int64_t c1 = std::min(channels, c0 + kColumns);
+      std::fill(da + c0, da + c1, 0.f);
+      if (db) std::fill(db + c0, db + c1, 0.f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * channels, *gr = dy + r * channels;
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) da[c] += gr[c] * xr[c];
+        if (db) {
+#pragma omp simd
+          for (int64_t c = c0; c < c1; ++c) db[c] += gr[c];
+        }
+      }
+    }
+  }
+}
+
+std::vector<paddle::Tensor> ChannelScaleForward(const paddle::Tensor& x_in, const paddle::Tensor& a_in) {
+  check_channel_args(x_in, a_in);
+  const paddle::Tensor x = x_in.contiguous(), a = a_in.contiguous();
+  auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const int64_t channels = a.numel(), rows = x.numel() / std::max<int64_t>(channels, 1);
+  channel_affine(x.data<float>(), a.data<float>(), nullptr, y.data<float>(), rows, channels);
+  return {y};
+}
+
+std::vector<paddle::Tensor> ChannelScaleBackward(const paddle::Tensor& x_in, const paddle::Tensor& a_in,
+                                                 const paddle::Tensor& dy_in) {
+  const paddle::Tensor x = x_in.contiguous(), a = a_in.contiguous(), dy = dy_in.contiguous();
+  auto dx = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto da = paddle::empty(a.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const int64_t channels = a.numel(), rows = x.numel() / std::max<int64_t>(channels, 1);
+  channel_affine_grad(x.data<float>(), a.data<float>(), dy.data<float>(), dx.data<float>(),
+                      da.data<float>(), nullptr, rows, channels);
+  return {dx, da};
+}
+
+std::vector<paddle::Tensor> ChannelAffineForward(const paddle::Tensor& x_in, const paddle::Tensor& a_in,
+                                                 const paddle::Tensor& b_in) {
+  check_channel_args(x_in, a_in);
+  check_channel_args(x_in, b_in);
+  const paddle::Tensor x = x_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
+  auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const int64_t channels = a.numel(), rows = x.numel() / std::max<int64_t>(channels, 1);
+  channel_affine(x.data<float>(), a.data<float>(), b.data<float>(), y.data<float>(), rows, channels);
+  return {y};
+}
+
+std::vector<paddle::Tensor> ChannelAffineBackward(const paddle::Tensor& x_in, const paddle::Tensor& a_in,
+                                                  const paddle::Tensor& b_in, const paddle::Tensor& dy_in) {
+  const paddle::Tensor x = x_in.contiguous(), a = a_in.contiguous(), dy = dy_in.contiguous();
+  auto dx = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto da = paddle::empty(a.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto db = paddle::empty(b_in.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const int64_t channels = a.numel(), rows = x.numel() / std::max<int64_t>(channels, 1);
+  channel_affine_grad(x.data<float>(), a.data<float>(), dy.data<float>(), dx.data<float>(),
+                      da.data<float>(), db.data<float>(), rows, channels);
+  return {dx, da, db};
+}
+
+std::vector<std::vector<int64_t>> FirstShape2(const std::vector<int64_t>& x,
+                                              const std::vector<int64_t>&) {
+  return {x};
+}
+
+// ---- layer norm over the last axis: y = (x - mean) / sqrt(var + eps) * gamma + beta ----
+// Paddle's CPU kernel, and most of all its gradient, run one thread.
+
+std::vector<paddle::Tensor> LayerNormForward(const paddle::Tensor& x_in, const paddle::Tensor& g_in,
+                                             const paddle::Tensor& b_in, float epsilon) {
+  check_channel_args(x_in, g_in);
+  check_channel_args(x_in, b_in);
+  const paddle::Tensor x = x_in.contiguous(), g = g_in.contiguous(), b = b_in.contiguous();
+  const int64_t channels = g.numel(), rows = x.numel() / std::max<int64_t>(channels, 1);
+  auto y = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto mean = paddle::empty({rows}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto rstd = paddle::empty({rows}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *xp = x.data<float>(), *gp = g.data<float>(), *bp = b.data<float>();
+  float *yp = y.data<float>(), *mp = mean.data<float>(), *rp = rstd.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * channels;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < channels; ++c) sum += xr[c];
+    const float mu = sum / channels;
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t c = 0; c < channels; ++c) squares += (xr[c] - mu) * (xr[c] - mu);
+    const float inv = 1.f / std::sqrt(squares / channels + epsilon);
+    float* yr = yp + r * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) yr[c] = (xr[c] - mu) * inv * gp[c] + bp[c];
+    mp[r] = mu;
+    rp[r] = inv;
+  }
+  return {y, mean, rstd};
+}
+
+// With xh = (x - mean) * rstd and h = dy * gamma per row:
+// dx = rstd * (h - mean(h) - xh * mean(h * xh)); dgamma, dbeta = the column sums of dy * xh and
+// dy, summed in row order whatever the thread count.
+std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x_in, const paddle::Tensor& g_in,
+                                              const paddle::Tensor& b_in, const paddle::Tensor& mean,
+                                              const paddle::Tensor& rstd, const paddle::Tensor& dy_in,
+                                              float) {
+  const paddle::Tensor x = x_in.contiguous(), g = g_in.contiguous(), dy = dy_in.contiguous();
+  const int64_t channels = g.numel(), rows = x.numel() / std::max<int64_t>(channels, 1);
+  auto dx = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto dg = paddle::empty(g.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto db = paddle::empty(b_in.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *xp = x.data<float>(), *gp = g.data<float>(), *dyp = dy.data<float>(),
+              *mp = mean.data<float>(), *rp = rstd.data<float>();
+  float *dxp = dx.data<float>(), *dgp = dg.data<float>(), *dbp = db.data<float>();
+  constexpr int64_t kColumns = 64;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t r = 0; r < rows; ++r) {
+      const float *xr = xp + r * channels, *gr = dyp + r * channels;
+      const float mu = mp[r], inv = rp[r];
+      float sum_h = 0.f, sum_hx = 0.f;
+#pragma omp simd reduction(+ : sum_h, sum_hx)
+      for (int64_t c = 0; c < channels; ++c) {
+        const float h = gr[c] * gp[c];
+        sum_h += h;
+        sum_hx += h * (xr[c] - mu) * inv;
+      }
+      const float mean_h = sum_h / channels, mean_hx = sum_hx / channels;
+      float* dxr = dxp + r * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c)
+        dxr[c] = inv * (gr[c] * gp[c] - mean_h - (xr[c] - mu) * inv * mean_hx);
+    }
+#pragma omp for schedule(static)
+    for (int64_t c0 = 0; c0 < channels; c0 += kColumns) {
+      const int64_t c1 = std::min(channels, c0 + kColumns);
+      std::fill(dgp + c0, dgp + c1, 0.f);
+      std::fill(dbp + c0, dbp + c1, 0.f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = xp + r * channels, *gr = dyp + r * channels;
+        const float mu = mp[r], inv = rp[r];
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) {
+          dgp[c] += gr[c] * (xr[c] - mu) * inv;
+          dbp[c] += gr[c];
+        }
+      }
+    }
+  }
+  return {dx, dg, db};
+}
+
+std::vector<std::vector<int64_t>> LayerNormInferShape(const std::vector<int64_t>& x,
+                                                      const std::vector<int64_t>& g,
+                                                      const std::vector<int64_t>&) {
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < x.size(); ++i) rows = x[i] < 0 ? -1 : (rows < 0 ? -1 : rows * x[i]);
+  return {x, {rows}, {rows}};
+}
+
+std::vector<paddle::DataType> LayerNormDtypes(const paddle::DataType& x, const paddle::DataType&,
+                                              const paddle::DataType&) {
+  return {x, x, x};
+}
+
+std::vector<std::vector<int64_t>> SameShape(const std::vector<int64_t>& x) { return {x}; }
+
+std::vector<paddle::DataType> SameDtype1(const paddle::DataType& x) { return {x}; }
 
 std::vector<paddle::DataType> SameDtype(const paddle::DataType& x, const paddle::DataType&,
                                         const paddle::DataType&) {
@@ -355,10 +697,72 @@ PD_BUILD_OP(mf_dynamic_relu)
     .Inputs({"X", "A1", "A2"})
     .Outputs({"Out"})
     .SetKernelFn(PD_KERNEL(DynamicReluForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(DynamicReluInferShape))
+    .SetInferShapeFn(PD_INFER_SHAPE(FirstShape3))
     .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));
 
 PD_BUILD_GRAD_OP(mf_dynamic_relu)
     .Inputs({"X", "A1", "A2", paddle::Grad("Out")})
     .Outputs({paddle::Grad("X"), paddle::Grad("A1"), paddle::Grad("A2")})
     .SetKernelFn(PD_KERNEL(DynamicReluBackward));
+
+PD_BUILD_OP(mf_linear)
+    .Inputs({"X", "W", "B"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(LinearForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(LinearInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));
+
+PD_BUILD_GRAD_OP(mf_linear)
+    .Inputs({"X", "W", "B", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("W"), paddle::Grad("B")})
+    .SetKernelFn(PD_KERNEL(LinearBackward));
+
+PD_BUILD_OP(mf_gelu)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(GeluForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(SameShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype1));
+
+PD_BUILD_GRAD_OP(mf_gelu)
+    .Inputs({"X", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X")})
+    .SetKernelFn(PD_KERNEL(GeluBackward));
+
+PD_BUILD_OP(mf_channel_scale)
+    .Inputs({"X", "A"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(ChannelScaleForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(FirstShape2))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype2));
+
+PD_BUILD_GRAD_OP(mf_channel_scale)
+    .Inputs({"X", "A", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("A")})
+    .SetKernelFn(PD_KERNEL(ChannelScaleBackward));
+
+PD_BUILD_OP(mf_channel_affine)
+    .Inputs({"X", "A", "B"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(ChannelAffineForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(FirstShape3))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));
+
+PD_BUILD_GRAD_OP(mf_channel_affine)
+    .Inputs({"X", "A", "B", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("A"), paddle::Grad("B")})
+    .SetKernelFn(PD_KERNEL(ChannelAffineBackward));
+
+PD_BUILD_OP(mf_layer_norm)
+    .Inputs({"X", "Gamma", "Beta"})
+    .Outputs({"Out", "Mean", "Rstd"})
+    .Attrs({"epsilon: float"})
+    .SetKernelFn(PD_KERNEL(LayerNormForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(LayerNormInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(LayerNormDtypes));
+
+PD_BUILD_GRAD_OP(mf_layer_norm)
+    .Inputs({"X", "Gamma", "Beta", "Mean", "Rstd", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("Gamma"), paddle::Grad("Beta")})
+    .Attrs({"epsilon: float"})
+    .SetKernelFn(PD_KERNEL(LayerNormBackward));
