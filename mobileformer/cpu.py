@@ -1,7 +1,8 @@
 """CPU set-up: the MKL request below is applied when `mobileformer` is imported (before Paddle's
-first GEMM), and so is the removal of Paddle's own OMP_NUM_THREADS=1; the thread count and glibc's buffer reuse are applied by every command
-(`cli.run` -> `use_cpu_threads`), by `InferenceModel` and by the benchmark; the oneDNN ISA cap on
-AMD AVX-512 CPUs by `deploy.runtimes.PaddleModel` before it creates a predictor.
+first GEMM), and so is the removal of Paddle's own OMP_NUM_THREADS=1; the thread count and
+glibc's buffer reuse are applied by every command (`cli.run` -> `use_cpu_threads`), by
+`InferenceModel` and by the benchmark; the oneDNN ISA cap on AMD AVX-512 CPUs by
+`deploy.runtimes.PaddleModel` before it creates a predictor.
 
 Paddle's CPU build runs dense GEMMs (dygraph `matmul`, `linear`, and the im2col GEMMs of `conv2d`)
 through Intel MKL. On AMD CPUs MKL picks its generic code path unless `MKL_DEBUG_CPU_TYPE=5` asks for
