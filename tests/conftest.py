@@ -1,3 +1,4 @@
+import importlib.util
 import multiprocessing
 import os
 import random
@@ -10,6 +11,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 CONFIGS = os.path.join(ROOT, 'configs')
+
+
+def load_example(name):
+    """A script of examples/ as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'examples', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 channels of the released sizes, the token -> map layout, input sizes, bad input, the toolkit
 adapters (against stand-ins for PaddleSeg and PaddleDetection, which are not dependencies) and a
 dense head that learns (examples/segment_digits.py)."""
-import importlib.util
 import os
 import sys
 import types
@@ -12,7 +11,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import pytest
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, load_example
 
 from mobileformer import ConfigError, build_model, get_config, registry
 from mobileformer.backbone import FeatureInfo, tokens_to_map
@@ -20,16 +19,7 @@ from mobileformer.checkpoint import load_weights
 
 
 
-def _example(name):
-    """A script of examples/ as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'examples', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-segment_digits = _example('segment_digits')
+segment_digits = load_example('segment_digits')
 
 MF26 = os.path.join(CONFIGS, 'mobileformer_26m.yaml')
 

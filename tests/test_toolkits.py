@@ -6,15 +6,13 @@ Neither toolkit is a dependency: requirements-toolkits.txt installs them (README
 Without them these tests are skipped, unless MOBILEFORMER_REQUIRE_TOOLKITS=1 (the toolkit stage of
 .ci/run) makes a missing toolkit an error."""
 import importlib
-import importlib.util
 import os
-import sys
 
 import numpy as np
 import paddle
 import pytest
 import yaml
-from conftest import CONFIGS, FIXTURES, ROOT
+from conftest import CONFIGS, FIXTURES, load_example
 
 from mobileformer import ConfigError
 from mobileformer.data.sources import load_digits
@@ -29,16 +27,7 @@ def _toolkit(name):
     return pytest.importorskip(name)
 
 
-def _example(name):
-    """A script of examples/ as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'examples', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-segment_digits = _example('segment_digits')
+segment_digits = load_example('segment_digits')
 
 
 def _write_segmentation_split(root, split, count, rng, size):
