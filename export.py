@@ -128,7 +128,8 @@ def run(argv: Sequence[str]) -> None:
     if args.precision == 'int8':
         images = quantize.calibration_images(config, args.calib_images, args.calib_data)
     model = build_for_inference(config, args.pretrained)
-    for stale in (PRECISION_FILE, INT8_ONNX_FILE):  # an earlier export's: they would describe the old model
+    # an earlier export's files that this one does not rewrite: they would describe or run the old model
+    for stale in (PRECISION_FILE, INT8_ONNX_FILE) + ((ONNX_FILE,) if args.no_onnx else ()):
         if os.path.exists(os.path.join(args.output, stale)):
             os.remove(os.path.join(args.output, stale))
     prefix = export_inference(model, config, args.output)
@@ -138,8 +139,6 @@ def run(argv: Sequence[str]) -> None:
     written, onnx_file = f'{prefix}.*', os.path.join(args.output, ONNX_FILE)
     if not args.no_onnx:
         written += ' and ' + export_onnx(model, config, onnx_file)
-    elif os.path.exists(onnx_file):
-        os.remove(onnx_file)  # an earlier export's: the other runtimes would run the old model
     print(f'exported {config.MODEL.NAME} to {written} (input [N, {channels}, {size}, {size}])')
     for runtime in installed_runtimes():
         if runtime != 'paddle' and args.no_onnx:

@@ -39,7 +39,7 @@ CALIBRATION_BATCH = 16
 CHECK_BATCH = 64
 
 
-def evenly_spaced(length: int, count: int) -> np.ndarray:
+def spread_indices(length: int, count: int) -> np.ndarray:
     """`count` indices spread over range(length) (all of them if fewer): folder datasets are sorted by
     class, so the first `count` would cover few classes."""
     if count >= length:
@@ -79,7 +79,7 @@ def calibration_images(config: CfgNode, count: int, folder: Optional[str] = None
         raise ValueError(f'{where} holds {available} images, too few to calibrate INT8 activation ranges; '
                          f'it needs at least {MIN_CALIBRATION_IMAGES}')
     try:
-        return np.stack([np.asarray(load(i), np.float32) for i in evenly_spaced(available, count)])
+        return np.stack([np.asarray(load(i), np.float32) for i in spread_indices(available, count)])
     except (OSError, ValueError) as e:
         raise ValueError(f'cannot read a calibration image of {where}: {e}') from None
 
@@ -178,6 +178,6 @@ def held_out_images(config: CfgNode, count: int) -> Tuple[List[np.ndarray], np.n
     """(images, labels): `count` images of the config's validation split, spread evenly over it, with
     the evaluation preprocessing; a ValueError says why the split cannot be read."""
     dataset = build_dataset(config, 'val')
-    picked = evenly_spaced(len(dataset), count)
+    picked = spread_indices(len(dataset), count)
     samples = [dataset[int(i)] for i in picked]
     return [np.asarray(s[0], np.float32) for s in samples], np.array([int(s[1]) for s in samples])
