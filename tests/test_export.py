@@ -179,6 +179,41 @@ def test_a_runtime_that_fails_to_load_falls_back_with_a_notice(mixer_export):
         InferenceModel(folder, runtime='onnxruntime')
 
 
+
+@pytest.mark.timeout(120)
+def test_paddle_keeps_intermediates_for_small_batches_only_and_for_that_run_only(mixer_export):
+    """The executor's garbage collection is off while a small batch runs (speed), on for large
+    batches (memory), and the process-wide flag is back as it was after every run, failed or not."""
+    folder, model = mixer_export
+    engine = load_runtime('paddle', folder)
+    flag = 'FLAGS_eager_delete_tensor_gb'
+    before = paddle.get_flags([flag])[flag]
+    seen = []
+
+    class ObservedPredictor:
+        def __init__(self, predictor, fail=False):
+            self.predictor, self.fail = predictor, fail
+
+        def __getattr__(self, name):
+            return getattr(self.predictor, name)
+
+        def run(self):
+            seen.append(paddle.get_flags([flag])[flag])
+            if self.fail:
+                raise RuntimeError('injected')
+            return self.predictor.run()
+    engine.predictor = ObservedPredictor(engine.predictor)
+    for batch in (1, deploy.runtimes.KEEP_INTERMEDIATES_UP_TO, deploy.runtimes.KEEP_INTERMEDIATES_UP_TO + 1):
+        images = np.random.randn(batch, 3, 32, 32).astype(np.float32)
+        close(engine(images), dygraph_outputs(model, images))
+        assert paddle.get_flags([flag])[flag] == before
+    assert seen == [-1.0, -1.0, before]
+
+    engine.predictor = ObservedPredictor(engine.predictor.predictor, fail=True)
+    with pytest.raises(RuntimeError, match='injected'):
+        engine(np.random.randn(1, 3, 32, 32).astype(np.float32))
+    assert paddle.get_flags([flag])[flag] == before
+
 def test_bad_requests_are_one_sentence(mixer_export, tmp_path, monkeypatch, capsys):
     folder, _ = mixer_export
     cfg = os.path.join(FIXTURES, 'timm_mixer_tiny.yaml')
