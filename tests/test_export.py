@@ -5,6 +5,8 @@ export.py, predict.py and hubconf.py end to end."""
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import paddle
@@ -178,6 +180,21 @@ def test_a_runtime_that_fails_to_load_falls_back_with_a_notice(mixer_export):
     with pytest.raises(ValueError, match=r"runtime onnxruntime could not load '.*inference.onnx' \(.*\); export the model again"):
         InferenceModel(folder, runtime='onnxruntime')
 
+
+
+@pytest.mark.timeout(120)
+def test_predict_with_the_paddle_runtime_prints_only_its_predictions(mixer_export, tmp_path):
+    """A fresh process (Paddle prints its oneDNN reduce_mean notice once per process, on fd 1)."""
+    folder, _ = mixer_export
+    image = _images(tmp_path, count=1)[0]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'predict.py'), '-cfg',
+                             os.path.join(FIXTURES, 'timm_mixer_tiny.yaml'), '-model', folder, '-runtime', 'paddle',
+                             image, '-opts', 'DATA.DATASET', 'digits'],
+                            capture_output=True, text=True, timeout=100, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ['runtime: paddle (chosen by the caller)', f'{image}:'], lines
+    assert len(lines) == 7 and all(line.startswith('  ') for line in lines[2:]), lines
 
 
 @pytest.mark.timeout(120)

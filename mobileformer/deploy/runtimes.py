@@ -20,6 +20,7 @@ import numpy as np
 import paddle
 
 from mobileformer.cpu import cap_onednn_isa_on_amd_avx512, cpu_threads, keep_freed_memory, users_environ
+from mobileformer.cpu_ops import output_to
 from mobileformer.deploy.export import (INFERENCE_PREFIX, INT8_ONNX_FILE, ONNX_FILE, paddle_files,
                                         read_precision_record)
 
@@ -177,6 +178,12 @@ class PaddleModel:
         config.disable_glog_info()
         self.predictor = inference.create_predictor(config)
         self.input_shape = _paddle_input_shape(program)
+        if self.input_shape:
+            # Paddle 3.3.1 prints 'ReduceMeanCheckIfOneDNNSupport' on stdout at a process's first
+            # oneDNN reduce_mean (the MLP heads' mean over tokens); a first run here keeps it out of
+            # the output of predict.py and the other commands.
+            with output_to(os.devnull):
+                self(np.zeros([1 if d < 0 else d for d in self.input_shape], np.float32))
 
     def __call__(self, batch: np.ndarray) -> Outputs:
         name = self.predictor.get_input_names()[0]
