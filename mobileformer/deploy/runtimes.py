@@ -130,10 +130,10 @@ def _paddle_input_shape(program: str) -> Optional[Tuple[int, ...]]:
     return None
 
 
-# Batches of up to this many images run with Paddle's executor keeping its intermediate tensors (see
-# `_executor_keeps_intermediates`); the memory that costs grows with the batch (MF-294M about 50 MB,
-# Mixer-B/16 about 80 MB per image), so larger batches free them as usual.
-KEEP_INTERMEDIATES_UP_TO = 4
+# Single images (the latency case, which `choice` times at batch 1) run with Paddle's executor keeping
+# its intermediate tensors (see `_executor_keeps_intermediates`); that costs memory per image (MF-294M
+# about 50 MB, Mixer-B/16 about 80 MB), so batches, which `choice` times at 2-32, free them as usual.
+KEEP_INTERMEDIATES_UP_TO = 1
 _GC_FLAG = 'FLAGS_eager_delete_tensor_gb'  # < 0: the executor frees no intermediate tensor
 
 
