@@ -171,7 +171,8 @@ class DynamicReLU(InferenceFold):
     def forward(self, x: paddle.Tensor, token: paddle.Tensor) -> paddle.Tensor:
         z = self.fc2(F.relu(self.fc1(token)))                            # [B, 2C]
         if self.is_repped:
-            z1, z2 = paddle.split(z, 2, axis=1)
+            # one reshape to the slopes' broadcast form instead of an unsqueeze per slope
+            z1, z2 = paddle.split(z.reshape([0, 2 * self.channels, 1, 1]), 2, axis=1)
             return dynamic_relu(x, paddle.clip(z1, 0.0, 2.0), paddle.clip(z2, -1.0, 1.0))
         slope1, slope2 = paddle.split((hard_sigmoid(z) - 0.5) * 2.0, 2, axis=1)  # [B, C] each
         return dynamic_relu(x, slope1 + 1.0, slope2)
@@ -394,7 +395,8 @@ class ClassifierHead(nn.Layer):
     def forward(self, x: paddle.Tensor, token: paddle.Tensor, pre_logits: bool = False) -> paddle.Tensor:
         if self.shuffle_groups > 1:
             x = channel_shuffle(x, self.shuffle_groups)
-        x = F.hardswish(F.adaptive_avg_pool2d(F.relu6(self.conv(x)), 1)).flatten(1)
+        # [B, C, 1, 1] -> [B, C]: a reshape (see _merge_heads)
+        x = F.hardswish(F.adaptive_avg_pool2d(F.relu6(self.conv(x)), 1)).reshape([0, -1])
         x = self.dropout(F.hardswish(self.norm(self.fc(paddle.concat([x, token], axis=1)))))
         return x if pre_logits else self.classifier(x)
 
