@@ -203,15 +203,20 @@ def depthwise_conv2d(x: paddle.Tensor, weight: paddle.Tensor, stride: int,
 
 
 def dynamic_relu(x: paddle.Tensor, slope1: paddle.Tensor, slope2: paddle.Tensor) -> paddle.Tensor:
-    """max(x * slope1, x * slope2) per (n, c) plane: x [N, C, H, W], slopes [N, C]."""
-    if x.ndim != 4 or slope1.ndim != 2 or slope2.ndim != 2:
-        raise ValueError(f'dynamic_relu expects x [N, C, H, W] and slopes [N, C], got shapes '
+    """max(x * slope1, x * slope2) per (n, c) plane: x [N, C, H, W], slopes [N, C] or already in the
+    broadcast form [N, C, 1, 1] (a traced model then needs no unsqueeze per slope)."""
+    broadcast = slope1.ndim == 4 and list(slope1.shape[2:]) == [1, 1]
+    if x.ndim != 4 or not (slope1.ndim == 2 or broadcast) or slope2.ndim != slope1.ndim:
+        raise ValueError(f'dynamic_relu expects x [N, C, H, W] and slopes [N, C] or [N, C, 1, 1], got shapes '
                          f'{list(x.shape)}, {list(slope1.shape)} and {list(slope2.shape)}.')
     if _eligible(x, slope1, slope2):
         library = _kernels()
         if library is not None:
+            if broadcast:  # the kernel takes [N, C]
+                slope1, slope2 = slope1.flatten(1), slope2.flatten(1)
             return library.mf_dynamic_relu(x, slope1, slope2)
-    slope1, slope2 = slope1.unsqueeze([2, 3]), slope2.unsqueeze([2, 3])
+    if not broadcast:
+        slope1, slope2 = slope1.unsqueeze([2, 3]), slope2.unsqueeze([2, 3])
     if _tracing['onnx']:
         # onnxruntime and OpenVINO fuse Max(Mul, Mul) into one pass; the form below costs OpenVINO
         # layout reorders around each multiply (measured, exported MF-294M, batch 32, in turn:

@@ -14,6 +14,12 @@ run in parallel and talk through two light cross-attention bridges in every bloc
     h = h + x                       identity skip (stride 1, same width)
     x = FormerToMobile(h, z)        the map reads the tokens (2 heads)
 
+Inference form: `re_parameterize()` (PaddleClas convention, applied by `re_parameterize_model`,
+hence by export.py) folds the constant scales and affine maps after the bridges' and dynamic ReLUs'
+Linears into those Linears' weights, leaving one clip where `2 * hard_sigmoid` stood: the same
+outputs with fewer ops per image. The folded weights keep every key and shape, so they are no deploy
+checkpoint (`InferenceFold`).
+
 Tokens are kept batch-first, [B, M, d]. Every attention batches all heads in one `paddle.matmul`
 on [B, heads, ...] views; heads are contiguous channel chunks, so the feature map is only ever
 reshaped, never transposed.
@@ -58,6 +64,37 @@ def channel_shuffle(x: paddle.Tensor, groups: int) -> paddle.Tensor:
     _, channels, height, width = x.shape
     x = x.reshape([0, groups, channels // groups, height, width]).transpose([0, 2, 1, 3, 4])
     return x.reshape([0, channels, height, width])
+
+
+def fold_affine(linear: nn.Linear, scale: float, shift: float | paddle.Tensor = 0.0) -> None:
+    """Makes `linear` compute `linear(x) * scale + shift`, in place."""
+    linear.weight.set_value(linear.weight * scale)
+    linear.bias.set_value(linear.bias * scale + shift)
+
+
+class InferenceFold(nn.Layer):
+    """A layer with an inference form (PaddleClas convention: `re_parameterize()`, `is_repped`): its
+    `_fold()` moves constant arithmetic into its own Linears' weights and biases, and its forward
+    then skips that arithmetic. Training never folds.
+
+    `folds_values_only`: the folded state dict has the training keys and shapes, so it could not be
+    told from a training checkpoint; `model_utils.has_deploy_structure` leaves such layers out, so
+    `reparam.py` writes no folded Mobile-Former checkpoint and MODEL.DEPLOY does not apply to it:
+    checkpoints stay in the training form and export.py folds them."""
+
+    folds_values_only = True
+
+    def __init__(self):
+        super().__init__()
+        self.is_repped = False
+
+    def re_parameterize(self) -> None:
+        with paddle.no_grad():
+            self._fold()
+        self.is_repped = True
+
+    def _fold(self) -> None:
+        raise NotImplementedError
 
 
 def _linear(in_features: int, out_features: int) -> nn.Linear:
@@ -114,11 +151,13 @@ class ConvBNShuffle(nn.Layer):
                         stride=self.conv.stride, padding=k // 2, groups=channels * tiles)
 
 
-class DynamicReLU(nn.Layer):
+class DynamicReLU(InferenceFold):
     """y = max(a1 * x, a2 * x) per channel, slopes generated from the first token.
 
     theta = hard_sigmoid(fc2(relu(fc1(token)))) is [B, 2C], split [first C | last C]:
     a1 = 2 (theta1 - 0.5) + 1, a2 = 2 (theta2 - 0.5). Near init theta ~ 0.5, i.e. a plain ReLU.
+    With hard_sigmoid(z) = clip(z / 6 + 1/2, 0, 1) these are a1 = clip(z1 / 3 + 1, 0, 2) and
+    a2 = clip(z2 / 3, -1, 1): the inference form folds 1/3 and [1 | 0] into fc2.
     """
 
     runs_cpu_kernels = True  # see cpu_ops.prepare
@@ -130,9 +169,17 @@ class DynamicReLU(nn.Layer):
         self.fc2 = _linear(token_dim // reduction, 2 * channels)
 
     def forward(self, x: paddle.Tensor, token: paddle.Tensor) -> paddle.Tensor:
-        theta = hard_sigmoid(self.fc2(F.relu(self.fc1(token))))          # [B, 2C]
-        slope1, slope2 = paddle.split((theta - 0.5) * 2.0, 2, axis=1)     # [B, C] each
+        z = self.fc2(F.relu(self.fc1(token)))                            # [B, 2C]
+        if self.is_repped:
+            # one reshape to the slopes' broadcast form instead of an unsqueeze per slope
+            z1, z2 = paddle.split(z.reshape([0, 2 * self.channels, 1, 1]), 2, axis=1)
+            return dynamic_relu(x, paddle.clip(z1, 0.0, 2.0), paddle.clip(z2, -1.0, 1.0))
+        slope1, slope2 = paddle.split((hard_sigmoid(z) - 0.5) * 2.0, 2, axis=1)  # [B, C] each
         return dynamic_relu(x, slope1 + 1.0, slope2)
+
+    def _fold(self) -> None:
+        shift = paddle.concat([paddle.ones([self.channels]), paddle.zeros([self.channels])])
+        fold_affine(self.fc2, 1.0 / 3.0, shift)
 
 
 @register_madds(DynamicReLU)
@@ -147,12 +194,16 @@ def _split_heads(tokens: paddle.Tensor, heads: int) -> paddle.Tensor:
 
 
 def _merge_heads(tokens: paddle.Tensor) -> paddle.Tensor:
-    """[B, heads, M, C/heads] -> [B, M, C]."""
-    return tokens.transpose([0, 2, 1, 3]).flatten(2)
+    """[B, heads, M, C/heads] -> [B, M, C]. A reshape, not flatten(2): paddle2onnx turns the
+    flatten into a Shape/Slice/Concat chain before its Reshape."""
+    return tokens.transpose([0, 2, 1, 3]).reshape([0, 0, -1])
 
 
-class MobileToFormer(nn.Layer):
-    """Tokens query the raw feature map (k = v = map), gated per channel, then proj + post-norm."""
+class MobileToFormer(InferenceFold):
+    """Tokens query the raw feature map (k = v = map), gated per channel, then proj + post-norm.
+
+    Inference form: the attention scale folded into q, and the gate 2 * hard_sigmoid(z) =
+    clip(z / 3 + 1, 0, 2) into the gate Linear, leaving one clip."""
 
     def __init__(self, channels: int, token_dim: int, heads: int, drop_path: float):
         super().__init__()
@@ -167,14 +218,21 @@ class MobileToFormer(nn.Layer):
     def forward(self, x: paddle.Tensor, tokens: paddle.Tensor) -> paddle.Tensor:
         q = _split_heads(self.q(tokens), self.heads)                     # [B, h, M, C/h]
         kv = x.reshape([0, self.heads, x.shape[1] // self.heads, -1])    # [B, h, C/h, HW]
-        attn = F.softmax(paddle.matmul(q, kv) * self.scale, axis=-1)     # [B, h, M, HW]
+        logits = paddle.matmul(q, kv)                                    # [B, h, M, HW]
+        attn = F.softmax(logits if self.is_repped else logits * self.scale, axis=-1)
         out = _merge_heads(paddle.matmul(attn, kv, transpose_y=True))    # [B, M, C]
-        out = out * (2.0 * hard_sigmoid(self.gate(tokens)))
+        gate = self.gate(tokens)
+        out = out * (paddle.clip(gate, 0.0, 2.0) if self.is_repped else 2.0 * hard_sigmoid(gate))
         return self.norm(tokens + self.drop_path(self.proj(out)))
 
+    def _fold(self) -> None:
+        fold_affine(self.q, self.scale)
+        fold_affine(self.gate, 1.0 / 3.0, 1.0)
 
-class Former(nn.Layer):
-    """Post-norm Transformer block on the tokens; only q is projected (k = v = tokens)."""
+
+class Former(InferenceFold):
+    """Post-norm Transformer block on the tokens; only q is projected (k = v = tokens).
+    Inference form: the attention scale folded into q."""
 
     def __init__(self, token_dim: int, heads: int, ffn_ratio: int, drop_path: float):
         super().__init__()
@@ -191,14 +249,19 @@ class Former(nn.Layer):
     def forward(self, tokens: paddle.Tensor) -> paddle.Tensor:
         q = _split_heads(self.q(tokens), self.heads)                     # [B, h, M, d/h]
         kv = _split_heads(tokens, self.heads)
-        attn = F.softmax(paddle.matmul(q, kv, transpose_y=True) * self.scale, axis=-1)  # [B, h, M, M]
+        logits = paddle.matmul(q, kv, transpose_y=True)                  # [B, h, M, M]
+        attn = F.softmax(logits if self.is_repped else logits * self.scale, axis=-1)
         out = _merge_heads(paddle.matmul(attn, kv))
         tokens = self.norm1(tokens + self.drop_path(self.proj(out)))
         return self.norm2(tokens + self.fc2(F.gelu(self.fc1(tokens))))
 
+    def _fold(self) -> None:
+        fold_affine(self.q, self.scale)
 
-class FormerToMobile(nn.Layer):
-    """The raw feature map queries the tokens (separate k and v projections); added to the map."""
+
+class FormerToMobile(InferenceFold):
+    """The raw feature map queries the tokens (separate k and v projections); added to the map.
+    Inference form: the attention scale folded into k (the query, the map, has no projection)."""
 
     def __init__(self, channels: int, token_dim: int, heads: int, drop_path: float):
         super().__init__()
@@ -217,9 +280,13 @@ class FormerToMobile(nn.Layer):
         k, v = self._per_head(self.k(tokens)), self._per_head(self.v(tokens))
         # Attention kept as [B, h, M, HW] (softmax over the tokens) so the output comes out
         # channels-first, [B, h, C/h, HW], and reshapes straight back to the map.
-        attn = F.softmax(paddle.matmul(k, q, transpose_x=True) * self.scale, axis=2)
+        logits = paddle.matmul(k, q, transpose_x=True)
+        attn = F.softmax(logits if self.is_repped else logits * self.scale, axis=2)
         out = paddle.matmul(v, attn).reshape([0, x.shape[1], x.shape[2], x.shape[3]])
         return x + self.drop_path(out)
+
+    def _fold(self) -> None:
+        fold_affine(self.k, self.scale)
 
 
 class LiteBlock(nn.Layer):
@@ -328,7 +395,8 @@ class ClassifierHead(nn.Layer):
     def forward(self, x: paddle.Tensor, token: paddle.Tensor, pre_logits: bool = False) -> paddle.Tensor:
         if self.shuffle_groups > 1:
             x = channel_shuffle(x, self.shuffle_groups)
-        x = F.hardswish(F.adaptive_avg_pool2d(F.relu6(self.conv(x)), 1)).flatten(1)
+        # [B, C, 1, 1] -> [B, C]: a reshape (see _merge_heads)
+        x = F.hardswish(F.adaptive_avg_pool2d(F.relu6(self.conv(x)), 1)).reshape([0, -1])
         x = self.dropout(F.hardswish(self.norm(self.fc(paddle.concat([x, token], axis=1)))))
         return x if pre_logits else self.classifier(x)
 

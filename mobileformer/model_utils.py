@@ -24,9 +24,16 @@ def fuse_conv_bn(weight: paddle.Tensor, bn: nn.Layer, bias: paddle.Tensor | None
     return weight * scale.reshape([-1] + [1] * (weight.ndim - 1)), shift
 
 
-def has_foldable_layers(model: nn.Layer) -> bool:
-    """True if `model` holds a re-parameterisable layer (PaddleClas convention)."""
-    return any(hasattr(layer, 're_parameterize') and hasattr(layer, 'is_repped')
+def _foldable(layer: nn.Layer) -> bool:
+    return hasattr(layer, 're_parameterize') and hasattr(layer, 'is_repped')
+
+
+def has_deploy_structure(model: nn.Layer) -> bool:
+    """True if `model` holds a re-parameterisable layer (PaddleClas convention) whose folded form is a
+    structure of its own, with its own checkpoints (RepMLP: MODEL.DEPLOY, reparam.py). Layers marked
+    `folds_values_only` (Mobile-Former's) fold into the values of their training parameters: that
+    state dict could not be told from a training checkpoint, so it is folded at export, never saved."""
+    return any(_foldable(layer) and not getattr(layer, 'folds_values_only', False)
                for layer in model.sublayers(include_self=True))
 
 
@@ -40,7 +47,7 @@ def re_parameterize_model(model: nn.Layer) -> nn.Layer:
 
 
 def _fold(layer: nn.Layer) -> None:
-    if hasattr(layer, 're_parameterize') and hasattr(layer, 'is_repped'):
+    if _foldable(layer):
         if not layer.is_repped:
             layer.re_parameterize()
         return

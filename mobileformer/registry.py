@@ -13,7 +13,7 @@ from yacs.config import CfgNode
 
 from mobileformer.backbone import Backbone
 from mobileformer.config import ConfigError, register_model_defaults
-from mobileformer.model_utils import has_foldable_layers
+from mobileformer.model_utils import has_deploy_structure
 
 Builder = Callable[[CfgNode], nn.Layer]
 StateDict = Mapping[str, np.ndarray]
@@ -74,9 +74,10 @@ def build_model(config: CfgNode, features_only: bool = False,
     if model_type not in _BUILDERS:
         raise ValueError(f'unknown MODEL.TYPE {model_type!r}; registered types: {", ".join(registered_models())}')
     model = _BUILDERS[model_type](config)
-    if config.MODEL.DEPLOY and not has_foldable_layers(model):
-        raise ConfigError(f'MODEL.DEPLOY True builds the folded form of a re-parameterisable model '
-                          f'(RepMLPNet, RepMLP-ResNet-50); {model_type} has none: set MODEL.DEPLOY False')
+    if config.MODEL.DEPLOY and not has_deploy_structure(model):
+        raise ConfigError(f'MODEL.DEPLOY True builds the deploy structure of a re-parameterisable model '
+                          f'(RepMLPNet, RepMLP-ResNet-50), which has checkpoints of its own; {model_type} has none: '
+                          f'set MODEL.DEPLOY False')
     indices = list(config.MODEL.OUT_INDICES if out_indices is None else out_indices)
     if not (features_only or indices):
         return model

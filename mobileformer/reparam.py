@@ -16,7 +16,7 @@ import paddle.nn as nn
 
 from mobileformer import build_model, cli, get_config
 from mobileformer.checkpoint import load_weights, save_weights
-from mobileformer.model_utils import has_foldable_layers, re_parameterize_model
+from mobileformer.model_utils import has_deploy_structure, re_parameterize_model
 
 
 def reparameterize_checkpoint(cfg_file: str, pretrained: str, output: str,
@@ -28,9 +28,9 @@ def reparameterize_checkpoint(cfg_file: str, pretrained: str, output: str,
         raise ValueError(f"{cfg_file} sets MODEL.DEPLOY True; pass the training config (DEPLOY False): "
                          'the command folds a training checkpoint into the deploy structure')
     model = build_model(config)
-    if not has_foldable_layers(model):
-        raise ValueError(f"MODEL.TYPE {config.MODEL.TYPE!r} has no re-parameterisable blocks; "
-                         'its checkpoint is already a deploy checkpoint')
+    if not has_deploy_structure(model):
+        raise ValueError(f"MODEL.TYPE {config.MODEL.TYPE!r} has no deploy structure to fold into; its checkpoint "
+                         'is already a deploy checkpoint (export.py applies inference folds by itself)')
     load_weights(model, pretrained)
     re_parameterize_model(model)
     save_weights(model.state_dict(), output)

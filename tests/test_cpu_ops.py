@@ -124,9 +124,19 @@ def test_dynamic_relu_matches_maximum(kernels, shape):
     assert kernels.calls == 1
 
 
-def test_dynamic_relu_rejects_unbroadcast_slopes():
-    with pytest.raises(ValueError, match=r'slopes \[N, C\]'):
-        cpu_ops.dynamic_relu(paddle.ones([1, 2, 3, 3]), paddle.ones([1, 2, 1, 1]), paddle.ones([1, 2, 1, 1]))
+def test_dynamic_relu_takes_slopes_in_the_broadcast_form(kernels):
+    x = np.random.randn(2, 3, 4, 5).astype('float32')
+    slope1, slope2 = np.random.randn(2, 3).astype('float32'), np.random.randn(2, 3).astype('float32')
+    expected = cpu_ops.dynamic_relu(*map(paddle.to_tensor, (x, slope1, slope2))).numpy()
+    broadcast = cpu_ops.dynamic_relu(*map(paddle.to_tensor, (x, slope1[:, :, None, None], slope2[:, :, None, None])))
+    np.testing.assert_array_equal(broadcast.numpy(), expected)
+    assert kernels.calls == 2
+
+
+@pytest.mark.parametrize('slope_shape', [[1, 2, 3, 3], [1, 2, 1], [2]])
+def test_dynamic_relu_rejects_slopes_not_per_plane(slope_shape):
+    with pytest.raises(ValueError, match=r'slopes \[N, C\] or \[N, C, 1, 1\]'):
+        cpu_ops.dynamic_relu(paddle.ones([1, 2, 3, 3]), paddle.ones(slope_shape), paddle.ones(slope_shape))
 
 
 @pytest.mark.parametrize('x_shape, n', [((5, 7), 3), ((2, 9, 33), 70), ((3, 4, 2, 8), 1)])

@@ -21,6 +21,7 @@ from mobileformer.convert import convert_checkpoint
 from mobileformer import deploy
 from mobileformer.deploy import (InferenceModel, build_for_inference, dygraph_outputs, export_inference, export_onnx,
                                  installed_runtimes, load_runtime)
+from mobileformer.deploy.export import without_dead_nodes
 
 # (tag, checkpoint); RepMLPNet is exported from its training checkpoint, so it is folded first
 MODELS = [('official_mobile_former_tiny_g1', 'official_mobile_former_tiny_g1.pth.tar'),
@@ -58,9 +59,12 @@ def test_exported_models_match_dygraph(tmp_path, converted, tag):
     close(dygraph_outputs(model, io['input']), io['logits'], 1e-4)  # weights and folding are right
     export_inference(model, config, str(tmp_path))
     export_onnx(model, config, str(tmp_path / deploy.ONNX_FILE))
+    import onnx
+    graph = onnx.load(str(tmp_path / deploy.ONNX_FILE)).graph
+    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    assert all(any(output in read for output in node.output) for node in graph.node)  # no dead node (layer norms)
     if 'mobile_former' in tag:  # the dynamic ReLU in the form the ONNX runtimes fuse (cpu_ops.tracing_for_onnx)
-        import onnx
-        assert 'Max' in {node.op_type for node in onnx.load(str(tmp_path / deploy.ONNX_FILE)).graph.node}
+        assert 'Max' in {node.op_type for node in graph.node}
     runtimes = {runtime: load_runtime(runtime, str(tmp_path)) for runtime in installed_runtimes()}
     assert {'paddle', 'onnxruntime'} <= set(runtimes)  # both are requirements
     size = config.DATA.IMAGE_SIZE
@@ -71,6 +75,25 @@ def test_exported_models_match_dygraph(tmp_path, converted, tag):
         for runtime, engine in runtimes.items():
             assert engine.input_shape == (-1, 3, size, size), runtime
             close(engine(images), reference)
+
+
+def test_dead_nodes_are_dropped_from_the_onnx_graph():
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info('x', TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info('y', TensorProto.FLOAT, [2, 3])
+    nodes = [helper.make_node('Shape', ['x'], ['shape']),                      # dead, as in paddle2onnx's layer norm
+             helper.make_node('Slice', ['shape', 'start', 'end'], ['sliced']),
+             helper.make_node('Relu', ['x'], ['r']),
+             helper.make_node('Add', ['r', 'bias'], ['y'])]
+    initializers = [helper.make_tensor(name, TensorProto.INT64, [1], [value]) for name, value in (('start', 0), ('end', 1))]
+    initializers.append(helper.make_tensor('bias', TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]))
+    model = helper.make_model(helper.make_graph(nodes, 'g', [x], [y], initializers))
+    pruned = onnx.load_from_string(without_dead_nodes(model.SerializeToString()))
+    onnx.checker.check_model(pruned)
+    assert [node.op_type for node in pruned.graph.node] == ['Relu', 'Add']
+    assert [tensor.name for tensor in pruned.graph.initializer] == ['bias']
 
 
 def test_repmlpnet_is_exported_folded(converted):

@@ -11,8 +11,9 @@ from conftest import CONFIGS, FIXTURES
 from mobileformer import ConfigError, build_mformer, build_model, get_config
 from mobileformer.flops import count_madds
 from mobileformer.layers import DepthwiseConv2D
-from mobileformer.model_utils import count_trainable
-from mobileformer.mobile_former import DynamicReLU, MobileFormerBlock, convert_official
+from mobileformer.model_utils import count_trainable, has_deploy_structure, re_parameterize_model
+from mobileformer.mobile_former import DynamicReLU, InferenceFold, MobileFormerBlock, convert_official
+from mobileformer.reparam import reparameterize_checkpoint
 from mobileformer.registry import converters
 from mobileformer.checkpoint import check_state
 
@@ -335,13 +336,17 @@ def np_mf_block(x, z, s, kind, groups, heads=(2, 4)):
     return np_former_to_mobile(y, z, s, 'former_to_mobile', heads[0]), z
 
 
+@pytest.mark.parametrize('repped', [False, True], ids=['training', 'inference'])
 @pytest.mark.parametrize('kind, row', [('mf', (8, 3, 8, 0)), ('down', (8, 3, 12, 2))])
-def test_block_matches_numpy_reference(kind, row):
+def test_block_matches_numpy_reference(kind, row, repped):
+    """Both forms against the release's formulas (the weights saturate every clip of the folded form)."""
     in_c, e1, out_c, e2 = row
     block = MobileFormerBlock(kind, in_c, e1, out_c, e2, token_dim=16, groups=2, drop_path=0.0)
     block.eval()
     rng = np.random.default_rng(0)
     state = {k: v.astype('float64') for k, v in randomize(block, rng).items()}
+    if repped:
+        re_parameterize_model(block)
     x = rng.normal(size=(2, in_c, 6, 6)).astype('float32')
     z = rng.normal(size=(2, 3, 16)).astype('float32')
     out_x, out_z = block(paddle.to_tensor(x), paddle.to_tensor(z))
@@ -351,15 +356,93 @@ def test_block_matches_numpy_reference(kind, row):
     np.testing.assert_allclose(out_x.numpy(), ref_x, atol=1e-4 * np.abs(ref_x).max(), rtol=1e-4)
 
 
-def test_dynamic_relu_matches_numpy_reference():
+@pytest.mark.parametrize('repped', [False, True], ids=['training', 'inference'])
+def test_dynamic_relu_matches_numpy_reference(repped):
     layer = DynamicReLU(channels=5, token_dim=12, reduction=4)
     rng = np.random.default_rng(1)
     state = randomize(layer, rng)
+    layer.fc2.weight.set_value(layer.fc2.weight * 20.0)  # both slopes reach both ends of their ranges
+    state['fc2.weight'] = layer.fc2.weight.numpy()
+    if repped:
+        layer.re_parameterize()
     x = rng.normal(size=(3, 5, 4, 4)).astype('float32')
     token = rng.normal(size=(3, 12)).astype('float32')
     out = layer(paddle.to_tensor(x), paddle.to_tensor(token)).numpy()
     reference = np_dynamic_relu(x, token, {'act.' + k: v for k, v in state.items()}, 'act')
     np.testing.assert_allclose(out, reference, atol=1e-5, rtol=1e-5)
+    theta = np_hard_sigmoid(np_linear(np.maximum(np_linear(token, state, 'fc1'), 0), state, 'fc2'))
+    assert {0.0, 1.0} <= set(np.unique(theta))  # the clips matter
+
+
+# ----------------------------------------------------------------------------- inference form
+
+
+def _release_model(tag):
+    """(the tiny model of `tag` with the release's weights, in eval mode; its reference input and logits)."""
+    config = tiny_config(tag)
+    model = build_model(config)
+    model.set_state_dict(convert_official(dict(np.load(os.path.join(FIXTURES, f'official_mobile_former_tiny_{tag}_state.npz'))), config))
+    io = np.load(os.path.join(FIXTURES, f'official_mobile_former_tiny_{tag}_io.npz'))
+    return model.eval(), io['input'], io['logits']
+
+
+@pytest.mark.parametrize('tag', TINY)
+def test_inference_form_gives_the_training_logits_with_the_same_parameters(tag):
+    training, images, _ = _release_model(tag)
+    folded, _, _ = _release_model(tag)
+    state = {name: value.numpy() for name, value in training.state_dict().items()}
+    re_parameterize_model(folded)
+    folds = [layer for layer in folded.sublayers() if isinstance(layer, InferenceFold)]
+    assert len(folds) == (2 + 3) * 5 + 1 and all(layer.is_repped for layer in folds)  # 2 dyReLUs + 3 bridges per block
+    images = np.concatenate([images, np.random.default_rng(0).normal(size=images.shape).astype('float32') * 3])
+    with paddle.no_grad():
+        expected, logits = (model(paddle.to_tensor(images)).numpy() for model in (training, folded))
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
+    # the same keys, shapes and parameter count; the training model is untouched
+    assert {k: v.shape for k, v in folded.state_dict().items()} == {k: v.shape for k, v in state.items()}
+    assert count_trainable(folded) == count_trainable(training)
+    for name, value in training.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), state[name], err_msg=name)
+    re_parameterize_model(folded)  # folded once only
+    with paddle.no_grad():
+        np.testing.assert_array_equal(folded(paddle.to_tensor(images)).numpy(), logits)
+
+
+def test_inference_form_is_no_deploy_checkpoint(tmp_path):
+    """Folded values keep the training keys and shapes: no deploy structure, so reparam.py and
+    MODEL.DEPLOY refuse Mobile-Former and export.py folds the training checkpoint itself."""
+    model = build_model(tiny_config('g1'))
+    assert not has_deploy_structure(model)
+    weights = str(tmp_path / 'trained.pdparams')
+    paddle.save(model.state_dict(), weights)
+    cfg = os.path.join(FIXTURES, 'official_mobile_former_tiny_g1.yaml')
+    with pytest.raises(ValueError, match='no deploy structure to fold into; its checkpoint is already a deploy checkpoint'):
+        reparameterize_checkpoint(cfg, weights, str(tmp_path / 'folded.pdparams'))
+    assert not os.path.exists(tmp_path / 'folded.pdparams')
+
+
+def _saved_op_names(model, path, size):
+    paddle.jit.save(model, path, input_spec=[paddle.static.InputSpec([None, 3, size, size], 'float32')])
+    paddle.enable_static()
+    try:
+        program = paddle.static.load_inference_model(path, paddle.static.Executor(paddle.CPUPlace()))[0]
+        return [op.name() for op in program.global_block().ops]
+    finally:
+        paddle.disable_static()
+
+
+def test_saved_inference_form_has_fewer_ops(tmp_path):
+    """Per block the folds remove the attention scales, the gate's and the dynamic ReLUs' affine maps
+    around relu6 (one clip each instead) and the slopes' unsqueezes (one reshape per dynamic ReLU)."""
+    training, images, _ = _release_model('g1')
+    folded = re_parameterize_model(_release_model('g1')[0])
+    before, after = (_saved_op_names(model, str(tmp_path / name), 64)
+                     for model, name in ((training, 'training'), (folded, 'folded')))
+    dynamic_relus, bridges = 2 * 5, 5 + 1  # 5 Mobile-Former blocks and the final bridge
+    assert after.count('pd_op.scale') == 0 < before.count('pd_op.scale')
+    assert after.count('pd_op.clip') == dynamic_relus * 2 + bridges
+    assert after.count('pd_op.unsqueeze') == before.count('pd_op.unsqueeze') - 2 * dynamic_relus
+    assert len(before) - len(after) >= 5 * dynamic_relus + 4 * bridges
 
 
 # ----------------------------------------------------------------------------- release weights
