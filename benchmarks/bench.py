@@ -146,22 +146,24 @@ class MatMul(paddle.nn.Layer):
         return paddle.matmul(x, self.weight)
 
 
-def matmul_gflops(size: int, threads: int, iters: int = 7) -> Dict[str, float]:
-    """float32 GEMM rate (size^3) through dygraph `paddle.matmul` and through
-    `paddle.inference` (oneDNN), with the models' thread count; the larger is the machine's peak."""
+def matmul_gflops(size: int, threads: int, with_inference: bool, iters: int = 7) -> Dict[str, float]:
+    """float32 GEMM rate (size^3) through dygraph `paddle.matmul` and, `with_inference`, through
+    `paddle.inference` (oneDNN), with the models' thread count; the larger is the machine's peak.
+    Without inference no predictor is made: the first one caps oneDNN at AVX2 on AMD AVX-512 CPUs
+    (`cap_onednn_isa_on_amd_avx512`) for the whole process, dygraph's oneDNN GEMMs included."""
     flop = 2 * size ** 3
     layer = MatMul(size)
     x = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
     x_tensor = paddle.to_tensor(x)
     with paddle.no_grad():
-        dygraph = flop / median_seconds(lambda: layer(x_tensor).numpy(), iters, warmup=2) / 1e9
-    with tempfile.TemporaryDirectory() as workdir:
-        paddle.jit.save(layer, os.path.join(workdir, INFERENCE_PREFIX),
-                        input_spec=[InputSpec([None, size], 'float32', 'x')])
-        engine = PaddleModel(workdir, threads=threads)
-        inference = flop / median_seconds(lambda: engine(x), iters, warmup=2) / 1e9
-    return {'matmul_gflops_dygraph': dygraph, 'matmul_gflops_inference': inference,
-            'matmul_gflops': max(dygraph, inference)}
+        rates = {'matmul_gflops_dygraph': flop / median_seconds(lambda: layer(x_tensor).numpy(), iters, warmup=2) / 1e9}
+    if with_inference:
+        with tempfile.TemporaryDirectory() as workdir:
+            paddle.jit.save(layer, os.path.join(workdir, INFERENCE_PREFIX),
+                            input_spec=[InputSpec([None, size], 'float32', 'x')])
+            engine = PaddleModel(workdir, threads=threads)
+            rates['matmul_gflops_inference'] = flop / median_seconds(lambda: engine(x), iters, warmup=2) / 1e9
+    return {**rates, 'matmul_gflops': max(rates.values())}
 
 
 # ---- one runner per mode: returns a zero-argument function doing one timed unit of work ---------
@@ -341,7 +343,9 @@ def markdown_table(machine: Dict, results: List[Dict]) -> str:
     isa_cap = f', oneDNN capped at {machine["onednn_max_cpu_isa"]}' if machine['onednn_max_cpu_isa'] else ''
     lines = [f'CPU: {machine["cpu"]}{isa_cap}, {machine["threads"]} threads, measured matmul peak '
              f'{machine["matmul_gflops"]:.0f} GFLOP/s (fp32 {machine["matmul_size"]}^3 GEMM; dygraph '
-             f'{machine["matmul_gflops_dygraph"]:.0f}, paddle.inference {machine["matmul_gflops_inference"]:.0f}); median of '
+             f'{machine["matmul_gflops_dygraph"]:.0f}'
+             + (f', paddle.inference {machine["matmul_gflops_inference"]:.0f}' if 'matmul_gflops_inference' in machine
+                else '') + '); median of '
              f'{machine["iters"]} runs after {machine["warmup"]} warm-up'
              + (f', median over {machine["rounds"]} rounds.' if machine['rounds'] > 1 else '.'), '',
              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
@@ -374,7 +378,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
                    'onednn_max_cpu_isa': os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA'),
                    'load_avg_1m': os.getloadavg()[0], 'matmul_size': args.matmul_size,
                    'mkl_debug_cpu_type': os.environ.get('MKL_DEBUG_CPU_TYPE'),
-                   **matmul_gflops(args.matmul_size, args.threads)}
+                   **matmul_gflops(args.matmul_size, args.threads, 'inference' in args.modes)}
         print(json.dumps(machine), file=out, flush=True)
         rounds = []
         for number in range(args.rounds):

@@ -53,6 +53,22 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert len(lines) == 6
 
 
+@pytest.mark.timeout(120)
+def test_a_dygraph_only_run_makes_no_predictor(tmp_path, monkeypatch):
+    """The first predictor of a process caps oneDNN at AVX2 on AMD AVX-512 CPUs, dygraph's oneDNN
+    GEMMs included, so a run without the inference mode must not make one (not even for the peak)."""
+    def no_predictor(*args, **kwargs):
+        raise AssertionError('a paddle.inference predictor was made')
+    monkeypatch.setattr(bench, 'PaddleModel', no_predictor)
+    table = tmp_path / 'bench.md'
+    records = bench.main(['-cfg', os.path.join(CONFIGS, 'mixer_s32_224.yaml'), '-modes', 'dygraph', 'train',
+                          '-batches', '2', '-train_batch', '2', '-iters', '1', '-warmup', '0', '-threads', '1',
+                          '-matmul_size', '256', '-image_size', '64', '-markdown', str(table)])
+    machine = records[0]
+    assert 'matmul_gflops_inference' not in machine and machine['matmul_gflops'] == machine['matmul_gflops_dygraph'] > 0
+    assert f'GEMM; dygraph {machine["matmul_gflops_dygraph"]:.0f}); median of 1 runs' in table.read_text()
+
+
 def test_bench_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
         bench.main(['-cfg', 'configs/nope.yaml'])
