@@ -8,6 +8,7 @@ import pytest
 from conftest import CONFIGS, FIXTURES
 
 import benchmarks.bench as bench
+import benchmarks.paired as paired
 from mobileformer import get_config
 from mobileformer.deploy import build_for_inference, export_onnx, installed_runtimes
 
@@ -73,3 +74,21 @@ def test_bench_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
         bench.main(['-cfg', 'configs/nope.yaml'])
     assert 'no such file' in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_paired_comparison_reports_a_ratio_per_batch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    cfg = os.path.join(FIXTURES, 'timm_mixer_tiny.yaml')
+    config = get_config(cfg)
+    other = export_onnx(build_for_inference(config), config, str(tmp_path / 'other.onnx'))
+    results = paired.main(['-cfg', cfg, '-compare', other, '-batches', '1', '3', '-blocks', '4', '-threads', '1'])
+    assert [r['batch'] for r in results] == [1, 3]
+    for r in results:
+        assert r['ours_runtime'] in installed_runtimes() and r['other_best'] in ('onnxruntime', 'openvino')
+        assert r['ours_s'] > 0 and r['other_best_s'] > 0 and 0 < r['ratio_iqr'][0] <= r['ratio'] <= r['ratio_iqr'][1]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('CPU: ') and [line.split(':')[0] for line in lines[1:]] == ['batch 1', 'batch 3']
+    with pytest.raises(SystemExit):
+        paired.main(['-cfg', cfg, '-compare', str(tmp_path / 'missing.onnx')])
+    assert "-compare '" in capsys.readouterr().err
