@@ -128,8 +128,9 @@ def run(argv: Sequence[str]) -> None:
     if args.precision == 'int8':
         images = quantize.calibration_images(config, args.calib_images, args.calib_data)
     model = build_for_inference(config, args.pretrained)
-    # an earlier export's files that this one does not rewrite: they would describe or run the old model
-    for stale in (PRECISION_FILE, INT8_ONNX_FILE) + ((ONNX_FILE,) if args.no_onnx else ()):
+    # an earlier export's files would describe or run the old model where this one does not rewrite them
+    # (the ONNX too: -no_onnx, or a model paddle2onnx cannot convert)
+    for stale in (PRECISION_FILE, INT8_ONNX_FILE, ONNX_FILE):
         if os.path.exists(os.path.join(args.output, stale)):
             os.remove(os.path.join(args.output, stale))
     prefix = export_inference(model, config, args.output)

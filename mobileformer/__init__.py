@@ -7,11 +7,13 @@ import warnings
 
 # Notices of Paddle that tell a user of this repository nothing: ccache (for compiling custom
 # operators) is missing, printed at every `import paddle`; BatchNorm tracks running statistics,
-# printed by every training forward; paddle.Model copies label tensors. Filtered before Paddle is
-# imported: every command imports this package first.
+# printed by every training forward; paddle.Model copies label tensors; its own zeros_like asks a
+# traced tensor for its place (FNet's export, once per layer). Filtered before Paddle is imported:
+# every command imports this package first.
 warnings.filterwarnings('ignore', message='No ccache found')
 warnings.filterwarnings('ignore', message='When training, we now always track global mean and variance')
 warnings.filterwarnings('ignore', message='To copy construct from a tensor')
+warnings.filterwarnings('ignore', message="Tensor do not have 'place' interface for pir graph mode")
 # Paddle's C++ log below errors (glog INFO and WARNING) is internal detail, e.g. a notice that PIR
 # "not support input out tensor" at every export; GLOG_minloglevel=0 brings it back.
 os.environ.setdefault('GLOG_minloglevel', '2')
