@@ -5,8 +5,6 @@ export.py, predict.py and hubconf.py end to end."""
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import paddle
@@ -16,7 +14,7 @@ from PIL import Image
 
 import export
 import predict
-from mobileformer import build_model, get_config
+from mobileformer import get_config
 from mobileformer.convert import convert_checkpoint
 from mobileformer import deploy
 from mobileformer.deploy import (InferenceModel, build_for_inference, dygraph_outputs, export_inference, export_onnx,
@@ -206,21 +204,6 @@ def test_a_runtime_that_fails_to_load_falls_back_with_a_notice(mixer_export):
 
 
 @pytest.mark.timeout(120)
-def test_predict_with_the_paddle_runtime_prints_only_its_predictions(mixer_export, tmp_path):
-    """A fresh process (Paddle prints its oneDNN reduce_mean notice once per process, on fd 1)."""
-    folder, _ = mixer_export
-    image = _images(tmp_path, count=1)[0]
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'predict.py'), '-cfg',
-                             os.path.join(FIXTURES, 'timm_mixer_tiny.yaml'), '-model', folder, '-runtime', 'paddle',
-                             image, '-opts', 'DATA.DATASET', 'digits'],
-                            capture_output=True, text=True, timeout=100, cwd=str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[:2] == ['runtime: paddle (chosen by the caller)', f'{image}:'], lines
-    assert len(lines) == 7 and all(line.startswith('  ') for line in lines[2:]), lines
-
-
-@pytest.mark.timeout(120)
 def test_paddle_keeps_intermediates_for_single_images_only_and_for_that_run_only(mixer_export):
     """The executor's garbage collection is off while a single image runs (latency), on for
     batches (memory), and the process-wide flag is back as it was after every run, failed or not."""
@@ -253,34 +236,6 @@ def test_paddle_keeps_intermediates_for_single_images_only_and_for_that_run_only
     with pytest.raises(RuntimeError, match='injected'):
         engine(np.random.randn(1, 3, 32, 32).astype(np.float32))
     assert paddle.get_flags([flag])[flag] == before
-
-@pytest.mark.timeout(180)
-def test_a_model_paddle2onnx_cannot_convert_is_one_sentence_and_exports_with_no_onnx(tmp_path, monkeypatch):
-    """paddle2onnx aborts its process on FNet's FFT: export.py says so in one line, leaves no ONNX of
-    an earlier export behind, and -no_onnx gives a paddle export that matches dygraph."""
-    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
-    cfg = os.path.join(CONFIGS, 'fnet_cifar_64.yaml')
-    config = get_config(cfg)
-    weights = str(tmp_path / 'fnet.pdparams')
-    paddle.save(build_model(config).state_dict(), weights)
-    folder = tmp_path / 'export'
-    folder.mkdir()
-    (folder / deploy.ONNX_FILE).write_bytes(b'an earlier export')
-    command = [sys.executable, os.path.join(ROOT, 'export.py'), '-cfg', cfg, '-pretrained', weights, '-o', str(folder)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=150)
-    assert result.returncode == 2 and result.stdout == '', result
-    log = str(folder / deploy.ONNX_FILE) + '.paddle2onnx.log'
-    assert result.stderr.splitlines() == [
-        'error: paddle2onnx cannot convert fnet_cifar_64 (Due to the unsupported operators, the conversion is '
-        f"aborted; killed by SIGABRT; see '{log}'): export it with -no_onnx, for the paddle runtime only"]
-    assert not (folder / deploy.ONNX_FILE).exists()
-    result = subprocess.run(command + ['-no_onnx'], capture_output=True, text=True, timeout=150)
-    assert result.returncode == 0 and result.stderr == '', result.stderr
-    assert 'max |paddle - dygraph| on a batch of' in result.stdout
-    images = np.random.randn(2, 3, 64, 64).astype(np.float32)
-    close(InferenceModel(str(folder), log=lambda line: None)(images),
-          dygraph_outputs(build_for_inference(config, weights), images))
-
 
 def test_bad_requests_are_one_sentence(mixer_export, tmp_path, monkeypatch, capsys):
     folder, _ = mixer_export

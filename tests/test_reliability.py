@@ -22,6 +22,7 @@ import train as train_script
 from conftest import FIXTURES, ROOT
 from mobileformer.data import build_dataset
 from mobileformer import build_model, checkpoint, cli, convert, engine, get_config, reparam
+from mobileformer.deploy import build_for_inference, dygraph_outputs, export_inference, load_runtime
 
 TINY = os.path.join(FIXTURES, 'tiny_mobileformer.yaml')
 FOLDER_OPTS = ['DATA.DATASET', 'folder', 'MODEL.NUM_CLASSES', '2', 'DATA.IN_CHANNELS', '3',
@@ -488,6 +489,50 @@ def test_export_prints_no_notice_of_paddle(tmp_path):
     lines = result.stdout.splitlines()  # what was exported, each runtime's check, the runtime chosen
     assert lines[0].startswith('exported tiny_mobileformer to ') and lines[-1].startswith('runtime: '), lines
     assert not [line for line in lines if 'Paddle2ONNX' in line or line.startswith(('W', 'I'))], lines
+
+
+@pytest.mark.timeout(150)
+def test_predict_with_the_paddle_runtime_prints_only_its_predictions(tmp_path):
+    """A fresh process: Paddle 3.3.1 prints a oneDNN reduce_mean notice on fd 1 once per process."""
+    config = get_config(os.path.join(FIXTURES, 'timm_mixer_tiny.yaml'))
+    folder = str(tmp_path / 'export')
+    export_inference(build_for_inference(config), config, folder)
+    image = str(tmp_path / 'image.png')
+    Image.fromarray(np.random.randint(0, 255, (40, 50, 3), np.uint8)).save(image)
+    result = subprocess.run([sys.executable, 'predict.py', '-cfg', os.path.join(FIXTURES, 'timm_mixer_tiny.yaml'),
+                             '-model', folder, image, '-opts', 'DATA.DATASET', 'digits'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=140)
+    assert result.returncode == 0 and result.stderr == '', result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == [f"runtime: paddle (the only installed runtime that can run the export in '{folder}')",
+                         f'{image}:'], lines
+    assert len(lines) == 7 and all(line.startswith('  ') for line in lines[2:]), lines
+
+
+@pytest.mark.timeout(150)
+def test_a_model_paddle2onnx_cannot_convert_is_one_sentence_and_exports_with_no_onnx(tmp_path):
+    """paddle2onnx aborts its process on FNet's FFT: export.py refuses it first in one line, leaves no
+    ONNX of an earlier export behind, and -no_onnx gives a paddle export that matches dygraph."""
+    cfg = os.path.join(ROOT, 'configs', 'fnet_cifar_64.yaml')
+    config = get_config(cfg)
+    weights = str(tmp_path / 'fnet.pdparams')
+    paddle.save(build_model(config).state_dict(), weights)
+    folder = tmp_path / 'export'
+    folder.mkdir()
+    (folder / 'inference.onnx').write_bytes(b'an earlier export')
+    command = [sys.executable, 'export.py', '-cfg', cfg, '-pretrained', weights, '-o', str(folder), '-no_onnx']
+    result = subprocess.run(command[:-1], cwd=ROOT, capture_output=True, text=True, timeout=140)
+    assert result.returncode == 2 and result.stdout == '', result
+    assert result.stderr.splitlines() == [
+        'error: paddle2onnx cannot convert fnet_cifar_64 (it has no ONNX form of its fft_c2c): export it with '
+        '-no_onnx, for the paddle runtime only']
+    assert not (folder / 'inference.onnx').exists()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=140)
+    assert result.returncode == 0 and result.stderr == '', result.stderr
+    assert 'max |paddle - dygraph| on a batch of' in result.stdout
+    images = np.random.randn(2, 3, 64, 64).astype(np.float32)
+    reference = dygraph_outputs(build_for_inference(config, weights), images)
+    assert np.abs(load_runtime('paddle', str(folder))(images) - reference).max() < 1e-4
 
 
 @pytest.mark.timeout(60)

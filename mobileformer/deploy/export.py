@@ -11,12 +11,8 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 from typing import List, Optional, Set, Union
 
@@ -27,7 +23,7 @@ from paddle.static import InputSpec
 from yacs.config import CfgNode
 
 from mobileformer.checkpoint import load_weights
-from mobileformer.cpu_ops import tracing_for_onnx
+from mobileformer.cpu_ops import output_to, tracing_for_onnx
 from mobileformer.model_utils import re_parameterize_model
 from mobileformer.registry import build_model
 
@@ -105,48 +101,52 @@ def export_inference(model: nn.Layer, config: CfgNode, out_dir: str) -> str:
     return prefix
 
 
-# paddle2onnx, run in a child process: on operators it cannot convert (e.g. FNet's FFT) it aborts the
-# process it runs in. optimize_tool='None': the default (polygraphy) installs packages from the
-# network at run time.
-_CONVERT = ('import sys, paddle2onnx\n'
-            'data = paddle2onnx.export(sys.argv[1], sys.argv[2], save_file=None, opset_version=int(sys.argv[4]), '
-            'enable_onnx_checker=True, optimize_tool="None")\n'
-            'open(sys.argv[3], "wb").write(data) if data else sys.exit(3)\n')
+# Operators paddle2onnx 2.1 cannot convert and on which it aborts the whole process (SIGABRT, no
+# exception to catch): FNet's FFT. A conversion in a child process would survive that, but on this
+# stack the child's exit crashed the parent (SIGSEGV on delivering SIGCHLD, after DataLoader
+# workers had run), so the traced program is checked for them instead.
+PADDLE2ONNX_ABORTS_ON = ('fft_c2c', 'fft_r2c', 'fft_c2r')
 
 
-def _conversion_failure(log: str, returncode: int) -> str:
-    """What went wrong: paddle2onnx's first error line, and how its process ended."""
-    with open(log, errors='replace') as f:
-        errors = [line.split(']')[-1].strip().rstrip('.') for line in f if '[ERROR]' in line]
-    ending = f'killed by {signal.Signals(-returncode).name}' if returncode < 0 else f'exit status {returncode}'
-    return '; '.join(errors[:1] + [ending])
+def _ops_paddle2onnx_aborts_on(program: str) -> List[str]:
+    """The operators of `PADDLE2ONNX_ABORTS_ON` in a PIR program (.json), sorted."""
+    with open(program, encoding='utf-8') as f:
+        text = f.read()
+    return sorted(op for op in PADDLE2ONNX_ABORTS_ON if f'"1.{op}"' in text)
 
 
 def export_onnx(model: nn.Layer, config: CfgNode, path: str) -> str:
     """`model` as ONNX at `path` (written atomically), converted by paddle2onnx from a program traced
     in the forms the ONNX runtimes run fastest (`cpu_ops.tracing_for_onnx`), not the oneDNN ones of
     `export_inference`."""
-    if importlib.util.find_spec('paddle2onnx') is None:
-        raise ValueError('ONNX export needs paddle2onnx: pip install paddle2onnx, or pass -no_onnx')
-    log = path + '.paddle2onnx.log'  # kept only when the conversion fails
-    temporary = path + f'.{os.getpid()}.tmp'
+    try:
+        import paddle2onnx
+    except ImportError:
+        raise ValueError('ONNX export needs paddle2onnx: pip install paddle2onnx, or pass -no_onnx') from None
+    log = path + '.paddle2onnx.log'
     with tempfile.TemporaryDirectory() as workdir:
         with tracing_for_onnx():
             export_inference(model, config, workdir)
         program, params = paddle_files(workdir)
-        with open(log, 'w') as output:
-            result = subprocess.run([sys.executable, '-c', _CONVERT, program, params, temporary, str(ONNX_OPSET)],
-                                    stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise ValueError(f'paddle2onnx cannot convert {config.MODEL.NAME} ({_conversion_failure(log, result.returncode)}; '
-                         f"see '{log}'): export it with -no_onnx, for the paddle runtime only")
+        unconvertible = _ops_paddle2onnx_aborts_on(program)
+        if unconvertible:
+            raise ValueError(f"paddle2onnx cannot convert {config.MODEL.NAME} (it has no ONNX form of its "
+                             f"{', '.join(unconvertible)}): export it with -no_onnx, for the paddle runtime only")
+        # optimize_tool='None': the default (polygraphy) installs packages from the network at run time.
+        # Its progress lines go to a log that is kept only when the conversion fails.
+        try:
+            with output_to(log):
+                data = paddle2onnx.export(program, params, save_file=None, opset_version=ONNX_OPSET,
+                                          enable_onnx_checker=True, optimize_tool='None')
+        except Exception as e:  # it logs the cause and then fails on its own unset result
+            raise ValueError(f'paddle2onnx could not convert {config.MODEL.NAME} ({type(e).__name__}; '
+                             f"see '{log}')") from None
+    if not data:
+        raise ValueError(f"paddle2onnx could not convert {config.MODEL.NAME} (see '{log}')")
     os.remove(log)
-    with open(temporary, 'rb') as f:
-        data = without_dead_nodes(f.read())
+    temporary = path + f'.{os.getpid()}.tmp'
     with open(temporary, 'wb') as f:
-        f.write(data)
+        f.write(without_dead_nodes(data))
     os.replace(temporary, path)
     return path
 
