@@ -73,8 +73,8 @@ def fold_affine(linear: nn.Linear, scale: float, shift: float | paddle.Tensor = 
 
 
 class InferenceFold(nn.Layer):
-    """A layer with an inference form (PaddleClas convention: `re_parameterize()`, `is_repped`): its
-    `_fold()` moves constant arithmetic into its own Linears' weights and biases, and its forward
+    """A layer with an inference form (PaddleClas convention: `re_parameterize()`, `is_repped`): the
+    `_fold()` each subclass defines moves constant arithmetic into its own Linears' weights and biases, and its forward
     then skips that arithmetic. Training never folds.
 
     `folds_values_only`: the folded state dict has the training keys and shapes, so it could not be
@@ -92,9 +92,6 @@ class InferenceFold(nn.Layer):
         with paddle.no_grad():
             self._fold()
         self.is_repped = True
-
-    def _fold(self) -> None:
-        raise NotImplementedError
 
 
 def _linear(in_features: int, out_features: int) -> nn.Linear:
