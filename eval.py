@@ -23,8 +23,8 @@ from mobileformer import checkpoint, cli, cpu_ops, engine
 from mobileformer.deploy import AUTO, RUNTIMES, InferenceModel
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description='Evaluate a .pdparams on the validation split.')
+def build_parser() -> cli.CommandParser:
+    parser = cli.CommandParser(description='Evaluate weights, or an exported model, on a dataset\'s validation split.')
     parser.add_argument('-cfg', required=True, help='YAML config of the model')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('-pretrained', help='.pdparams to evaluate (e.g. output/x/best.pdparams)')
@@ -35,7 +35,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('-data_path', help='DATA.DATA_PATH')
     parser.add_argument('-batch_size', type=int, help='DATA.BATCH_SIZE_EVAL, per card')
     parser.add_argument('-opts', nargs='+', default=[], help='KEY VALUE pairs overriding the config')
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def evaluate(args: argparse.Namespace) -> dict:

@@ -19,7 +19,6 @@ a low-precision step fails, the fp32 export in the folder is complete and is wha
 from __future__ import annotations
 
 import mobileformer  # noqa: F401  (first: it filters notices Paddle prints when imported)
-import argparse
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -96,27 +95,32 @@ def keep_close_runtimes(check: Dict[str, dict], runtimes: List[str], min_agreeme
     return kept
 
 
-def run(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def build_parser() -> cli.CommandParser:
+    parser = cli.CommandParser(description=cli.summary(__doc__))
     parser.add_argument('-cfg', required=True, help='model config YAML')
     parser.add_argument('-pretrained', required=True, help='weights (.pdparams)')
-    parser.add_argument('-output', '-o', '--output', dest='output', required=True, help='output folder')
-    parser.add_argument('-no_onnx', '--no-onnx', dest='no_onnx', action='store_true',
+    parser.add_argument('-output', '-o', required=True, help='output folder')
+    parser.add_argument('-no_onnx', action='store_true',
                         help=f'skip {ONNX_FILE} (then only the paddle runtime can run the export)')
-    parser.add_argument('-precision', '--precision', dest='precision', default='fp32', choices=PRECISIONS,
+    parser.add_argument('-precision', default='fp32', choices=PRECISIONS,
                         help='what the runtimes run: fp32 (default), int8 (calibrated, onnxruntime/OpenVINO) '
                              'or bf16 (OpenVINO on CPUs with bf16 instructions)')
-    parser.add_argument('-calib_data', '--calib-data', dest='calib_data', default=None,
+    parser.add_argument('-calib_data', default=None,
                         help='folder of images to calibrate INT8 on (default: the config\'s training split)')
-    parser.add_argument('-calib_images', '--calib-images', dest='calib_images', type=int,
+    parser.add_argument('-calib_images', type=int,
                         default=quantize.DEFAULT_CALIBRATION_IMAGES, help='images to calibrate INT8 on')
-    parser.add_argument('-check_images', '--check-images', dest='check_images', type=int, default=CHECK_IMAGES,
+    parser.add_argument('-check_images', type=int, default=CHECK_IMAGES,
                         help='validation images on which a low precision is compared with fp32')
-    parser.add_argument('-min_agreement', '--min-agreement', dest='min_agreement', type=float,
+    parser.add_argument('-min_agreement', type=float,
                         default=quantize.MIN_AGREEMENT,
                         help='a runtime whose low-precision top-1 agrees with fp32 on a smaller fraction of the '
                              'checked images is not used for it (0 keeps every runtime)')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
+    return parser
+
+
+def run(argv: Sequence[str]) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.check_images < 1:
         parser.error(f'-check_images must be at least 1, got {args.check_images}')

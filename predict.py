@@ -15,7 +15,6 @@ IMAGE_SIZE / CROP_PCT, center crop, normalise). Class names: the built-in ImageN
 from __future__ import annotations
 
 import mobileformer  # noqa: F401  (first: it filters notices Paddle prints when imported)
-import argparse
 import os
 import re
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -90,8 +89,8 @@ def split_opts_and_paths(opts: Sequence[str]) -> Tuple[List[str], List[str]]:
     return list(opts[:2 * pairs]), list(opts[2 * pairs:])
 
 
-def run(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def build_parser() -> cli.CommandParser:
+    parser = cli.CommandParser(description=cli.summary(__doc__))
     parser.add_argument('-cfg', required=True, help='model config YAML (preprocessing, classes)')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('-pretrained', help='weights (.pdparams), run in dygraph')
@@ -101,6 +100,11 @@ def run(argv: Sequence[str]) -> None:
     parser.add_argument('-data_path', help='DATA.DATA_PATH, for the class names of a folder dataset')
     parser.add_argument('images', nargs='*', help='image files')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
+    return parser
+
+
+def run(argv: Sequence[str]) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     opts, trailing_images = split_opts_and_paths(args.opts)
     images = args.images + trailing_images

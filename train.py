@@ -22,9 +22,9 @@ QUICKSTART_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                  'configs', 'digits', 'mobileformer_26m.yaml')
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    # single-dash flags, PaddleViT style; no --n/--log (they belong to paddle.distributed.launch)
-    parser = argparse.ArgumentParser(description='Train a model with paddle.Model.')
+def build_parser() -> cli.CommandParser:
+    # no -n/-log (they belong to paddle.distributed.launch)
+    parser = cli.CommandParser(description=cli.summary(__doc__))
     parser.add_argument('-cfg', default=QUICKSTART_CONFIG, help='YAML config (default: digits quickstart)')
     parser.add_argument('-dataset', help='DATA.DATASET')
     parser.add_argument('-data_path', help='DATA.DATA_PATH')
@@ -35,7 +35,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('-resume', help="checkpoint prefix (e.g. output/x/last) or 'auto'")
     parser.add_argument('-amp', action='store_true', help='mixed precision (GPU only)')
     parser.add_argument('-opts', nargs='+', default=[], help='KEY VALUE pairs overriding the config')
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def load_config(args: argparse.Namespace, notices: Optional[List[str]] = None):

@@ -44,6 +44,7 @@ import paddle.nn.functional as F
 from paddle.static import InputSpec
 
 from mobileformer import build_model, get_config
+from mobileformer.cli import CommandParser, summary
 from mobileformer.cpu import cpu_description, keep_freed_memory
 from mobileformer.deploy import (AUTO, INFERENCE_PREFIX, LOW_PRECISION_RUNTIMES, ONNX_FILE, PRECISIONS, RUNTIMES,
                                  InferenceModel, OnnxModel, OpenVinoModel, PaddleModel, build_for_inference,
@@ -61,8 +62,8 @@ MODES = INFERENCE_MODES + TRAIN_MODES
 TRAIN_PASSES = 3  # a training step costs about three forwards: forward, input grads, weight grads
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def build_parser() -> CommandParser:
+    parser = CommandParser(description=summary(__doc__))
     parser.add_argument('-cfg', nargs='+', default=None, help='config YAMLs (default: every configs/*.yaml)')
     parser.add_argument('-modes', nargs='+', default=['dygraph', 'static', 'inference', 'train'], choices=MODES)
     parser.add_argument('-runtimes', nargs='+', default=None, choices=(AUTO,) + RUNTIMES,
@@ -82,6 +83,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument('-matmul_size', type=int, default=2048, help='side of the square GEMM measuring the peak')
     parser.add_argument('-json', default=None, help='write the JSON lines here instead of stdout')
     parser.add_argument('-markdown', default=None, help='also write the markdown table here')
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name in ('iters', 'threads', 'train_batch', 'matmul_size', 'rounds'):
         if getattr(args, name) < 1:

@@ -23,6 +23,7 @@ import mobileformer  # noqa: F401  (before Paddle: it filters notices Paddle pri
 import numpy as np
 
 from mobileformer import get_config
+from mobileformer.cli import CommandParser, summary
 from mobileformer.cpu import cpu_description
 from mobileformer.deploy import (AUTO, ONNX_FILE, RUNTIMES, InferenceModel, OnnxModel, OpenVinoModel, build_for_inference,
                                  default_threads, export_inference, export_onnx, installed_runtimes)
@@ -57,8 +58,8 @@ def compare(ours: Callable, others: Dict[str, Callable], batch: np.ndarray, bloc
             'ratio': float(np.median(ratios)), 'ratio_iqr': [float(q) for q in np.percentile(ratios, [25, 75])]}
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+def build_parser() -> CommandParser:
+    parser = CommandParser(description=summary(__doc__))
     parser.add_argument('-cfg', required=True, help='config YAML of our model (random weights unless -pretrained)')
     parser.add_argument('-pretrained', help='weights for -cfg')
     parser.add_argument('-compare', required=True, metavar='FILE.onnx', help='the other model')
@@ -66,6 +67,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument('-batches', type=int, nargs='+', default=[1, 32])
     parser.add_argument('-blocks', type=int, default=20)
     parser.add_argument('-threads', type=int, default=None, help='default: every CPU, as the commands use')
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not os.path.isfile(args.compare):
         parser.error(f"-compare '{args.compare}' does not exist")

@@ -10,7 +10,6 @@ those of the held-out digits (other writers) are scored by mean IoU over the cla
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -146,7 +145,7 @@ def train_and_evaluate(config_file: str = DEFAULT_CONFIG, opts: Sequence = (), s
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description='Segment digits on canvases with a backbone + FPN-lite head.')
+    parser = cli.CommandParser(description='Segment digits on canvases with a backbone + FPN-lite head.')
     parser.add_argument('-cfg', default=DEFAULT_CONFIG, help='model YAML (the backbone; any family)')
     parser.add_argument('-steps', type=int, default=600)
     parser.add_argument('-batch_size', type=int, default=16)

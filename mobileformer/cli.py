@@ -1,9 +1,14 @@
-"""The one error-handling entry point of every command (train, eval, export, predict, convert, reparam).
+"""The one error-handling entry point and the one argument parser of every command (train, eval,
+export, predict, convert, reparam, flops, the benchmarks).
+
+`CommandParser` gives every command the same flag style: each option is defined once, with one
+dash (`-epochs`, `-data_path`), and is accepted as `-epochs`, `--epochs`, `-data_path`,
+`--data_path` and `--data-path` alike.
 
 A problem the user can fix (a bad config value, a missing or corrupt file, a full disk, a diverged
 run) is printed as one line `error: <sentence>` on stderr and the command exits with status 2 (an
 interrupted training run: 130 for SIGINT, 143 for SIGTERM), never with a traceback. The traceback is
-shown with `--debug` anywhere on the command line or with MOBILEFORMER_DEBUG=1 in the environment.
+shown with `--debug` (or `-debug`) anywhere on the command line or with MOBILEFORMER_DEBUG=1 in the environment.
 An exception of any other type is a bug: it keeps its traceback.
 
 In a `paddle.distributed.launch` run, a rank that fails writes its error to
@@ -15,6 +20,7 @@ the cause.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import threading
@@ -26,8 +32,39 @@ from mobileformer.cpu import use_cpu_threads
 from mobileformer.engine.distributed import rank
 from mobileformer.errors import USAGE_ERROR, TrainingStopped
 
-DEBUG_FLAG = '--debug'
+DEBUG_FLAGS = ('--debug', '-debug')
 DEBUG_ENV = 'MOBILEFORMER_DEBUG'
+FLAG_STYLE = 'Every option is accepted with one or two dashes (-data_path, --data_path, --data-path).'
+
+
+def summary(doc: str) -> str:
+    """The first paragraph of a module docstring on one line: a command's -h description."""
+    return ' '.join(doc.strip().split('\n\n')[0].split())
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse with the project's flag style (see the module docstring); its -h ends with a
+    sentence saying so. Options are defined with one dash; two dashes are mapped to them before
+    parsing, so help lists each option once."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault('epilog', FLAG_STYLE)
+        super().__init__(**kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        end = args.index('--') if '--' in args else len(args)  # after '--' every word is a value
+        return super().parse_known_args([self._one_dash(a) for a in args[:end]] + args[end:], namespace)
+
+    def _one_dash(self, arg: str) -> str:
+        """`--name[=value]` (or `--na-me`) -> `-name[=value]` (`-na_me`) when that is an option."""
+        if not arg.startswith('--'):
+            return arg
+        name, equals, value = arg[2:].partition('=')
+        for candidate in ('-' + name, '-' + name.replace('-', '_')):
+            if candidate in self._option_string_actions:
+                return candidate + equals + value
+        return arg
 
 
 # errors whose message is the whole story: ValueError covers ConfigError, OSError covers
@@ -36,7 +73,7 @@ USER_ERRORS = (ValueError, OSError, TrainingStopped)
 
 
 def debug_enabled(argv: Sequence[str] = ()) -> bool:
-    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, '') not in ('', '0')
+    return any(flag in argv for flag in DEBUG_FLAGS) or os.environ.get(DEBUG_ENV, '') not in ('', '0')
 
 
 def one_line(error: BaseException) -> str:
@@ -111,7 +148,7 @@ def run(main: Callable[[List[str]], Optional[int]], argv: Optional[Sequence[str]
     use_cpu_threads()  # every command computes: on the CPU, with all its cores and reused buffers
     _watch_other_ranks()
     try:
-        return main([a for a in argv if a != DEBUG_FLAG]) or 0
+        return main([a for a in argv if a not in DEBUG_FLAGS]) or 0
     except Exception as e:
         others = _share_failure(e)
         if debug or not isinstance(e, USER_ERRORS):

@@ -10,7 +10,6 @@ out with a notice and keeps the model's fresh initialisation. OUT is written ato
 """
 from __future__ import annotations
 
-import argparse
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -91,17 +90,21 @@ def convert_checkpoint(src: str, config: CfgNode, out: str, source: Optional[str
     return state
 
 
-def run(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(prog='python -m mobileformer.convert', description=__doc__.split('\n')[0])
+def build_parser() -> cli.CommandParser:
+    parser = cli.CommandParser(prog='python -m mobileformer.convert', description=cli.summary(__doc__))
     parser.add_argument('src', help='PyTorch checkpoint: .pth / .pth.tar / .bin (zip format) or .safetensors')
     parser.add_argument('-cfg', required=True, help='config YAML of the target model')
-    parser.add_argument('-output', '-o', '--output', dest='output', required=True, help='output .pdparams')
-    parser.add_argument('-from', '--from', dest='source', default=None,
+    parser.add_argument('-output', '-o', required=True, help='output .pdparams')
+    parser.add_argument('-from', dest='source', default=None,
                         help=f'source format (default: detected from the keys): {_names(converters())}')
-    parser.add_argument('-key', '--key', dest='key', default=None,
+    parser.add_argument('-key', default=None,
                         help='checkpoint entry holding the weights (default: state_dict, state_dict_ema, model)')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(argv: Sequence[str]) -> None:
+    args = build_parser().parse_args(argv)
     config = get_config(args.cfg, args.opts)
     convert_checkpoint(args.src, config, args.output, args.source, args.key)
 

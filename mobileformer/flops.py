@@ -9,15 +9,17 @@ count ourselves: forward post-hooks on layers by type, and a temporary wrapper a
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-from typing import Iterator, List, Sequence
+from typing import TYPE_CHECKING, Iterator, List, Sequence
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 
 from mobileformer.registry import MADDS_RULES, register_madds
+
+if TYPE_CHECKING:
+    from mobileformer.cli import CommandParser
 
 def _numel(shape: Sequence[int]) -> int:
     return int(np.prod([int(s) for s in shape]))
@@ -92,15 +94,21 @@ def count_madds(model: nn.Layer, input_shape: Sequence[int]) -> int:
     return total[0]
 
 
+def build_parser() -> 'CommandParser':
+    from mobileformer.cli import CommandParser  # the command's imports stay out of the models' imports
+
+    parser = CommandParser(prog='python -m mobileformer.flops', description='Print parameters and MAdds of a config.')
+    parser.add_argument('-cfg', required=True, help='model YAML, e.g. configs/mobileformer_26m.yaml')
+    parser.add_argument('-image_size', type=int, default=None, help='default: DATA.IMAGE_SIZE')
+    parser.add_argument('-opts', nargs='+', default=None, help='KEY VALUE overrides')
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from mobileformer import build_model, get_config
     from mobileformer.model_utils import count_trainable
 
-    parser = argparse.ArgumentParser(description='Print parameters and MAdds of a config.')
-    parser.add_argument('-cfg', required=True, help='model YAML, e.g. configs/mobileformer_26m.yaml')
-    parser.add_argument('-image_size', type=int, default=None, help='default: DATA.IMAGE_SIZE')
-    parser.add_argument('-opts', nargs='+', default=None, help='KEY VALUE overrides')
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     config = get_config(args.cfg, args.opts)
     size = args.image_size or config.DATA.IMAGE_SIZE
     model = build_model(config)

@@ -9,7 +9,6 @@ file in the output's folder, then `os.replace`), so an interrupted run never lea
 """
 from __future__ import annotations
 
-import argparse
 from typing import Optional, Sequence
 
 import paddle.nn as nn
@@ -37,14 +36,19 @@ def reparameterize_checkpoint(cfg_file: str, pretrained: str, output: str,
     return model
 
 
-def run(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(description='Fold a trained checkpoint into its deploy structure.')
+def build_parser() -> cli.CommandParser:
+    parser = cli.CommandParser(prog='python -m mobileformer.reparam',
+                               description='Fold a trained checkpoint into its deploy structure.')
     parser.add_argument('-cfg', required=True, help='the training config, e.g. configs/repmlpnet_t224.yaml')
     parser.add_argument('-pretrained', required=True, help='trained checkpoint (.pdparams)')
-    parser.add_argument('-output', '-o', '--output', dest='output', required=True,
+    parser.add_argument('-output', '-o', required=True,
                         help='where to write the deploy checkpoint')
     parser.add_argument('-opts', nargs='+', default=None, help='KEY VALUE config overrides')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(argv: Sequence[str]) -> None:
+    args = build_parser().parse_args(argv)
     reparameterize_checkpoint(args.cfg, args.pretrained, args.output, args.opts)
     print(f'wrote {args.output}: load it with -cfg {args.cfg} -opts MODEL.DEPLOY True')
 

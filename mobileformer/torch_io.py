@@ -15,7 +15,6 @@ bfloat16 tensors come back as float32 (numpy has no bfloat16), other dtypes unch
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -23,9 +22,12 @@ import pickle
 import struct
 import zipfile
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mobileformer.cli import CommandParser
 
 # Where a training checkpoint keeps its weights, in the order they are looked for.
 STATE_DICT_KEYS = ('state_dict', 'state_dict_ema', 'model')
@@ -281,10 +283,17 @@ def to_paddle_layout(state: Dict[str, np.ndarray], rename: Callable[[str], Optio
     return converted, unplaced
 
 
+def build_parser() -> 'CommandParser':
+    from mobileformer.cli import CommandParser, summary  # the command's imports stay out of the models' imports
+
+    parser = CommandParser(prog='python -m mobileformer.torch_io', description=summary(__doc__))
+    parser.add_argument('checkpoint', help='a PyTorch checkpoint: .pth, .pth.tar, .bin or .safetensors')
+    parser.add_argument('-key', default=None, help=f'entry holding the weights (default: {", ".join(STATE_DICT_KEYS)})')
+    return parser
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('checkpoint')
-    parser.add_argument('-key', '--key', dest='key', default=None, help=f'entry holding the weights (default: {", ".join(STATE_DICT_KEYS)})')
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         state = load_state_dict(args.checkpoint, args.key)
