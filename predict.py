@@ -3,6 +3,7 @@
     python predict.py -cfg configs/mobileformer_26m.yaml -pretrained mobileformer_26m.pdparams cat.jpg dog.png
     python predict.py -cfg configs/mobileformer_26m.yaml -model export/mf26m cat.jpg     # exported model
     python predict.py -cfg configs/mobileformer_26m.yaml -model export/mf26m -runtime paddle cat.jpg
+    python predict.py -cfg configs/mobileformer_26m.yaml -model export/mf26m photos/     # every image in it
 
 An exported model runs at the precision its folder records (export.py -precision: fp32, int8 or
 bf16), in the fastest runtime that runs that precision.
@@ -10,7 +11,8 @@ bf16), in the fastest runtime that runs that precision.
 Preprocessing is the config's evaluation transform (mobileformer.data.build_transforms 'val': resize to
 IMAGE_SIZE / CROP_PCT, center crop, normalise). Class names: the built-in ImageNet-1k names for
 `imagenet` with 1000 classes, else the dataset's own (`mobileformer.data.build_dataset(config, 'val').classes`:
-0..9 for digits, folder names for folder datasets), else the class index.
+0..9 for digits, folder names for folder datasets), else the class index; a name other than the
+index is followed by the index.
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ import re
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
 from yacs.config import CfgNode
 
-from mobileformer.data import build_dataset, build_transforms
+from mobileformer.data import build_dataset, build_transforms, open_image
+from mobileformer.data.sources import IMAGE_EXTENSIONS, images_under
 from mobileformer import cli, get_config
 from mobileformer.deploy import AUTO, RUNTIMES, InferenceModel, Outputs, build_for_inference, dygraph_outputs
 
@@ -42,16 +44,31 @@ def class_names(config: CfgNode) -> List[str]:
     except ValueError as e:
         print(f'notice: no class names ({e}); printing class indices')
         names = []
-    return names if len(names) == count else [f'class {i}' for i in range(count)]
+    return names if len(names) == count else [str(i) for i in range(count)]
 
 
 def load_image(path: str, transform: Callable) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image '{path}': {e}") from None
-    return transform(image)
+    return transform(open_image(path))
+
+
+def image_files(paths: Sequence[str]) -> List[str]:
+    """`paths` with each folder replaced by the images in it (sub-folders included), sorted."""
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = images_under(path)
+        if not found:
+            raise ValueError(f"folder '{path}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); give image files "
+                             'or a folder of them')
+        files += found
+    return files
+
+
+def class_label(names: Sequence[str], index: int) -> str:
+    """The class name, followed by its index when the name is not the index itself."""
+    return names[index] if names[index] == str(index) else f'{names[index]} ({index})'
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -98,7 +115,7 @@ def build_parser() -> cli.CommandParser:
     parser.add_argument('-runtime', default=AUTO, choices=(AUTO,) + RUNTIMES,
                         help='runtime for -model (default: the fastest measured on this CPU)')
     parser.add_argument('-data_path', help='DATA.DATA_PATH, for the class names of a folder dataset')
-    parser.add_argument('images', nargs='*', help='image files')
+    parser.add_argument('images', nargs='*', help='image files, or folders whose images are all predicted (sorted)')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
     return parser
 
@@ -107,9 +124,9 @@ def run(argv: Sequence[str]) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     opts, trailing_images = split_opts_and_paths(args.opts)
-    images = args.images + trailing_images
+    images = image_files(args.images + trailing_images)
     if not images:
-        parser.error('give at least one image file')
+        parser.error('give at least one image file or folder')
     data_path = ['DATA.DATA_PATH', args.data_path] if args.data_path else []
     config = get_config(args.cfg, data_path + opts)
     if args.model:
@@ -121,7 +138,7 @@ def run(argv: Sequence[str]) -> None:
     for path, top in zip(images, predict(run, images, config, config.DATA.BATCH_SIZE_EVAL)):
         print(f'{path}:')
         for probability, index in top:
-            print(f'  {probability:.4f}  {names[index]} ({index})')
+            print(f'  {probability:.4f}  {class_label(names, index)}')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -90,11 +90,12 @@ def train(args: argparse.Namespace, extra_callbacks: Sequence[paddle.callbacks.C
         checkpoint.check_writable(output)  # a read-only folder or a full disk fails now, not after an epoch
         checkpoint.recover(output)  # finishes (or drops) a checkpoint write a killed run left halfway
     log = make_logger(output)
-    for notice in notices:
-        log(f'Notice: {notice}.')
+    # notices wait until everything that can refuse the run has been checked: a run that is then
+    # refused prints its one error line and nothing else
+    pending = [f'Notice: {notice}.' for notice in notices]
     resume = engine.resolve_resume(args.resume, output)
     if args.resume == 'auto' and resume is None:
-        log(f'No checkpoint in {output} to resume from; starting from scratch.')
+        pending.append(f'No checkpoint in {output} to resume from; starting from scratch.')
 
     engine.seed_everything(config.SEED)  # same initialization on every rank
     train_set, val_set = build_dataset(config, 'train'), build_dataset(config, 'val')
@@ -103,7 +104,7 @@ def train(args: argparse.Namespace, extra_callbacks: Sequence[paddle.callbacks.C
                           f'{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES: {train_set.num_classes} in the YAML')
     network = build_model(config)
     if args.pretrained:
-        checkpoint.load_weights(network, args.pretrained, drop_classifier=True, log=log)
+        checkpoint.load_weights(network, args.pretrained, drop_classifier=True, log=pending.append)
     cpu_ops.prepare(network, log)
 
     skip_bad = config.DATA.SKIP_BAD_IMAGES
@@ -127,8 +128,10 @@ def train(args: argparse.Namespace, extra_callbacks: Sequence[paddle.callbacks.C
         state = engine.load_checkpoint(resume, network, optimizer, ema)
         start_epoch, history, best_top1 = state['epoch'], state['history'], state['best_top1']
         sampler.skip = state.get('step', 0)  # a mid-epoch checkpoint (SIGTERM) continues its epoch
-        log(f'Resumed from {resume} after epoch {start_epoch}' + (f' and {sampler.skip} batches of epoch '
-                                                                f'{start_epoch + 1}.' if sampler.skip else '.'))
+        pending.append(f'Resumed from {resume} after epoch {start_epoch}'
+                       + (f' and {sampler.skip} batches of epoch {start_epoch + 1}.' if sampler.skip else '.'))
+    for line in pending:
+        log(line)
     if start_epoch >= config.TRAIN.EPOCHS:
         log(f'Nothing to do: {output} already holds {start_epoch} of {config.TRAIN.EPOCHS} epochs.')
         return None

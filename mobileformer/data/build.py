@@ -16,6 +16,7 @@ from PIL import Image
 from yacs.config import CfgNode
 
 from mobileformer.data import sources
+from mobileformer.data.images import open_image
 from mobileformer.data.transforms import ConvertMode, build_transforms
 
 DATASETS = ('digits', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist', 'imagenet', 'folder')
@@ -69,13 +70,7 @@ class ImageFiles(LabelledImages):
         self.paths = source.paths
 
     def _image(self, index: int) -> Image.Image:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return self.to_rgb(img)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read image '{path}' ({e}); remove or replace the file") from None
+        return self.to_rgb(open_image(self.paths[index]))
 
 
 def _source(name: str, root: str, mode: str):

@@ -23,10 +23,10 @@ import tempfile
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
 from yacs.config import CfgNode
 
 from mobileformer.data import build_dataset, build_transforms
+from mobileformer.data.images import open_image
 from mobileformer.data.sources import IMAGE_EXTENSIONS, images_under
 from mobileformer.deploy.export import INT8_ONNX_FILE, ONNX_FILE
 from mobileformer.deploy.runtimes import Engine, Outputs, OnnxModel
@@ -60,7 +60,7 @@ def calibration_images(config: CfgNode, count: int, folder: Optional[str] = None
             raise ValueError(f"-calib_data '{folder}' is not a folder; give a folder of images for INT8 calibration")
         paths = images_under(folder)
         where = f"-calib_data '{folder}'"
-        load = lambda i: transform(Image.open(paths[i]))  # noqa: E731
+        load = lambda i: transform(open_image(paths[i]))  # noqa: E731
         available = len(paths)
     else:
         try:
@@ -78,10 +78,8 @@ def calibration_images(config: CfgNode, count: int, folder: Optional[str] = None
     if available < MIN_CALIBRATION_IMAGES:
         raise ValueError(f'{where} holds {available} images, too few to calibrate INT8 activation ranges; '
                          f'it needs at least {MIN_CALIBRATION_IMAGES}')
-    try:
-        return np.stack([np.asarray(load(i), np.float32) for i in spread_indices(available, count)])
-    except (OSError, ValueError) as e:
-        raise ValueError(f'cannot read a calibration image of {where}: {e}') from None
+    # an unreadable image is refused in the sentence every command uses, which names the file
+    return np.stack([np.asarray(load(i), np.float32) for i in spread_indices(available, count)])
 
 
 class _Batches:

@@ -2,6 +2,7 @@
 evaluation and checkpoints, divergence and graceful stops, logs and curves."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -269,6 +270,9 @@ def visualdl_callback(output: str) -> Optional[Callback]:
 
 def plot_curves(history: List[dict], path: str) -> bool:
     """Loss and top-1 per epoch as a PNG; skipped (False) when matplotlib is not installed."""
+    # matplotlib announces at INFO that it built its font cache (the first plot on a machine), and
+    # Paddle's logging setup prints INFO records: a user needs neither
+    logging.getLogger('matplotlib').setLevel(logging.WARNING)
     try:
         import matplotlib
         matplotlib.use('Agg')
