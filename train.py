@@ -104,7 +104,7 @@ def train(args: argparse.Namespace, extra_callbacks: Sequence[paddle.callbacks.C
                           f'{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES: {train_set.num_classes} in the YAML')
     network = build_model(config)
     if args.pretrained:
-        checkpoint.load_weights(network, args.pretrained, drop_classifier=True, log=pending.append)
+        checkpoint.load_weights(network, args.pretrained, drop_classifier=True, adapt_input=True, log=pending.append)
     cpu_ops.prepare(network, log)
 
     skip_bad = config.DATA.SKIP_BAD_IMAGES

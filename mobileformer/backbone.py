@@ -62,13 +62,15 @@ def evenly_spaced(count: int, wanted: int = 4) -> List[int]:
 
 
 class Backbone(nn.Layer):
-    """Base of every model class. A family sets `classifier_name`, `num_features` and
+    """Base of every model class. A family sets `classifier_name`, `input_conv_name` (the conv that
+    reads the image: fine-tuning adapts its kernel to another channel count), `num_features` and
     `num_classes`, and implements `forward_features`, `forward_head`, `feature_specs`,
     `_features(x, last)` (the outputs 0..last, computed no further than needed) and
     `_unused_layers(last)` (the layers a feature extractor whose last output is `last` does not
     run, as dotted names: `head`, `blocks.7`)."""
 
     classifier_name = 'head'
+    input_conv_name = 'stem.proj'  # the patch embedding of the token models
 
     def __init__(self) -> None:
         super().__init__()

@@ -7,7 +7,9 @@ file in one sentence, the same sentence in every command.
 Checking: `fit_state` compares a state dict with a model. Strictly, every key and shape must match
 (evaluation, export, prediction, folding, resuming); with `drop_classifier`, the layer the model's
 `get_classifier()` names may have been trained for another class count and is left out
-(fine-tuning). A feature extractor (mobileformer.backbone) takes a classifier's checkpoint but
+(fine-tuning); with `adapt_input`, the conv that reads the image (`input_conv_name`) may have been
+trained on another channel count and its kernel is adapted (`adapt_input_kernel`, as timm does).
+Each is announced in a one-line notice. A feature extractor (mobileformer.backbone) takes a classifier's checkpoint but
 the head layers it does not hold. Any other difference names the tensor and both shapes.
 
 Writing: `write_file` writes one file atomically (a temporary next to it, flushed, then renamed).
@@ -124,9 +126,34 @@ def check_state(state: Mapping[str, np.ndarray], model: nn.Layer, what: str, all
                          + '; ' + (hint or 'check that the config matches the weights'))
 
 
-def fit_state(state: StateDict, model: nn.Layer, path: str, drop_classifier: bool = False) -> Tuple[StateDict, List[str], Optional[int]]:
-    """(`state` ready for `model.set_state_dict`, the classifier keys left out, their class count).
-    Without `drop_classifier` a classifier for another class count is an error naming both counts."""
+def adapt_input_kernel(kernel: np.ndarray, channels: int) -> np.ndarray:
+    """The kernel [out, in, kh, kw] of a conv that reads `in`-channel images, for `channels`-channel
+    ones (timm's rule): onto 1 channel, summed over its channels; onto more, repeated over them, cut
+    to `channels` and scaled by in / channels. Either way a grey image copied into every channel
+    gives the activations the trained kernel gave it."""
+    trained = kernel.shape[1]
+    if channels == 1:
+        return kernel.sum(axis=1, keepdims=True)
+    repeated = np.tile(kernel, (1, -(-channels // trained), 1, 1))[:, :channels]
+    return (repeated * (trained / channels)).astype(kernel.dtype)
+
+
+def input_to_adapt(state: Mapping[str, np.ndarray], model: nn.Layer) -> Optional[str]:
+    """The key of the image-reading kernel when `state` has it for another input-channel count
+    (every other dimension equal), else None."""
+    key = f'{model.input_conv_name}.weight'
+    ours, theirs = state_shapes(model).get(key), tuple(np.shape(state[key])) if key in state else None
+    if ours is None or theirs is None or len(theirs) != 4 or theirs == ours:
+        return None
+    return key if theirs[:1] + theirs[2:] == ours[:1] + ours[2:] else None
+
+
+def fit_state(state: StateDict, model: nn.Layer, path: str, drop_classifier: bool = False,
+              adapt_input: bool = False) -> Tuple[StateDict, List[str], List[str]]:
+    """(`state` ready for `model.set_state_dict`, the classifier keys left out, the notices saying
+    what was adapted). Without `drop_classifier` a classifier for another class count is an error
+    naming both counts; without `adapt_input` an input conv for another channel count is one of the
+    wrong shapes `check_state` lists."""
     dropped, classes = classifier_to_drop(state, model)
     if dropped and not drop_classifier:
         ours = state_shapes(model)[dropped[0]][-1]
@@ -134,8 +161,24 @@ def fit_state(state: StateDict, model: nn.Layer, path: str, drop_classifier: boo
                          f'-opts MODEL.NUM_CLASSES {classes} or a matching checkpoint')
     # a feature extractor leaves out the head layers it dropped, and with them the classifier
     kept = {k: v for k, v in state.items() if k not in dropped and not removed_from(model, k)}
+    notices = []
+    adapted = input_to_adapt(kept, model) if adapt_input else None
+    if adapted:
+        trained, channels = np.shape(kept[adapted])[1], state_shapes(model)[adapted][1]
+        kept[adapted] = adapt_input_kernel(np.asarray(kept[adapted]), channels)
+        how = 'summed over its channels' if channels == 1 else f'repeated over the channels and scaled by {trained}/{channels}'
+        notices.append(f"Notice: '{path}' was trained on {trained}-channel images, the model takes {channels}: "
+                       f'the kernel of the first layer ({adapted}) is {how} (fine-tuning).')
     check_state(kept, model, f"'{path}'", allow_missing=dropped, hint='check that -cfg matches the checkpoint')
-    return cast_like(kept, model), dropped, classes
+    if dropped:
+        notices.append(f"Notice: '{path}' was trained for {classes} classes, the model has "
+                       f'{state_shapes(model)[dropped[0]][-1]}: the classifier ({", ".join(dropped)}) starts from '
+                       'scratch (fine-tuning).')
+        # the new classifier keeps its initial values: given in full, the state loads without
+        # Paddle's "Skip loading for ..." warning per left-out tensor
+        own = model.state_dict()
+        kept.update({key: own[key].numpy() for key in dropped})
+    return cast_like(kept, model), dropped, notices
 
 
 def cast_like(state: Mapping[str, np.ndarray], model: nn.Layer) -> StateDict:
@@ -144,16 +187,15 @@ def cast_like(state: Mapping[str, np.ndarray], model: nn.Layer) -> StateDict:
     return {k: np.asarray(v).astype(dtypes.get(k, np.asarray(v).dtype), copy=False) for k, v in state.items()}
 
 
-def load_weights(model: nn.Layer, path: str, drop_classifier: bool = False,
+def load_weights(model: nn.Layer, path: str, drop_classifier: bool = False, adapt_input: bool = False,
                  log: Callable[[str], None] = print) -> List[str]:
-    """Loads the `.pdparams` at `path` into `model` after `fit_state`; a classifier left out for
-    fine-tuning is announced through `log`. Returns the keys left out."""
-    state, dropped, classes = fit_state(read_state_dict(path), model, path, drop_classifier)
+    """Loads the `.pdparams` at `path` into `model` after `fit_state`; what fine-tuning adapted
+    (`drop_classifier`, `adapt_input`) is announced through `log`. Returns the classifier keys left
+    out (they keep the model's initial values)."""
+    state, dropped, notices = fit_state(read_state_dict(path), model, path, drop_classifier, adapt_input)
     model.set_state_dict(state)
-    if dropped:
-        log(f"Notice: '{path}' was trained for {classes} classes, the model has "
-            f'{state_shapes(model)[dropped[0]][-1]}: the classifier ({", ".join(dropped)}) starts from scratch '
-            '(fine-tuning).')
+    for notice in notices:
+        log(notice)
     return dropped
 
 

@@ -246,21 +246,62 @@ def _fit_schedule(config: CN, file_epochs: int, overridden: set) -> Optional[str
             f'are scaled by {epochs}/{file_epochs}: ' + ', '.join(changes))
 
 
+_NORMALISATION_KEYS = ('DATA.MEAN', 'DATA.STD')
+
+
+def _sets(data: dict, key: str) -> bool:
+    """Whether the nested mapping `data` (a YAML file) gives a value for the dotted `key`."""
+    for part in key.split('.'):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _fit_normalisation(config: CN, set_by: dict) -> Optional[str]:
+    """Derives DATA.MEAN / DATA.STD for DATA.IN_CHANNELS when a later source (a child YAML, the
+    command line) changed the channel count than the one that gave them (`set_by`: key -> index of
+    the source that last set it, -1 for the defaults): onto 1 channel their mean, onto several the
+    one value repeated. Values given with the channel count, or that cannot be derived, are left
+    for `check_ranges`. Returns the notice to show, or None."""
+    channels, derived, given = config.DATA.IN_CHANNELS, [], 0
+    for key in _NORMALISATION_KEYS:
+        leaf = key.split('.')[1]
+        values = list(config.DATA[leaf])
+        stale = set_by[key] < set_by['DATA.IN_CHANNELS'] and len(values) != channels
+        if stale and (channels == 1 or len(values) == 1):
+            config.DATA[leaf] = [sum(values) / len(values)] if channels == 1 else values * channels
+            derived.append(f'{key} {[round(v, 4) for v in config.DATA[leaf]]}')
+            given = len(values)
+    if not derived:
+        return None
+    how = 'the mean of' if channels == 1 else 'repeated from'
+    return (f'DATA.IN_CHANNELS {channels} was set without a DATA.MEAN / DATA.STD for {channels} channel'
+            f"{'s' if channels > 1 else ''}, so {' and '.join(derived)} are {how} the {given}-channel values; "
+            'set them to override')
+
+
 def get_config(cfg_file: Optional[str] = None, opts: Optional[Iterable[Any]] = None,
                notices: Optional[List[str]] = None) -> CN:
     """Returns a frozen config: defaults, then `cfg_file` and its `_BASE_` files, then `opts`.
-    Notices about adjustments (a shortened schedule) are appended to `notices` when given."""
+    Notices about adjustments (a shortened schedule, a derived normalisation) are appended to
+    `notices` when given."""
     config = _C.clone()
-    if cfg_file:
-        for path, data in _resolve_bases(cfg_file):
-            _merge(config, data, os.path.relpath(path))
+    set_by = dict.fromkeys(('DATA.IN_CHANNELS',) + _NORMALISATION_KEYS, -1)
+    found: List[Optional[str]] = []
+    sources = _resolve_bases(cfg_file) if cfg_file else []
+    for index, (path, data) in enumerate(sources):
+        set_by.update({key: index for key in set_by if _sets(data, key)})
+        _merge(config, data, os.path.relpath(path))
     if opts:
         opts = list(opts)
         file_epochs = config.TRAIN.EPOCHS
         merge_opts(config, opts)
-        notice = _fit_schedule(config, file_epochs, {str(key) for key in opts[0::2]})
-        if notice and notices is not None:
-            notices.append(notice)
+        set_by.update({key: len(sources) for key in set_by if key in {str(k) for k in opts[0::2]}})
+        found.append(_fit_schedule(config, file_epochs, {str(key) for key in opts[0::2]}))
+    found.append(_fit_normalisation(config, set_by))
+    if notices is not None:
+        notices += [notice for notice in found if notice]
     check_ranges(config)
     config.freeze()
     return config

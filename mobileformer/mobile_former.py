@@ -411,6 +411,7 @@ class MobileFormer(Backbone):
     """
 
     classifier_name = 'head.classifier'
+    input_conv_name = 'stem.conv'
 
     def __init__(self, blocks: Sequence[Row], stem_channels: int = 8, num_tokens: int = 3,
                  token_dim: int = 128, head_hidden: int = 1024, last_expansion: int = 6, groups: int = 1,

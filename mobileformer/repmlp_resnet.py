@@ -155,6 +155,7 @@ class RepMLPResNet(Backbone):
     any size."""
 
     classifier_name = 'linear'
+    input_conv_name = 'stage0.0.conv'
 
     WIDTHS = (256, 512, 1024, 2048)
 

@@ -121,6 +121,8 @@ class RepMLPNet(Backbone):
     stride P * 2^i. Input sides must be multiples of every stage's stride x partition size (with the
     default partitions: of the config's image size)."""
 
+    input_conv_name = 'conv_embedding.conv'
+
     def __init__(self, channels: Sequence[int], depths: Sequence[int], partitions: Sequence[int],
                  sharesets: Sequence[int], kernels: Sequence[int], gp_reduction: int = 4,
                  ffn_expand: int = 4, patch_size: int = 4, in_channels: int = 3,

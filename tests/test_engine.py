@@ -186,7 +186,8 @@ def test_fine_tuning_drops_exactly_the_classifier_even_where_other_shapes_look_l
 
 @pytest.mark.parametrize('classes', [3, 5])
 def test_fine_tuning_refuses_any_other_mismatch_naming_the_tensor_and_both_shapes(tmp_path, classes):
-    """The quickstart's 1-channel checkpoint onto RGB images: the stem does not fit."""
+    """The quickstart's 1-channel checkpoint onto RGB images without `adapt_input` (which train.py's
+    -pretrained passes): the stem does not fit."""
     path = _save_model(tmp_path, 10)
     model = build_model(get_config(DIGITS, SMALL_MODEL + ['MODEL.NUM_CLASSES', str(classes), 'DATA.IN_CHANNELS', '3',
                                                           'DATA.MEAN', '[0.5, 0.5, 0.5]', 'DATA.STD', '[0.5, 0.5, 0.5]']))

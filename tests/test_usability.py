@@ -5,6 +5,7 @@ import os
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 
 import numpy as np
@@ -19,11 +20,12 @@ import export as export_script
 import predict as predict_script
 import train as train_script
 from conftest import FIXTURES, ROOT
-from mobileformer import build_model, cli, convert, engine, flops, get_config, reparam, torch_io
+from mobileformer import build_model, checkpoint, cli, convert, engine, flops, get_config, reparam, torch_io
 from mobileformer.data import build_dataset, open_image
 from mobileformer.deploy import quantize
 
 TINY = os.path.join(FIXTURES, 'tiny_mobileformer.yaml')
+DIGITS = os.path.join(ROOT, 'configs', 'digits', 'mobileformer_26m.yaml')
 FOLDER_OPTS = ['DATA.DATASET', 'folder', 'MODEL.NUM_CLASSES', '2', 'DATA.IN_CHANNELS', '3',
                'DATA.MEAN', '[0.5, 0.5, 0.5]', 'DATA.STD', '[0.5, 0.5, 0.5]']
 
@@ -261,3 +263,118 @@ def test_predict_refuses_a_folder_without_images(tmp_path, capsys):
     code, out, err = run_main(predict_script.main, ['-cfg', TINY, '-pretrained', tmp_path / 'w.pdparams', empty],
                               capsys)
     assert code == 2 and one_error_line(err).startswith(f"folder '{empty}' holds no images (.jpg, .jpeg, .png")
+
+
+# ---------------------------------------------------------- fine-tuning onto another channel count
+def logits(model, images):
+    model.eval()
+    with paddle.no_grad():
+        return model(paddle.to_tensor(images)).numpy()
+
+
+@pytest.mark.parametrize('config_file', [TINY, os.path.join(FIXTURES, 'timm_mixer_tiny.yaml')])
+def test_a_grey_checkpoint_fine_tuned_onto_rgb_gives_the_same_logits_on_grey_images(tmp_path, capsys, config_file):
+    """1 -> 3 channels: the kernel is repeated and scaled by 1/3, so a grey image copied into the
+    three channels (with the same mean and std in each) gives what the grey model gave."""
+    grey_config = get_config(config_file, ['DATA.IN_CHANNELS', '1', 'DATA.MEAN', '[0.5]', 'DATA.STD', '[0.5]'])
+    grey = build_model(grey_config)
+    path = str(tmp_path / 'grey.pdparams')
+    paddle.save(grey.state_dict(), path)
+    rgb = build_model(get_config(config_file, ['DATA.IN_CHANNELS', '3', 'DATA.MEAN', '[0.5, 0.5, 0.5]',
+                                               'DATA.STD', '[0.5, 0.5, 0.5]']))
+    capsys.readouterr()
+    assert checkpoint.load_weights(rgb, path, drop_classifier=True, adapt_input=True) == []
+    key = f'{grey.input_conv_name}.weight'
+    assert capsys.readouterr().out == (f"Notice: '{path}' was trained on 1-channel images, the model takes 3: the "
+                                       f'kernel of the first layer ({key}) is repeated over the channels and scaled '
+                                       'by 1/3 (fine-tuning).\n')
+    size = grey_config.DATA.IMAGE_SIZE
+    images = np.random.RandomState(0).uniform(-1, 1, (2, 1, size, size)).astype(np.float32)
+    expected = logits(grey, images)
+    np.testing.assert_allclose(logits(rgb, np.repeat(images, 3, axis=1)), expected, rtol=1e-4,
+                               atol=1e-5 * np.abs(expected).max())
+
+
+def test_an_rgb_kernel_onto_one_channel_is_summed_and_other_counts_repeat_and_scale():
+    kernel = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)
+    np.testing.assert_array_equal(checkpoint.adapt_input_kernel(kernel, 1), kernel.sum(axis=1, keepdims=True))
+    four = checkpoint.adapt_input_kernel(kernel, 4)
+    np.testing.assert_allclose(four, np.concatenate([kernel, kernel[:, :1]], axis=1) * 3 / 4)
+    grey = np.random.RandomState(0).uniform(size=(5, 1, 3, 3)).astype(np.float32)
+    np.testing.assert_allclose(checkpoint.adapt_input_kernel(grey, 3), np.repeat(grey, 3, axis=1) / 3, rtol=1e-6)
+    # a grey image in every channel gives the same sum of products
+    patch = np.random.RandomState(1).uniform(size=(3, 3)).astype(np.float32)
+    np.testing.assert_allclose((checkpoint.adapt_input_kernel(grey, 3) * patch).sum(axis=(1, 2, 3)),
+                               (grey * patch).sum(axis=(1, 2, 3)), rtol=1e-6)
+
+
+def test_strict_loading_still_refuses_another_channel_count(tmp_path):
+    """eval, export and predict load strictly: there the mismatch is the config's, not adapted."""
+    path = str(tiny_weights(tmp_path))
+    rgb = build_model(get_config(TINY, ['DATA.IN_CHANNELS', '3']))
+    with pytest.raises(ValueError) as error:
+        checkpoint.load_weights(rgb, path)
+    assert str(error.value) == (f"'{path}' does not fit the model: 1 with a wrong shape (stem.conv.weight: "
+                                '[8, 1, 3, 3] vs model [8, 3, 3, 3]); check that -cfg matches the checkpoint')
+
+
+@pytest.mark.parametrize('opts, mean, std, notice', [
+    (['DATA.IN_CHANNELS', '3'], [0.5] * 3, [0.5] * 3,
+     'DATA.IN_CHANNELS 3 was set without a DATA.MEAN / DATA.STD for 3 channels, so DATA.MEAN [0.5, 0.5, 0.5] and '
+     'DATA.STD [0.5, 0.5, 0.5] are repeated from the 1-channel values; set them to override'),
+    (['DATA.IN_CHANNELS', '3', 'DATA.MEAN', '[0.4, 0.5, 0.6]'], [0.4, 0.5, 0.6], [0.5] * 3,
+     'DATA.IN_CHANNELS 3 was set without a DATA.MEAN / DATA.STD for 3 channels, so DATA.STD [0.5, 0.5, 0.5] are '
+     'repeated from the 1-channel values; set them to override'),
+    (['DATA.IN_CHANNELS', '1'], [0.5], [0.5], None),
+])
+def test_normalisation_follows_a_changed_channel_count_from_the_digits_config(opts, mean, std, notice):
+    notices = []
+    config = get_config(DIGITS, opts, notices)
+    assert (list(config.DATA.MEAN), list(config.DATA.STD)) == (mean, std)
+    assert notices == ([notice] if notice else [])
+
+
+def test_normalisation_for_one_channel_is_the_mean_of_the_rgb_values():
+    notices = []
+    config = get_config(os.path.join(ROOT, 'configs', 'mobileformer_26m.yaml'), ['DATA.IN_CHANNELS', '1'], notices)
+    assert list(config.DATA.MEAN) == [pytest.approx((0.485 + 0.456 + 0.406) / 3)]
+    assert list(config.DATA.STD) == [pytest.approx((0.229 + 0.224 + 0.225) / 3)]
+    assert notices == ['DATA.IN_CHANNELS 1 was set without a DATA.MEAN / DATA.STD for 1 channel, so DATA.MEAN '
+                       '[0.449] and DATA.STD [0.226] are the mean of the 3-channel values; set them to override']
+
+
+def test_normalisation_given_with_the_channel_count_is_checked_not_derived():
+    with pytest.raises(ValueError, match=r'^DATA.MEAN has 3 values but DATA.IN_CHANNELS is 1; give one value per '):
+        get_config(os.path.join(ROOT, 'configs', 'mobileformer_26m.yaml'),
+                   ['DATA.IN_CHANNELS', '1', 'DATA.MEAN', '[0.1, 0.2, 0.3]'])
+
+
+@pytest.mark.timeout(180)
+def test_the_quickstart_checkpoint_fine_tunes_onto_an_rgb_folder_as_the_readme_says(tmp_path, capsys):
+    """README "Train on your own images": a digits (1-channel, 10-class) checkpoint, -pretrained onto
+    an RGB folder of 2 classes: one run, its notices alone (no warning of Paddle's), then training."""
+    grey = str(tiny_weights(tmp_path))
+    data = tmp_path / 'data'
+    for split in ('train', 'val'):
+        for name in ('a', 'b'):
+            save_images(data / split / name, 8, size=16)
+    output = tmp_path / 'out'
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        code, out, err = run_main(train_script.main, [
+            '-cfg', TINY, '-data_path', data, '-epochs', '1', '-batch_size', '8', '-output', output,
+            '-pretrained', grey, '-opts', 'DATA.DATASET', 'folder', 'MODEL.NUM_CLASSES', '2', 'DATA.IN_CHANNELS', '3'],
+            capsys)
+    assert code == 0 and err == '', err
+    assert not [w for w in caught if 'Skip loading' in str(w.message)], [str(w.message) for w in caught]
+    notices = [line for line in out.splitlines() if line.startswith('Notice')]
+    assert notices == [
+        "Notice: TRAIN.EPOCHS 1 shortens the config's 2 epochs, so warm-up and cool-down are scaled by 1/2: "
+        'TRAIN.WARMUP_EPOCHS 1 -> 0.5.',
+        'Notice: DATA.IN_CHANNELS 3 was set without a DATA.MEAN / DATA.STD for 3 channels, so DATA.MEAN '
+        '[0.5, 0.5, 0.5] and DATA.STD [0.5, 0.5, 0.5] are repeated from the 1-channel values; set them to override.',
+        f"Notice: '{grey}' was trained on 1-channel images, the model takes 3: the kernel of the first layer "
+        '(stem.conv.weight) is repeated over the channels and scaled by 1/3 (fine-tuning).',
+        f"Notice: '{grey}' was trained for 10 classes, the model has 2: the classifier (head.classifier.weight, "
+        'head.classifier.bias) starts from scratch (fine-tuning).']
+    assert (output / 'best.pdparams').exists()
