@@ -148,10 +148,13 @@ def bomb_sentence(path, pixels):
 
 
 # 30000 x 30000 is over twice PIL's limit (PIL itself refuses it); 12000 x 12000 is between the limit
-# and twice it, where PIL only warns and would decode 144 million pixels
+# and twice it, where PIL only warns and would decode 144 million pixels. (pytest shows warnings that
+# the package filters: its PIL warning is checked where a command runs, in a process of its own.)
 BOMBS = [(30000, 30000), (12000, 12000)]
+quiet_pil = pytest.mark.filterwarnings('ignore::PIL.Image.DecompressionBombWarning')
 
 
+@quiet_pil
 @pytest.mark.parametrize('width, height', BOMBS)
 def test_open_image_refuses_more_pixels_than_pils_limit(tmp_path, width, height):
     path = png_declaring(tmp_path / 'bomb.png', width, height)
@@ -161,6 +164,7 @@ def test_open_image_refuses_more_pixels_than_pils_limit(tmp_path, width, height)
     assert str(error.value) == bomb_sentence(path, width * height)
 
 
+@quiet_pil
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize('width, height', BOMBS)
 def test_predict_refuses_a_bomb_in_one_sentence(tmp_path, capsys, width, height):
