@@ -30,6 +30,8 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
+from mobileformer.config import COMMAND_LINE, Overrides
+
 JOURNAL = 'checkpoint.journal'
 _TEMPORARY = re.compile(r'\.tmp\d+$')
 _LISTED = 8  # keys named per kind of problem before "... and N more"
@@ -124,17 +126,19 @@ def check_state(state: Mapping[str, np.ndarray], model: nn.Layer, what: str, all
                          + '; ' + (hint or 'check that the config matches the weights'))
 
 
-def fit_state(state: StateDict, model: nn.Layer, path: str, drop_classifier: bool = False) -> Tuple[StateDict, List[str], Optional[int]]:
+def fit_state(state: StateDict, model: nn.Layer, path: str, drop_classifier: bool = False,
+              overrides: Overrides = COMMAND_LINE) -> Tuple[StateDict, List[str], Optional[int]]:
     """(`state` ready for `model.set_state_dict`, the classifier keys left out, their class count).
-    Without `drop_classifier` a classifier for another class count is an error naming both counts."""
+    Without `drop_classifier` a classifier for another class count is an error naming both counts
+    and how the caller sets the class count (`overrides`)."""
     dropped, classes = classifier_to_drop(state, model)
     if dropped and not drop_classifier:
         ours = state_shapes(model)[dropped[0]][-1]
         raise ValueError(f"'{path}' was trained for {classes} classes but MODEL.NUM_CLASSES is {ours}; pass "
-                         f'-opts MODEL.NUM_CLASSES {classes} or a matching checkpoint')
+                         f"{overrides.spell('MODEL.NUM_CLASSES', classes)} or a matching checkpoint")
     # a feature extractor leaves out the head layers it dropped, and with them the classifier
     kept = {k: v for k, v in state.items() if k not in dropped and not removed_from(model, k)}
-    check_state(kept, model, f"'{path}'", allow_missing=dropped, hint='check that -cfg matches the checkpoint')
+    check_state(kept, model, f"'{path}'", allow_missing=dropped, hint=f'check that {overrides.config} matches the checkpoint')
     return cast_like(kept, model), dropped, classes
 
 
@@ -145,10 +149,10 @@ def cast_like(state: Mapping[str, np.ndarray], model: nn.Layer) -> StateDict:
 
 
 def load_weights(model: nn.Layer, path: str, drop_classifier: bool = False,
-                 log: Callable[[str], None] = print) -> List[str]:
+                 log: Callable[[str], None] = print, overrides: Overrides = COMMAND_LINE) -> List[str]:
     """Loads the `.pdparams` at `path` into `model` after `fit_state`; a classifier left out for
     fine-tuning is announced through `log`. Returns the keys left out."""
-    state, dropped, classes = fit_state(read_state_dict(path), model, path, drop_classifier)
+    state, dropped, classes = fit_state(read_state_dict(path), model, path, drop_classifier, overrides)
     model.set_state_dict(state)
     if dropped:
         log(f"Notice: '{path}' was trained for {classes} classes, the model has "

@@ -281,9 +281,12 @@ def test_hub_lists_builds_and_loads_every_config(tmp_path):
     assert not loaded.training
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(loaded.state_dict()[name].numpy(), value.numpy(), err_msg=name)
-    with pytest.raises(ValueError, match=r"was trained for 10 classes but MODEL.NUM_CLASSES is 1000; pass -opts "
-                                          r"MODEL.NUM_CLASSES 10"):
+    # errors speak Python, as the call does
+    with pytest.raises(ValueError, match=r"was trained for 10 classes but MODEL.NUM_CLASSES is 1000; pass "
+                                          r"num_classes=10 or a matching checkpoint$"):
         paddle.hub.load(ROOT, 'mobileformer_26m', source='local', pretrained=weights)
+    with pytest.raises(ValueError, match=r"^create_model\(\): unknown config key MODEL.NUM_CLASSE; did you mean MODEL.NUM_CLASSES\?$"):
+        paddle.hub.load(ROOT, 'mobileformer_26m', source='local', opts=['MODEL.NUM_CLASSE', 3])
 
 
 @pytest.mark.timeout(240)
