@@ -127,10 +127,11 @@ def check_state(state: Mapping[str, np.ndarray], model: nn.Layer, what: str, all
 
 
 def fit_state(state: StateDict, model: nn.Layer, path: str, drop_classifier: bool = False,
-              overrides: Overrides = COMMAND_LINE) -> Tuple[StateDict, List[str], Optional[int]]:
+              overrides: Overrides = COMMAND_LINE, hint: Optional[str] = None) -> Tuple[StateDict, List[str], Optional[int]]:
     """(`state` ready for `model.set_state_dict`, the classifier keys left out, their class count).
     Without `drop_classifier` a classifier for another class count is an error naming both counts
-    and how the caller sets the class count (`overrides`)."""
+    and how the caller sets the class count (`overrides`). `hint` ends the error of a state that
+    does not fit (default: check the config)."""
     dropped, classes = classifier_to_drop(state, model)
     if dropped and not drop_classifier:
         ours = state_shapes(model)[dropped[0]][-1]
@@ -138,7 +139,8 @@ def fit_state(state: StateDict, model: nn.Layer, path: str, drop_classifier: boo
                          f"{overrides.spell('MODEL.NUM_CLASSES', classes)} or a matching checkpoint")
     # a feature extractor leaves out the head layers it dropped, and with them the classifier
     kept = {k: v for k, v in state.items() if k not in dropped and not removed_from(model, k)}
-    check_state(kept, model, f"'{path}'", allow_missing=dropped, hint=f'check that {overrides.config} matches the checkpoint')
+    check_state(kept, model, f"'{path}'", allow_missing=dropped,
+                hint=hint or f'check that {overrides.config} matches the checkpoint')
     return cast_like(kept, model), dropped, classes
 
 
@@ -148,17 +150,24 @@ def cast_like(state: Mapping[str, np.ndarray], model: nn.Layer) -> StateDict:
     return {k: np.asarray(v).astype(dtypes.get(k, np.asarray(v).dtype), copy=False) for k, v in state.items()}
 
 
-def load_weights(model: nn.Layer, path: str, drop_classifier: bool = False,
-                 log: Callable[[str], None] = print, overrides: Overrides = COMMAND_LINE) -> List[str]:
-    """Loads the `.pdparams` at `path` into `model` after `fit_state`; a classifier left out for
+def load_state(model: nn.Layer, state: StateDict, path: str, drop_classifier: bool = False,
+               log: Callable[[str], None] = print, overrides: Overrides = COMMAND_LINE,
+               hint: Optional[str] = None) -> List[str]:
+    """Loads `state` (read from `path`) into `model` after `fit_state`; a classifier left out for
     fine-tuning is announced through `log`. Returns the keys left out."""
-    state, dropped, classes = fit_state(read_state_dict(path), model, path, drop_classifier, overrides)
+    state, dropped, classes = fit_state(state, model, path, drop_classifier, overrides, hint)
     model.set_state_dict(state)
     if dropped:
         log(f"Notice: '{path}' was trained for {classes} classes, the model has "
             f'{state_shapes(model)[dropped[0]][-1]}: the classifier ({", ".join(dropped)}) starts from scratch '
             '(fine-tuning).')
     return dropped
+
+
+def load_weights(model: nn.Layer, path: str, drop_classifier: bool = False,
+                 log: Callable[[str], None] = print, overrides: Overrides = COMMAND_LINE) -> List[str]:
+    """Loads the `.pdparams` at `path` into `model` (see `load_state`). Returns the keys left out."""
+    return load_state(model, read_state_dict(path), path, drop_classifier, log, overrides)
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -10,9 +10,11 @@ from typing import Any, List, Optional, Sequence, Union
 
 import paddle.nn as nn
 
-from mobileformer.checkpoint import load_weights
+from mobileformer.checkpoint import load_state
 from mobileformer.config import Overrides, config_names, get_config
+from mobileformer.convert import weights_state
 from mobileformer.registry import build_model
+from mobileformer.weights import release_of
 
 # create_model's keyword arguments (timm's names) and the config keys they set
 KEYWORDS = {'num_classes': 'MODEL.NUM_CLASSES', 'img_size': 'DATA.IMAGE_SIZE',
@@ -39,7 +41,9 @@ def create_model(model_name: str, pretrained: Union[bool, str, None] = False, *,
                  drop_path_rate: Optional[float] = None, features_only: bool = False,
                  out_indices: Optional[Sequence[int]] = None, opts: Sequence[Any] = ()) -> nn.Layer:
     """The model of the shipped config `model_name` (`list_models()`; also 'digits/mobileformer_26m'
-    or a YAML path), with `pretrained` weights (a .pdparams file) loaded and switched to eval mode.
+    or a YAML path), with `pretrained` weights loaded and switched to eval mode: True for the
+    release `mobileformer.weights.RELEASES` names for `model_name` (downloaded once into the cache
+    and converted), or a .pdparams or PyTorch checkpoint, as a path or a URL.
 
     The keyword arguments set the config keys of `KEYWORDS`; `opts` any others, as [KEY, VALUE, ...].
     With `num_classes` given, a checkpoint trained for another class count loads without its
@@ -54,6 +58,11 @@ def create_model(model_name: str, pretrained: Union[bool, str, None] = False, *,
     config = get_config(model_name, keyword_opts + list(opts), overrides=PYTHON)
     model = build_model(config, features_only=features_only)
     if pretrained:
-        load_weights(model, pretrained, drop_classifier=num_classes is not None, overrides=PYTHON)
+        source, sha256 = pretrained, None
+        if pretrained is True:
+            release = release_of(model_name)
+            source, sha256 = release.url, release.sha256
+        state, hint = weights_state(source, config, sha256)
+        load_state(model, state, source, drop_classifier=num_classes is not None, overrides=PYTHON, hint=hint)
         model.eval()
     return model

@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from mobileformer.cache import user_cache
 from mobileformer.cpu import cpu_description, keep_freed_memory
 from mobileformer.data import build_transforms
 from mobileformer.deploy import runtimes as runtime_module
@@ -32,8 +33,7 @@ TIMING_BUDGET_S = 2.0  # per batch size
 
 
 def runtime_cache_file() -> str:
-    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    return os.path.join(root, 'mobileformer', 'runtimes.json')
+    return user_cache('runtimes.json')
 
 
 def _cache_key(model_dir: str, runtimes: Sequence[str], threads: int) -> str:
