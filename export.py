@@ -145,11 +145,12 @@ def run(argv: Sequence[str]) -> None:
     if not args.no_onnx:
         written += ' and ' + export_onnx(model, config, onnx_file)
     print(f'exported {config.MODEL.NAME} to {written} (input [N, {channels}, {size}, {size}])')
-    names = dataset_class_names(config)
+    names = dataset_class_names(config, log=lambda notice: None)  # their absence is said below
     write_description(args.output, config, names)
     print(f'wrote what predicting needs beside it: {CONFIG_FILE} (the config, with its preprocessing) and '
-          f'{DESCRIPTION_FILE} (' + (f'{len(names)} class names)' if names else 'no class names: predictions name '
-                                     'class indices)'))
+          f'{DESCRIPTION_FILE} (' + (f'{len(names)} class names)' if names else
+                                     'no class names, as the dataset could not be read: predictions name class '
+                                     'indices; -opts DATA.DATA_PATH DIR records them)'))
     for runtime in installed_runtimes():
         if runtime != 'paddle' and args.no_onnx:
             continue
