@@ -4,7 +4,9 @@ an INT8 or bf16 version of it.
     python export.py -cfg configs/mobileformer_26m.yaml -pretrained mobileformer_26m.pdparams -output export/mf26m [-no_onnx]
     python export.py -cfg configs/digits/mobileformer_26m.yaml -pretrained best.pdparams -output export/digits -precision int8
 
-Re-parameterisable blocks (RepMLP) are folded first. The export is checked against the dygraph
+Re-parameterisable blocks (RepMLP) are folded first. The folder also holds the config the model was
+built from (`config.yaml`) and `model.json` (input, preprocessing, class names where the data has
+them), so `predict.py -model DIR` and `InferenceModel(DIR).predict` need nothing else. The export is checked against the dygraph
 model on a random batch in every installed runtime (the largest absolute difference of the logits
 is printed for each), and the fastest runtime for it on this CPU is measured and cached, so
 `InferenceModel` / `predict.py -model` use it from then on.
@@ -26,9 +28,11 @@ import numpy as np
 from yacs.config import CfgNode
 
 from mobileformer import cli, get_config
-from mobileformer.deploy import (INT8_ONNX_FILE, LOW_PRECISION_RUNTIMES, ONNX_FILE, PRECISION_FILE, PRECISIONS,
-                                 InferenceModel, Outputs, build_for_inference, dygraph_outputs, export_inference,
-                                 export_onnx, installed_runtimes, load_runtime, precision_problem, write_precision)
+from mobileformer.deploy import (CONFIG_FILE, DESCRIPTION_FILE, INT8_ONNX_FILE, LOW_PRECISION_RUNTIMES, ONNX_FILE,
+                                 PRECISION_FILE, PRECISIONS, InferenceModel, Outputs, build_for_inference,
+                                 dataset_class_names, dygraph_outputs, export_inference, export_onnx,
+                                 installed_runtimes, load_runtime, precision_problem, write_description,
+                                 write_precision)
 from mobileformer.deploy import quantize
 
 
@@ -134,7 +138,7 @@ def run(argv: Sequence[str]) -> None:
     model = build_for_inference(config, args.pretrained)
     # an earlier export's files would describe or run the old model where this one does not rewrite them
     # (the ONNX too: -no_onnx, or a model paddle2onnx cannot convert)
-    for stale in (PRECISION_FILE, INT8_ONNX_FILE, ONNX_FILE):
+    for stale in (PRECISION_FILE, INT8_ONNX_FILE, ONNX_FILE, CONFIG_FILE, DESCRIPTION_FILE):
         if os.path.exists(os.path.join(args.output, stale)):
             os.remove(os.path.join(args.output, stale))
     prefix = export_inference(model, config, args.output)
@@ -145,6 +149,12 @@ def run(argv: Sequence[str]) -> None:
     if not args.no_onnx:
         written += ' and ' + export_onnx(model, config, onnx_file)
     print(f'exported {config.MODEL.NAME} to {written} (input [N, {channels}, {size}, {size}])')
+    names = dataset_class_names(config, log=lambda notice: None)  # their absence is said below
+    write_description(args.output, config, names)
+    print(f'wrote what predicting needs beside it: {CONFIG_FILE} (the config, with its preprocessing) and '
+          f'{DESCRIPTION_FILE} (' + (f'{len(names)} class names)' if names else
+                                     'no class names, as the dataset could not be read: predictions name class '
+                                     'indices; -opts DATA.DATA_PATH DIR records them)'))
     for runtime in installed_runtimes():
         if runtime != 'paddle' and args.no_onnx:
             continue

@@ -1,18 +1,19 @@
 """Classifies images: the top-5 classes with their probabilities.
 
     python predict.py -cfg configs/mobileformer_26m.yaml -pretrained mobileformer_26m.pdparams cat.jpg dog.png
-    python predict.py -cfg configs/mobileformer_26m.yaml -model export/mf26m cat.jpg     # exported model
-    python predict.py -cfg configs/mobileformer_26m.yaml -model export/mf26m -runtime paddle cat.jpg
-    python predict.py -cfg configs/mobileformer_26m.yaml -model export/mf26m photos/     # every image in it
+    python predict.py -model export/mf26m cat.jpg                     # exported model: nothing else needed
+    python predict.py -model export/mf26m -runtime paddle cat.jpg
+    python predict.py -model export/mf26m photos/                     # every image in it
 
-An exported model runs at the precision its folder records (export.py -precision: fp32, int8 or
-bf16), in the fastest runtime that runs that precision.
+An export folder holds the config it was built from and its class names (mobileformer.deploy.folder),
+and runs at the precision it records (export.py -precision: fp32, int8 or bf16), in the fastest
+runtime that runs that precision. A folder exported before it held its config needs `-cfg`.
 
 Preprocessing is the config's evaluation transform (mobileformer.data.build_transforms 'val': resize to
-IMAGE_SIZE / CROP_PCT, center crop, normalise). Class names: the built-in ImageNet-1k names for
-`imagenet` with 1000 classes, else the dataset's own (`mobileformer.data.build_dataset(config, 'val').classes`:
-0..9 for digits, folder names for folder datasets), else the class index; a name other than the
-index is followed by the index.
+IMAGE_SIZE / CROP_PCT, center crop, normalise). Class names: those the export folder records; else
+the built-in ImageNet-1k names for `imagenet` with 1000 classes, else the dataset's own
+(`mobileformer.data.build_dataset(config, 'val').classes`: 0..9 for digits, folder names for folder
+datasets), else the class index; a name other than the index is followed by the index.
 """
 from __future__ import annotations
 
@@ -24,27 +25,13 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 from yacs.config import CfgNode
 
-from mobileformer.data import build_dataset, build_transforms, open_image
+from mobileformer.data import build_transforms, open_image
 from mobileformer.data.sources import IMAGE_EXTENSIONS, images_under
 from mobileformer import cli, get_config
-from mobileformer.deploy import AUTO, RUNTIMES, InferenceModel, Outputs, build_for_inference, dygraph_outputs
+from mobileformer.deploy import (AUTO, CONFIG_FILE, RUNTIMES, InferenceModel, Outputs, Prediction, build_for_inference,
+                                 dataset_class_names, dygraph_outputs, read_class_names, read_config, top_classes)
 
 TOP_K = 5
-IMAGENET_NAMES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mobileformer', 'imagenet_classes.txt')
-
-
-def class_names(config: CfgNode) -> List[str]:
-    """One name per output class (see the module docstring for where they come from)."""
-    count = config.MODEL.NUM_CLASSES
-    if config.DATA.DATASET == 'imagenet' and count == 1000:
-        with open(IMAGENET_NAMES, encoding='utf-8') as f:
-            return [line.rstrip('\n') for line in f if not line.startswith('#')]
-    try:
-        names = build_dataset(config, 'val').classes
-    except ValueError as e:
-        print(f'notice: no class names ({e}); printing class indices')
-        names = []
-    return names if len(names) == count else [str(i) for i in range(count)]
 
 
 def load_image(path: str, transform: Callable) -> np.ndarray:
@@ -66,31 +53,14 @@ def image_files(paths: Sequence[str]) -> List[str]:
     return files
 
 
-def class_label(names: Sequence[str], index: int) -> str:
-    """The class name, followed by its index when the name is not the index itself."""
-    return names[index] if names[index] == str(index) else f'{names[index]} ({index})'
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
 def predict(run: Callable[[np.ndarray], Outputs], images: Sequence[str], config: CfgNode,
-            batch_size: int) -> List[List[tuple]]:
-    """[(probability, class index), ...] top-5 per image."""
+            class_names: Optional[Sequence[str]], batch_size: int) -> List[List[Prediction]]:
+    """The top-5 classes of each image, most probable first."""
     transform = build_transforms(config, 'val')
     results = []
     for start in range(0, len(images), batch_size):
         batch = np.stack([load_image(p, transform) for p in images[start:start + batch_size]])
-        logits = run(batch)
-        if isinstance(logits, list):
-            raise ValueError(f'the model is a feature extractor ({len(logits)} outputs, from MODEL.OUT_INDICES), '
-                             'which predicts no classes; predict with a classifier (no MODEL.OUT_INDICES)')
-        probabilities = softmax(logits.astype(np.float64))
-        for row in probabilities:
-            best = np.argsort(-row)[:TOP_K]
-            results.append([(float(row[i]), int(i)) for i in best])
+        results += top_classes(run(batch), class_names, TOP_K)
     return results
 
 
@@ -106,9 +76,32 @@ def split_opts_and_paths(opts: Sequence[str]) -> Tuple[List[str], List[str]]:
     return list(opts[:2 * pairs]), list(opts[2 * pairs:])
 
 
+def _inputs_and_classes(config: CfgNode) -> str:
+    size = config.DATA.IMAGE_SIZE
+    return f'inputs [N, {config.DATA.IN_CHANNELS}, {size}, {size}] and {config.MODEL.NUM_CLASSES} classes'
+
+
+def folder_config(model_dir: str, cfg: Optional[str], opts: Sequence) -> CfgNode:
+    """The config the export in `model_dir` was built from (with `opts`); `cfg` is only needed for a
+    folder exported before it held its config, and refused when it describes another model."""
+    config = read_config(model_dir, opts)
+    if config is None:
+        if cfg is None:
+            raise ValueError(f"'{model_dir}' holds no {CONFIG_FILE} (it was exported before export.py wrote one); "
+                             'pass -cfg with the config it was exported from, or export it again with export.py')
+        return get_config(cfg, opts)
+    if cfg is not None:
+        given = get_config(cfg, opts)
+        if _inputs_and_classes(given) != _inputs_and_classes(config):
+            raise ValueError(f"-cfg {cfg} describes {_inputs_and_classes(given)}, but the model in '{model_dir}' "
+                             f'was exported for {_inputs_and_classes(config)} and holds its own config '
+                             f'({CONFIG_FILE}); drop -cfg')
+    return config
+
+
 def build_parser() -> cli.CommandParser:
     parser = cli.CommandParser(description=cli.summary(__doc__))
-    parser.add_argument('-cfg', required=True, help='model config YAML (preprocessing, classes)')
+    parser.add_argument('-cfg', help='model config YAML (preprocessing, classes); not needed with -model')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('-pretrained', help='weights (.pdparams), run in dygraph')
     source.add_argument('-model', help='folder written by export.py, run at its precision in the fastest runtime for it')
@@ -127,18 +120,23 @@ def run(argv: Sequence[str]) -> None:
     images = image_files(args.images + trailing_images)
     if not images:
         parser.error('give at least one image file or folder')
-    data_path = ['DATA.DATA_PATH', args.data_path] if args.data_path else []
-    config = get_config(args.cfg, data_path + opts)
+    opts = (['DATA.DATA_PATH', args.data_path] if args.data_path else []) + opts
     if args.model:
+        config = folder_config(args.model, args.cfg, opts)
         run = InferenceModel(args.model, runtime=args.runtime)
+        names = read_class_names(args.model)
     else:
+        if args.cfg is None:
+            parser.error('-pretrained needs -cfg, the config of the weights')
+        config = get_config(args.cfg, opts)
         model = build_for_inference(config, args.pretrained)
         run = lambda batch: dygraph_outputs(model, batch)  # noqa: E731
-    names = class_names(config)
-    for path, top in zip(images, predict(run, images, config, config.DATA.BATCH_SIZE_EVAL)):
+        names = None
+    names = names or dataset_class_names(config, log=lambda notice: print(f'{notice}; printing class indices'))
+    for path, top in zip(images, predict(run, images, config, names, config.DATA.BATCH_SIZE_EVAL)):
         print(f'{path}:')
-        for probability, index in top:
-            print(f'  {probability:.4f}  {class_label(names, index)}')
+        for prediction in top:
+            print(f'  {prediction.probability:.4f}  {prediction.label}')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -32,7 +32,8 @@ from mobileformer.mlp_mixer import build_gmlp, build_mixer, build_resmlp
 from mobileformer.fnet import build_fnet
 from mobileformer.repmlpnet import RepMLPNet, build_repmlpnet
 from mobileformer.repmlp_resnet import RepMLP, RepMLPResNet, build_repmlp_resnet
+from mobileformer.factory import create_model, list_models
 
-__all__ = ['ConfigError', 'get_config', 'build_model', 'register_model', 'registered_models',
+__all__ = ['ConfigError', 'get_config', 'create_model', 'list_models', 'build_model', 'register_model', 'registered_models',
            'build_mformer', 'build_mixer', 'build_gmlp', 'build_resmlp', 'build_fnet',
            'RepMLPNet', 'build_repmlpnet', 'RepMLP', 'RepMLPResNet', 'build_repmlp_resnet']

@@ -32,6 +32,8 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
+from mobileformer.config import COMMAND_LINE, Overrides
+
 JOURNAL = 'checkpoint.journal'
 _TEMPORARY = re.compile(r'\.tmp\d+$')
 _LISTED = 8  # keys named per kind of problem before "... and N more"
@@ -149,16 +151,18 @@ def input_to_adapt(state: Mapping[str, np.ndarray], model: nn.Layer) -> Optional
 
 
 def fit_state(state: StateDict, model: nn.Layer, path: str, drop_classifier: bool = False,
-              adapt_input: bool = False) -> Tuple[StateDict, List[str], List[str]]:
+              adapt_input: bool = False, overrides: Overrides = COMMAND_LINE,
+              hint: Optional[str] = None) -> Tuple[StateDict, List[str], List[str]]:
     """(`state` ready for `model.set_state_dict`, the classifier keys left out, the notices saying
     what was adapted). Without `drop_classifier` a classifier for another class count is an error
-    naming both counts; without `adapt_input` an input conv for another channel count is one of the
-    wrong shapes `check_state` lists."""
+    naming both counts and how the caller sets the class count (`overrides`); without `adapt_input`
+    an input conv for another channel count is one of the wrong shapes `check_state` lists. `hint`
+    ends the error of a state that does not fit (default: check the config)."""
     dropped, classes = classifier_to_drop(state, model)
     if dropped and not drop_classifier:
         ours = state_shapes(model)[dropped[0]][-1]
         raise ValueError(f"'{path}' was trained for {classes} classes but MODEL.NUM_CLASSES is {ours}; pass "
-                         f'-opts MODEL.NUM_CLASSES {classes} or a matching checkpoint')
+                         f"{overrides.spell('MODEL.NUM_CLASSES', classes)} or a matching checkpoint")
     # a feature extractor leaves out the head layers it dropped, and with them the classifier
     kept = {k: v for k, v in state.items() if k not in dropped and not removed_from(model, k)}
     notices = []
@@ -169,7 +173,8 @@ def fit_state(state: StateDict, model: nn.Layer, path: str, drop_classifier: boo
         how = 'summed over its channels' if channels == 1 else f'repeated over the channels and scaled by {trained}/{channels}'
         notices.append(f"Notice: '{path}' was trained on {trained}-channel images, the model takes {channels}: "
                        f'the kernel of the first layer ({adapted}) is {how} (fine-tuning).')
-    check_state(kept, model, f"'{path}'", allow_missing=dropped, hint='check that -cfg matches the checkpoint')
+    check_state(kept, model, f"'{path}'", allow_missing=dropped,
+                hint=hint or f'check that {overrides.config} matches the checkpoint')
     if dropped:
         notices.append(f"Notice: '{path}' was trained for {classes} classes, the model has "
                        f'{state_shapes(model)[dropped[0]][-1]}: the classifier ({", ".join(dropped)}) starts from '
@@ -187,16 +192,23 @@ def cast_like(state: Mapping[str, np.ndarray], model: nn.Layer) -> StateDict:
     return {k: np.asarray(v).astype(dtypes.get(k, np.asarray(v).dtype), copy=False) for k, v in state.items()}
 
 
-def load_weights(model: nn.Layer, path: str, drop_classifier: bool = False, adapt_input: bool = False,
-                 log: Callable[[str], None] = print) -> List[str]:
-    """Loads the `.pdparams` at `path` into `model` after `fit_state`; what fine-tuning adapted
+def load_state(model: nn.Layer, state: StateDict, path: str, drop_classifier: bool = False,
+               adapt_input: bool = False, log: Callable[[str], None] = print,
+               overrides: Overrides = COMMAND_LINE, hint: Optional[str] = None) -> List[str]:
+    """Loads `state` (read from `path`) into `model` after `fit_state`; what fine-tuning adapted
     (`drop_classifier`, `adapt_input`) is announced through `log`. Returns the classifier keys left
     out (they keep the model's initial values)."""
-    state, dropped, notices = fit_state(read_state_dict(path), model, path, drop_classifier, adapt_input)
+    state, dropped, notices = fit_state(state, model, path, drop_classifier, adapt_input, overrides, hint)
     model.set_state_dict(state)
     for notice in notices:
         log(notice)
     return dropped
+
+
+def load_weights(model: nn.Layer, path: str, drop_classifier: bool = False, adapt_input: bool = False,
+                 log: Callable[[str], None] = print, overrides: Overrides = COMMAND_LINE) -> List[str]:
+    """Loads the `.pdparams` at `path` into `model` (see `load_state`). Returns the keys left out."""
+    return load_state(model, read_state_dict(path), path, drop_classifier, adapt_input, log, overrides)
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -10,12 +10,27 @@ import difflib
 import math
 import os
 import re
-from typing import Any, Iterable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 import yaml
 from yacs.config import CfgNode as CN
 
 from mobileformer.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """How the caller of an entry point changes config keys, as error messages tell them to: on a
+    command line `-opts MODEL.NUM_CLASSES 3`, in Python `create_model(..., num_classes=3)`."""
+    source: str  # where the overrides came from
+    remedy: str  # how to fix a value that is out of range
+    spell: Callable[[str, Any], str]  # (key, value) -> how to set the key to the value
+    config: str  # what names the config
+
+
+COMMAND_LINE = Overrides('command-line -opts', 'fix it in the YAML or with -opts',
+                         lambda key, value: f'-opts {key} {value}', '-cfg')
 
 
 _C = CN()
@@ -211,16 +226,16 @@ def _parse_opt_value(text: Any) -> Any:
         return text
 
 
-def merge_opts(config: CN, opts: Sequence[Any]) -> None:
+def merge_opts(config: CN, opts: Sequence[Any], overrides: Overrides = COMMAND_LINE) -> None:
     """Merges a flat [KEY, VALUE, ...] list (the `-opts` command-line form) into `config`."""
     if len(opts) % 2:
-        raise ConfigError(f'-opts takes KEY VALUE pairs; got an odd number of items: {list(opts)}')
+        raise ConfigError(f'{overrides.source} takes KEY VALUE pairs; got an odd number of items: {list(opts)}')
     for key, text in zip(opts[0::2], opts[1::2]):
         *parents, leaf = str(key).split('.')
         data: dict = {leaf: _parse_opt_value(text)}
         for parent in reversed(parents):
             data = {parent: data}
-        _merge(config, data, 'command-line -opts')
+        _merge(config, data, overrides.source)
 
 
 _SCHEDULE_KEYS = ('TRAIN.WARMUP_EPOCHS', 'TRAIN.COOLDOWN_EPOCHS')
@@ -244,6 +259,54 @@ def _fit_schedule(config: CN, file_epochs: int, overridden: set) -> Optional[str
         return None
     return (f'TRAIN.EPOCHS {epochs} shortens the config\'s {file_epochs} epochs, so warm-up and cool-down '
             f'are scaled by {epochs}/{file_epochs}: ' + ', '.join(changes))
+
+
+def configs_dir() -> str:
+    """The configs shipped with the package: inside it when installed from a wheel (pyproject.toml
+    maps the checkout's configs/ to the package `mobileformer.configs`), beside it in a checkout
+    and in an editable install."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(package, 'configs')
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), 'configs')
+
+
+_YAML_SUFFIXES = ('.yaml', '.yml')
+_BASES_FOLDER = 'base'  # configs that only other configs inherit from (_BASE_): no model name
+
+
+def config_names(top_level: bool = False) -> List[str]:
+    """The shipped configs by name, their path under configs/ without the suffix, sorted
+    ('mobileformer_26m', 'digits/mobileformer_26m', ...); with `top_level`, only those directly in
+    configs/ (one per model variant)."""
+    root = configs_dir()
+    names = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(s for s in subfolders if not (folder == root and s == _BASES_FOLDER))
+        for file in files:
+            stem, suffix = os.path.splitext(file)
+            if suffix in _YAML_SUFFIXES and not stem.startswith('_'):
+                names.append(os.path.relpath(os.path.join(folder, stem), root).replace(os.sep, '/'))
+    return sorted(n for n in names if not top_level or '/' not in n)
+
+
+def resolve_config(cfg: str) -> str:
+    """The YAML file `cfg` names: a file that exists, else a shipped config by name ('mobileformer_26m',
+    'digits/mobileformer_26m', with or without .yaml, or 'configs/...' as the commands spell it from
+    the repository root), wherever the caller runs."""
+    if os.path.isfile(cfg):
+        return cfg
+    name = cfg.replace('\\', '/')
+    name = re.sub(r'^(\./)?configs/', '', name)
+    if not name.endswith(_YAML_SUFFIXES):
+        name += '.yaml'
+    shipped = os.path.join(configs_dir(), *name.split('/'))
+    if os.path.isfile(shipped):
+        return shipped
+    stem = os.path.splitext(name)[0]
+    close = difflib.get_close_matches(stem, config_names(), n=4, cutoff=0.6)
+    remedy = (f"did you mean {close[0]}?" if len(close) == 1 else f"did you mean one of {', '.join(close)}?" if close else
+              'pass a YAML file or a name that mobileformer.list_models() returns')
+    raise ConfigError(f"config '{cfg}' does not exist (neither a YAML file nor a shipped config name); {remedy}")
 
 
 _NORMALISATION_KEYS = ('DATA.MEAN', 'DATA.STD')
@@ -282,27 +345,28 @@ def _fit_normalisation(config: CN, set_by: dict) -> Optional[str]:
 
 
 def get_config(cfg_file: Optional[str] = None, opts: Optional[Iterable[Any]] = None,
-               notices: Optional[List[str]] = None) -> CN:
-    """Returns a frozen config: defaults, then `cfg_file` and its `_BASE_` files, then `opts`.
-    Notices about adjustments (a shortened schedule, a derived normalisation) are appended to
-    `notices` when given."""
+               notices: Optional[List[str]] = None, overrides: Overrides = COMMAND_LINE) -> CN:
+    """Returns a frozen config: defaults, then `cfg_file` (a path, or a shipped config's name: see
+    `resolve_config`) and its `_BASE_` files, then `opts`. Notices about adjustments (a shortened
+    schedule, a derived normalisation) are appended to `notices` when given; `overrides` says how
+    the caller gave `opts`, for error messages."""
     config = _C.clone()
     set_by = dict.fromkeys(('DATA.IN_CHANNELS',) + _NORMALISATION_KEYS, -1)
     found: List[Optional[str]] = []
-    sources = _resolve_bases(cfg_file) if cfg_file else []
+    sources = _resolve_bases(resolve_config(cfg_file)) if cfg_file else []
     for index, (path, data) in enumerate(sources):
         set_by.update({key: index for key in set_by if _sets(data, key)})
         _merge(config, data, os.path.relpath(path))
     if opts:
         opts = list(opts)
         file_epochs = config.TRAIN.EPOCHS
-        merge_opts(config, opts)
+        merge_opts(config, opts, overrides)
         set_by.update({key: len(sources) for key in set_by if key in {str(k) for k in opts[0::2]}})
         found.append(_fit_schedule(config, file_epochs, {str(key) for key in opts[0::2]}))
     found.append(_fit_normalisation(config, set_by))
     if notices is not None:
         notices += [notice for notice in found if notice]
-    check_ranges(config)
+    check_ranges(config, overrides)
     config.freeze()
     return config
 
@@ -332,22 +396,23 @@ def _value(config: CN, key: str) -> Any:
     return node
 
 
-def check_ranges(config: CN) -> None:
+def check_ranges(config: CN, overrides: Overrides = COMMAND_LINE) -> None:
     """Raises a ConfigError for the first shared key whose value is out of its range."""
+    remedy = overrides.remedy
     for key in _POSITIVE + _NON_NEGATIVE + tuple(_UNIT_INTERVAL):
         if not math.isfinite(_value(config, key)):
-            raise ConfigError(f'{key} must be a finite number, got {_value(config, key)!r}; fix it in the YAML or with -opts')
+            raise ConfigError(f'{key} must be a finite number, got {_value(config, key)!r}; {remedy}')
     for key in _POSITIVE:
         if _value(config, key) <= 0:
-            raise ConfigError(f'{key} must be > 0, got {_value(config, key)!r}; fix it in the YAML or with -opts')
+            raise ConfigError(f'{key} must be > 0, got {_value(config, key)!r}; {remedy}')
     for key in _NON_NEGATIVE:
         if _value(config, key) < 0:
-            raise ConfigError(f'{key} must be >= 0, got {_value(config, key)!r}; fix it in the YAML or with -opts')
+            raise ConfigError(f'{key} must be >= 0, got {_value(config, key)!r}; {remedy}')
     for key, (low, high, shown) in _UNIT_INTERVAL.items():
         value = _value(config, key)
         inside = low < value <= high if shown.startswith('(') else low <= value <= high
         if not inside or (shown.endswith(')') and value == high):
-            raise ConfigError(f'{key} must be in {shown}, got {value!r}; fix it in the YAML or with -opts')
+            raise ConfigError(f'{key} must be in {shown}, got {value!r}; {remedy}')
     channels = config.DATA.IN_CHANNELS
     if channels not in (1, 3):
         raise ConfigError(f'DATA.IN_CHANNELS must be 1 (grey) or 3 (RGB), got {channels!r}')

@@ -3,14 +3,15 @@
     python -m mobileformer.convert SRC -cfg FILE -output OUT.pdparams [-from NAME] [-key ENTRY] [-opts KEY VALUE ...]
 
 SRC is a torch zip checkpoint (.pth / .pth.tar / .bin) or a .safetensors file, read without torch
-(mobileformer.torch_io). The source format is detected from its keys unless `-from` names it. Every
+(mobileformer.torch_io), or its URL: downloaded once into ~/.cache/mobileformer/weights and checked
+against `-sha256` (or the checksum `mobileformer.weights.RELEASES` knows for that URL). The source format is detected from its keys unless `-from` names it. Every
 converted key and shape is checked against the model the config builds; when MODEL.NUM_CLASSES
 differs from the checkpoint's classifier (fine-tuning 1000 -> 10 classes), the classifier is left
 out with a notice and keeps the model's fresh initialisation. OUT is written atomically.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -19,7 +20,8 @@ from yacs.config import CfgNode
 from mobileformer import build_model, cli, get_config
 from mobileformer.registry import Converter, converters
 from mobileformer.torch_io import load_state_dict
-from mobileformer.checkpoint import cast_like, check_state, classifier_to_drop, save_weights
+from mobileformer.checkpoint import cast_like, check_state, classifier_to_drop, read_state_dict, save_weights
+from mobileformer.weights import RELEASES, download, is_url
 
 
 def _names(items: Iterable[str]) -> str:
@@ -77,10 +79,38 @@ def convert_state(reference: Mapping[str, np.ndarray], config: CfgNode, converte
     return cast_like(state, model)
 
 
+def local_file(src: str, sha256: Optional[str] = None, log: Callable[[str], None] = print) -> str:
+    """`src` itself, or for a URL the downloaded file (checked against `sha256`, else against the
+    checksum of the release with that URL when one is known)."""
+    if not is_url(src):
+        return src
+    known = next((release.sha256 for release in RELEASES.values() if release.url == src), None)
+    return download(src, sha256 or known, log)
+
+
+PDPARAMS = '.pdparams'
+
+
+def weights_state(src: str, config: CfgNode, sha256: Optional[str] = None,
+                  log: Callable[[str], None] = print) -> Tuple[Dict[str, np.ndarray], Optional[str]]:
+    """(our state dict, a hint for when it does not fit) from `src`: a .pdparams, or a PyTorch
+    checkpoint mapped by the converter its keys call for; either may be a URL (see `local_file`).
+    Not yet checked against a model: `mobileformer.checkpoint.fit_state` does that."""
+    path = local_file(src, sha256, log)
+    if path.endswith(PDPARAMS):
+        return read_state_dict(path), None
+    reference = load_state_dict(path)
+    converter = pick_converter(reference, config.MODEL.TYPE, source=f"'{src}'")
+    hint = converter.hint(reference.keys(), config) if converter.hint else None
+    return converter.convert(reference, config), hint
+
+
 def convert_checkpoint(src: str, config: CfgNode, out: str, source: Optional[str] = None,
-                       key: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, np.ndarray]:
-    """Reads `src`, converts and checks it against the model of `config`, writes `out`; returns our state."""
-    reference = load_state_dict(src, key)
+                       key: Optional[str] = None, log: Callable[[str], None] = print,
+                       sha256: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """Reads `src` (a file or URL), converts and checks it against the model of `config`, writes
+    `out`; returns our state."""
+    reference = load_state_dict(local_file(src, sha256, log), key)
     converter = pick_converter(reference, config.MODEL.TYPE, source, source=f"'{src}'")
     state = convert_state(reference, config, converter, f"'{src}'", log)
     save_weights(state, out)
@@ -92,13 +122,16 @@ def convert_checkpoint(src: str, config: CfgNode, out: str, source: Optional[str
 
 def build_parser() -> cli.CommandParser:
     parser = cli.CommandParser(prog='python -m mobileformer.convert', description=cli.summary(__doc__))
-    parser.add_argument('src', help='PyTorch checkpoint: .pth / .pth.tar / .bin (zip format) or .safetensors')
+    parser.add_argument('src', help='PyTorch checkpoint: .pth / .pth.tar / .bin (zip format) or .safetensors, or its '
+                                    'URL (downloaded into ~/.cache/mobileformer/weights)')
     parser.add_argument('-cfg', required=True, help='config YAML of the target model')
     parser.add_argument('-output', '-o', required=True, help='output .pdparams')
     parser.add_argument('-from', dest='source', default=None,
                         help=f'source format (default: detected from the keys): {_names(converters())}')
     parser.add_argument('-key', default=None,
                         help='checkpoint entry holding the weights (default: state_dict, state_dict_ema, model)')
+    parser.add_argument('-sha256', default=None,
+                        help='checksum of a downloaded SRC: 64 hex digits or a prefix of at least 8')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
     return parser
 
@@ -106,7 +139,7 @@ def build_parser() -> cli.CommandParser:
 def run(argv: Sequence[str]) -> None:
     args = build_parser().parse_args(argv)
     config = get_config(args.cfg, args.opts)
-    convert_checkpoint(args.src, config, args.output, args.source, args.key)
+    convert_checkpoint(args.src, config, args.output, args.source, args.key, sha256=args.sha256)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

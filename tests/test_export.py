@@ -16,6 +16,7 @@ import export
 import predict
 from mobileformer import get_config
 from mobileformer.convert import convert_checkpoint
+from mobileformer.data import build_transforms
 from mobileformer import deploy
 from mobileformer.deploy import (InferenceModel, build_for_inference, dygraph_outputs, export_inference, export_onnx,
                                  installed_runtimes, load_runtime)
@@ -112,25 +113,39 @@ def _images(folder, count=3):
 
 @pytest.mark.timeout(240)
 def test_export_and_predict_commands(tmp_path, converted, capsys, monkeypatch):
+    """The export folder is self-contained: `predict.py -model DIR images` and
+    `InferenceModel(DIR).predict` need no config and no data, and give dygraph's classes."""
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     tag = 'timm_mixer_tiny'
     cfg = os.path.join(FIXTURES, f'{tag}.yaml')
-    export.main(['-cfg', cfg, '-pretrained', converted[tag], '-o', str(tmp_path / 'export')])
+    digits = ['-opts', 'DATA.DATASET', 'digits', 'DATA.CROP_PCT', '0.8']  # names 0..9 from the data layer
+    folder = str(tmp_path / 'export')
+    export.main(['-cfg', cfg, '-pretrained', converted[tag], '-o', folder] + digits)
     lines = capsys.readouterr().out.splitlines()
     for runtime in installed_runtimes():
         line = next(line for line in lines if line.startswith(f'max |{runtime} - dygraph|'))
         assert float(line.rsplit(' ', 1)[1]) < 1e-5
     chosen = [line for line in lines if line.startswith('runtime: ')]
     assert len(chosen) == 1 and 'measured now' in chosen[0]
-    assert sorted(os.listdir(tmp_path / 'export')) == ['inference.json', 'inference.onnx', 'inference.pdiparams']
+    assert 'wrote what predicting needs beside it: config.yaml (the config, with its preprocessing) and model.json ' \
+           '(10 class names)' in lines
+    assert sorted(os.listdir(folder)) == ['config.yaml', 'inference.json', 'inference.onnx', 'inference.pdiparams',
+                                          'model.json']
+    with open(os.path.join(folder, 'model.json'), encoding='utf-8') as f:
+        description = json.load(f)
+    assert description == {'model': tag, 'type': 'mixer', 'input': [None, 3, 32, 32], 'num_classes': 10,
+                           'classes': [str(i) for i in range(10)],
+                           'preprocessing': {'convert_to': 'RGB', 'resize_shorter_side': 40, 'interpolation': 'bilinear',
+                                             'center_crop': 32, 'scale': 1 / 255, 'mean': [0.485, 0.456, 0.406],
+                                             'std': [0.229, 0.224, 0.225], 'layout': 'NCHW float32'}}
+    assert get_config(os.path.join(folder, 'config.yaml')) == get_config(cfg, digits[1:])
 
     images = _images(tmp_path)
-    digits = ['-opts', 'DATA.DATASET', 'digits']  # names 0..9 from the data layer
     outputs = {}
-    for source in (['-pretrained', converted[tag]], ['-model', str(tmp_path / 'export')],
-                   ['-model', str(tmp_path / 'export'), '-runtime', 'paddle']):
-        predict.main(['-cfg', cfg] + source + images + digits)
-        outputs[' '.join(source[::2])] = capsys.readouterr().out
+    for source in (['-cfg', cfg, '-pretrained', converted[tag]] + digits, ['-model', folder],
+                   ['-model', folder, '-runtime', 'paddle']):
+        predict.main(source + images)
+        outputs[' '.join(a for a in source if a in ('-pretrained', '-model', '-runtime'))] = capsys.readouterr().out
     assert outputs['-pretrained'].splitlines()[0::6] == [f'{p}:' for p in images]
     assert outputs['-model'].splitlines()[0].startswith('runtime: ') and 'cached in' in outputs['-model']
     assert outputs['-model -runtime'].splitlines()[0] == 'runtime: paddle (chosen by the caller)'
@@ -143,6 +158,58 @@ def test_export_and_predict_commands(tmp_path, converted, capsys, monkeypatch):
             assert all(r[1] in '0123456789' and r[2] == f'({r[1]})' for r in rows[start:start + 5])
     top = lambda text: [line.split()[1:] for line in text.splitlines() if line.startswith('  ')]  # noqa: E731
     assert top(outputs['-pretrained']) == top(outputs['-model']) == top(outputs['-model -runtime'])
+
+    # the Python API: PIL images in, the folder's preprocessing and names
+    model = InferenceModel(folder, log=lambda line: None)
+    pil_images = [Image.open(path) for path in images]
+    predictions = model.predict(pil_images, top_k=3)
+    config = get_config(cfg, digits[1:])
+    transform = build_transforms(config, 'val')
+    reference = dygraph_outputs(build_for_inference(config, converted[tag]),
+                                np.stack([transform(image) for image in pil_images]))
+    expected = np.exp(reference - reference.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    for row, image_predictions in zip(expected, predictions):
+        assert [p.index for p in image_predictions] == list(np.argsort(-row)[:3])
+        assert [p.name for p in image_predictions] == [str(i) for i in np.argsort(-row)[:3]]
+        np.testing.assert_allclose([p.probability for p in image_predictions], np.sort(row)[::-1][:3], atol=1e-5)
+
+
+def test_an_export_folder_without_its_config_needs_cfg_or_a_new_export(tmp_path, converted, capsys, monkeypatch):
+    """Folders exported before they held their config: -cfg still runs them; without it, and with a
+    config for another model, one sentence each; a -cfg that contradicts a self-contained folder too."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    tag = 'timm_mixer_tiny'
+    cfg = os.path.join(FIXTURES, f'{tag}.yaml')
+    folder = str(tmp_path / 'export')
+    export.main(['-cfg', cfg, '-pretrained', converted[tag], '-o', folder, '-no_onnx'])
+    capsys.readouterr()
+    image = _images(tmp_path, 1)
+
+    def error(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            predict.main([*args, *image])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.strip()
+
+    other = os.path.join(CONFIGS, 'digits', 'mobileformer_26m.yaml')  # grey 32 x 32 inputs, 10 classes
+    assert error('-model', folder, '-cfg', other) == (
+        f"error: -cfg {other} describes inputs [N, 1, 32, 32] and 10 classes, but the model in '{folder}' was exported "
+        'for inputs [N, 3, 32, 32] and 10 classes and holds its own config (config.yaml); drop -cfg')
+    os.remove(os.path.join(folder, 'config.yaml'))
+    os.remove(os.path.join(folder, 'model.json'))
+    assert error('-model', folder) == (
+        f"error: '{folder}' holds no config.yaml (it was exported before export.py wrote one); pass -cfg with the "
+        'config it was exported from, or export it again with export.py')
+    # a config with another channel count: not advice about the image size
+    assert error('-model', folder, '-cfg', other) == (
+        f"error: the model in '{folder}' was exported for inputs [N, 3, 32, 32] but was given [1, 1, 32, 32]; it "
+        'takes 3-channel images: preprocess them with the config it was exported from (config.yaml in the folder; '
+        'predict.py -model reads it)')
+    predict.main(['-model', folder, '-cfg', cfg] + image)
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith('  ')]) == 5
+    with pytest.raises(ValueError, match=r"holds no config.yaml .*; export the model again with export.py$"):
+        InferenceModel(folder, log=lambda line: None).predict([Image.open(image[0])])
 
 
 @pytest.fixture
@@ -265,7 +332,7 @@ def test_bad_requests_are_one_sentence(mixer_export, tmp_path, monkeypatch, caps
 
 
 def test_imagenet_class_names():
-    names = predict.class_names(get_config(os.path.join(CONFIGS, 'mobileformer_26m.yaml')))
+    names = deploy.dataset_class_names(get_config(os.path.join(CONFIGS, 'mobileformer_26m.yaml')))
     assert len(names) == 1000 and names[0] == 'tench' and names[207] == 'Golden Retriever' and names[999] == 'toilet paper'
 
 
@@ -281,9 +348,12 @@ def test_hub_lists_builds_and_loads_every_config(tmp_path):
     assert not loaded.training
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(loaded.state_dict()[name].numpy(), value.numpy(), err_msg=name)
-    with pytest.raises(ValueError, match=r"was trained for 10 classes but MODEL.NUM_CLASSES is 1000; pass -opts "
-                                          r"MODEL.NUM_CLASSES 10"):
+    # errors speak Python, as the call does
+    with pytest.raises(ValueError, match=r"was trained for 10 classes but MODEL.NUM_CLASSES is 1000; pass "
+                                          r"num_classes=10 or a matching checkpoint$"):
         paddle.hub.load(ROOT, 'mobileformer_26m', source='local', pretrained=weights)
+    with pytest.raises(ValueError, match=r"^create_model\(\): unknown config key MODEL.NUM_CLASSE; did you mean MODEL.NUM_CLASSES\?$"):
+        paddle.hub.load(ROOT, 'mobileformer_26m', source='local', opts=['MODEL.NUM_CLASSE', 3])
 
 
 @pytest.mark.timeout(240)

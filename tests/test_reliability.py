@@ -607,7 +607,8 @@ VALIDATION = [
     ('odd -opts', opts('DATA.BATCH_SIZE'), '-opts takes KEY VALUE pairs; got an odd number of items'),
     ('unknown flag', flags('--lr', 0.1), 'unrecognized arguments: --lr 0.1'),
     ('flag type', flags('-batch_size', 'big'), "argument -batch_size: invalid int value: 'big'"),
-    ('missing config', flags('-cfg', 'configs/nope.yaml'), "configs/nope.yaml' does not exist; pass a YAML from configs/"),
+    ('missing config', flags('-cfg', 'configs/nope.yaml'), "config 'configs/nope.yaml' does not exist (neither a YAML file nor a shipped config name); pass a YAML file or "
+     'a name that mobileformer.list_models() returns'),
     ('resume from nothing', flags('-resume', 'runs/nothing/last'), "cannot resume from 'runs/nothing/last'"),
     ('unknown dataset', flags('-dataset', 'svhn'), "unknown DATA.DATASET 'svhn'"),
     ('missing dataset folder', flags('-dataset', 'folder', '-data_path', '/no/such/folder'),

@@ -22,7 +22,7 @@ import train as train_script
 from conftest import FIXTURES, ROOT
 from mobileformer import build_model, checkpoint, cli, convert, engine, flops, get_config, reparam, torch_io
 from mobileformer.data import build_dataset, open_image
-from mobileformer.deploy import quantize
+from mobileformer.deploy import quantize, top_classes
 
 TINY = os.path.join(FIXTURES, 'tiny_mobileformer.yaml')
 DIGITS = os.path.join(ROOT, 'configs', 'digits', 'mobileformer_26m.yaml')
@@ -257,8 +257,8 @@ def test_predict_takes_a_folder_and_names_each_class_once(tmp_path, capsys):
 
 
 def test_predict_names_the_index_beside_a_class_name():
-    assert predict_script.class_label(['cat', 'dog'], 1) == 'dog (1)'
-    assert predict_script.class_label(['0', '1'], 1) == '1'
+    [[dog]], [[one]] = top_classes(np.array([[0., 1.]]), ['cat', 'dog'], 1), top_classes(np.array([[0., 1.]]), None, 1)
+    assert (dog.label, one.label) == ('dog (1)', '1')
 
 
 def test_predict_refuses_a_folder_without_images(tmp_path, capsys):

@@ -10,10 +10,14 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
 
+from mobileformer.cache import user_cache
 from mobileformer.cpu import cpu_description, keep_freed_memory
+from mobileformer.data import build_transforms
 from mobileformer.deploy import runtimes as runtime_module
 from mobileformer.deploy.export import read_precision
+from mobileformer.deploy.folder import CONFIG_FILE, Prediction, read_class_names, read_config, top_classes
 from mobileformer.deploy.runtimes import AUTO, Engine, Outputs, default_threads, load_runtime, runtime_files
 
 LATENCY_BATCH = 1
@@ -29,8 +33,7 @@ TIMING_BUDGET_S = 2.0  # per batch size
 
 
 def runtime_cache_file() -> str:
-    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    return os.path.join(root, 'mobileformer', 'runtimes.json')
+    return user_cache('runtimes.json')
 
 
 def _cache_key(model_dir: str, runtimes: Sequence[str], threads: int) -> str:
@@ -228,7 +231,10 @@ class InferenceModel:
     back to the next fastest with a one-line notice. Only the runtimes that run the precision the
     folder records (export.py -precision: fp32, int8 or bf16) are candidates. Any other value forces
     that runtime. The choice is printed in one line through `log`, and kept in `self.runtime`.
-    Batches of another image size than the export's are refused."""
+    Batches of another image size than the export's are refused.
+
+    `predict(images)` classifies PIL images with the preprocessing and class names the folder
+    records (`mobileformer.deploy.folder`: `self.config`, `self.class_names`)."""
 
     def __init__(self, model_dir: str, threads: Optional[int] = None, runtime: str = AUTO,
                  log: Callable[[str], None] = print):
@@ -244,6 +250,17 @@ class InferenceModel:
             log(f'runtime: {runtime} (chosen by the caller)')
         self.runtime = describe(self.small, self.large)
         self.precision = self.small.precision  # the folder's: both engines run it
+        self.config = read_config(model_dir)
+        self.class_names = read_class_names(model_dir)
+
+    def predict(self, images: Sequence[Image.Image], top_k: int = 5) -> List[List[Prediction]]:
+        """The `top_k` classes of each image (most probable first, with names and probabilities),
+        preprocessed as the config the model was exported from says."""
+        if self.config is None:
+            raise ValueError(f"'{self.model_dir}' holds no {CONFIG_FILE} (it was exported before export.py wrote "
+                             "one), so its preprocessing is unknown; export the model again with export.py")
+        transform = build_transforms(self.config, 'val')
+        return top_classes(self(np.stack([transform(image) for image in images])), self.class_names, top_k)
 
     def engine_for(self, batch_size: int) -> Engine:
         return self.small if batch_size < LARGE_BATCH else self.large
@@ -254,7 +271,11 @@ class InferenceModel:
         if expected is not None and (batch.ndim != len(expected) or any(
                 e not in (-1, got) for e, got in zip(expected[1:], batch.shape[1:]))):
             size = ', '.join(str(e) if e >= 0 else 'N' for e in expected)
+            if batch.ndim == len(expected) and expected[1] not in (-1, batch.shape[1]):
+                remedy = (f'it takes {expected[1]}-channel images: preprocess them with the config it was exported '
+                          f'from ({CONFIG_FILE} in the folder; predict.py -model reads it)')
+            else:
+                remedy = f'feed images of its size, or export it again with -opts DATA.IMAGE_SIZE {batch.shape[-1]}'
             raise ValueError(f"the model in '{self.model_dir}' was exported for inputs [{size}] but was given "
-                             f"{list(batch.shape)}; feed images of its size, or export it again with "
-                             f"-opts DATA.IMAGE_SIZE {batch.shape[-1]}")
+                             f"{list(batch.shape)}; {remedy}")
         return engine(batch)
