@@ -65,7 +65,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument('-runtime', default=AUTO, choices=(AUTO,) + RUNTIMES, help='ours runs in this runtime')
     parser.add_argument('-batches', type=int, nargs='+', default=[1, 32])
     parser.add_argument('-blocks', type=int, default=20)
-    parser.add_argument('-threads', type=int, default=None, help='default: every CPU, as the commands use')
+    parser.add_argument('-threads', type=int, default=None, help='default: every CPU unless OMP_NUM_THREADS, as importing mobileformer sets')
     args = parser.parse_args(argv)
     if not os.path.isfile(args.compare):
         parser.error(f"-compare '{args.compare}' does not exist")
