@@ -5,7 +5,7 @@ Process-wide, each with its opt-out (a user setting always wins over these defau
 
 - Paddle's CPU math threads: every CPU the process may run on (Paddle's default is 1), shared
   among the ranks `paddle.distributed.launch` started on this machine (`use_cpu_threads`).
-  Opt-out: OMP_NUM_THREADS=n, or `paddle.set_num_threads`-style calls after the import. The
+  Opt-out: OMP_NUM_THREADS=n, or `paddle.base.core.set_num_threads(n)` after the import. The
   OMP_NUM_THREADS=1 that importing Paddle sets is removed again (`forget_paddles_omp_default`).
 - glibc keeps freed buffers of up to 32 MiB and never trims its heap (`keep_freed_memory`).
   Paddle's CPU allocator, whatever FLAGS_allocator_strategy / FLAGS_use_system_allocator /
