@@ -45,9 +45,9 @@ from paddle.static import InputSpec
 
 from mobileformer import build_model, get_config
 from mobileformer.cli import CommandParser, summary
-from mobileformer.cpu import cpu_description, keep_freed_memory
+from mobileformer.cpu import cpu_description
 from mobileformer.deploy import (AUTO, INFERENCE_PREFIX, LOW_PRECISION_RUNTIMES, ONNX_FILE, PRECISIONS, RUNTIMES,
-                                 InferenceModel, OnnxModel, OpenVinoModel, PaddleModel, build_for_inference,
+                                 InferenceModel, OnnxModel, OpenVinoModel, PaddleModel, build_for_inference, default_threads,
                                  export_inference, export_onnx, installed_runtimes, load_runtime, precision_problem,
                                  runtime_versions)
 from mobileformer.deploy.quantize import MIN_CALIBRATION_IMAGES, quantize_int8
@@ -78,7 +78,8 @@ def build_parser() -> CommandParser:
     parser.add_argument('-train_batch', type=int, default=32, help='training batch size')
     parser.add_argument('-iters', type=int, default=5, help='timed runs per figure (the median is reported)')
     parser.add_argument('-warmup', type=int, default=2, help='untimed runs before timing')
-    parser.add_argument('-threads', type=int, default=2, help='CPU threads for every mode')
+    parser.add_argument('-threads', type=int, default=default_threads(),
+                        help="CPU threads for every mode (default: what importing mobileformer sets, every CPU unless OMP_NUM_THREADS)")
     parser.add_argument('-image_size', type=int, default=None, help='default: each config\'s DATA.IMAGE_SIZE')
     parser.add_argument('-matmul_size', type=int, default=2048, help='side of the square GEMM measuring the peak')
     parser.add_argument('-json', default=None, help='write the JSON lines here instead of stdout')
@@ -377,11 +378,10 @@ def markdown_table(machine: Dict, results: List[Dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     args = parse_args(argv)
-    # before the first computation starts the math libraries' thread pools
-    os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = str(args.threads)
-    paddle.set_device('cpu')
-    paddle.base.core.set_num_threads(args.threads)
-    keep_freed_memory()  # as every command and InferenceModel do
+    # Nothing else is set up: the models run as in a user's script, with what importing
+    # `mobileformer` applies (mobileformer/cpu.py); only a -threads other than that is set here.
+    if args.threads != default_threads():
+        paddle.base.core.set_num_threads(args.threads)
 
     out = open(args.json, 'w') if args.json else sys.stdout
     try:

@@ -66,7 +66,7 @@ def build_parser() -> CommandParser:
     parser.add_argument('-runtime', default=AUTO, choices=(AUTO,) + RUNTIMES, help='ours runs in this runtime')
     parser.add_argument('-batches', type=int, nargs='+', default=[1, 32])
     parser.add_argument('-blocks', type=int, default=20)
-    parser.add_argument('-threads', type=int, default=None, help='default: every CPU, as the commands use')
+    parser.add_argument('-threads', type=int, default=None, help='default: every CPU unless OMP_NUM_THREADS, as importing mobileformer sets')
     return parser
 
 

@@ -2,28 +2,28 @@
 
 Importing a model module registers its builder (and weight converters) with `build_model`.
 """
-import os
 import warnings
 
 # Notices of Paddle that tell a user of this repository nothing: ccache (for compiling custom
 # operators) is missing, printed at every `import paddle`; BatchNorm tracks running statistics,
 # printed by every training forward; paddle.Model copies label tensors; its own zeros_like asks a
 # traced tensor for its place (FNet's export, once per layer). Filtered before Paddle is imported:
-# every command imports this package first.
+# every command imports this package first (a script that imported Paddle before has seen the ccache one).
 warnings.filterwarnings('ignore', message='No ccache found')
 warnings.filterwarnings('ignore', message='When training, we now always track global mean and variance')
 warnings.filterwarnings('ignore', message='To copy construct from a tensor')
 warnings.filterwarnings('ignore', message="Tensor do not have 'place' interface for pir graph mode")
-# Paddle's C++ log below errors (glog INFO and WARNING) is internal detail, e.g. a notice that PIR
-# "not support input out tensor" at every export; GLOG_minloglevel=0 brings it back.
-os.environ.setdefault('GLOG_minloglevel', '2')
 
-from mobileformer.cpu import forget_paddles_omp_default, prefer_mkl_avx2_on_amd  # noqa: E402  (after the filters)
+from mobileformer.cpu import (forget_paddles_omp_default, prefer_mkl_avx2_on_amd, quiet_paddle_log,  # noqa: E402
+                              use_cpu_threads)  # (after the filters)
 
+# The CPU set-up every user of the package gets, documented with its opt-outs in mobileformer/cpu.py.
 prefer_mkl_avx2_on_amd()
 import paddle  # noqa: E402,F401  (sets OMP_NUM_THREADS=1 where it is unset, undone below)
 
 forget_paddles_omp_default()
+use_cpu_threads()
+quiet_paddle_log()
 
 from mobileformer.config import ConfigError, get_config
 from mobileformer.registry import build_model, register_model, registered_models

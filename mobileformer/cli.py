@@ -28,7 +28,6 @@ import time
 import traceback
 from typing import Callable, List, Optional, Sequence
 
-from mobileformer.cpu import use_cpu_threads
 from mobileformer.engine.distributed import rank
 from mobileformer.errors import USAGE_ERROR, TrainingStopped
 
@@ -145,7 +144,6 @@ def run(main: Callable[[List[str]], Optional[int]], argv: Optional[Sequence[str]
     as one line and raises SystemExit with its status, unless debugging is on (then it re-raises)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)
-    use_cpu_threads()  # every command computes: on the CPU, with all its cores and reused buffers
     _watch_other_ranks()
     try:
         return main([a for a in argv if a not in DEBUG_FLAGS]) or 0

@@ -1,8 +1,24 @@
-"""CPU set-up: the MKL request below is applied when `mobileformer` is imported (before Paddle's
-first GEMM), and so is the removal of Paddle's own OMP_NUM_THREADS=1; the thread count and
-glibc's buffer reuse are applied by every command (`cli.run` -> `use_cpu_threads`), by
-`InferenceModel` and by the benchmark; the oneDNN ISA cap on AMD AVX-512 CPUs by
-`deploy.runtimes.PaddleModel` before it creates a predictor.
+"""CPU set-up, applied when `mobileformer` is imported, so that a plain script, a model from
+`paddle.hub.load` and a toolkit's trainer run as fast as the commands (which add nothing to it).
+
+Process-wide, each with its opt-out (a user setting always wins over these defaults):
+
+- Paddle's CPU math threads: every CPU the process may run on (Paddle's default is 1), shared
+  among the ranks `paddle.distributed.launch` started on this machine (`use_cpu_threads`).
+  Opt-out: OMP_NUM_THREADS=n, or `paddle.base.core.set_num_threads(n)` after the import. The
+  OMP_NUM_THREADS=1 that importing Paddle sets is removed again (`forget_paddles_omp_default`).
+- glibc keeps freed buffers of up to 32 MiB and never trims its heap (`keep_freed_memory`).
+  Paddle's CPU allocator, whatever FLAGS_allocator_strategy / FLAGS_use_system_allocator /
+  FLAGS_auto_growth_chunk_size_in_mb say, hands every tensor's buffer to malloc and frees it at
+  once; when a forward frees more than glibc's trim threshold (twice its adaptive mmap threshold)
+  glibc returns the heap top to the OS, and the next forward page-faults it in again: ResMLP-12,
+  batch 32: 520,000 minor faults (2 GB) per forward, 0 with this. Opt-out:
+  MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ set (glibc then applies the user's values).
+- MKL_DEBUG_CPU_TYPE=5 on AMD CPUs with AVX2 (`prefer_mkl_avx2_on_amd`). Opt-out:
+  MKL_DEBUG_CPU_TYPE set.
+- oneDNN capped at AVX2 on AMD AVX-512 CPUs, by `deploy.runtimes.PaddleModel` before its first
+  predictor (`cap_onednn_isa_on_amd_avx512`). Opt-out: ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA set.
+- Paddle's C++ log below errors is silenced (`quiet_paddle_log`). Opt-out: GLOG_minloglevel set.
 
 Paddle's CPU build runs dense GEMMs (dygraph `matmul`, `linear`, and the im2col GEMMs of `conv2d`)
 through Intel MKL. On AMD CPUs MKL picks its generic code path unless `MKL_DEBUG_CPU_TYPE=5` asks for
@@ -116,7 +132,8 @@ def use_cpu_threads() -> int:
     """Sets Paddle's CPU math threads (its default is 1, where PyTorch uses every core) to
     `cpu_threads()` (every CPU unless the user set OMP_NUM_THREADS: see
     `forget_paddles_omp_default`) and applies `keep_freed_memory()`; returns the thread count. The
-    compiled kernels of `cpu_ops` and oneDNN share this thread pool."""
+    compiled kernels of `cpu_ops` and oneDNN share this thread pool. Importing `mobileformer`
+    calls it."""
     import paddle
 
     threads = cpu_threads()
@@ -176,3 +193,33 @@ def keep_freed_memory(environ: Mapping[str, str] = os.environ, libc_name: str = 
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+# the copies of glog that Paddle's libraries link statically (each has its own level)
+_GLOG_LIBRARIES = (('base', 'libpaddle.so'), ('libs', 'libphi_core.so'))
+_GLOG_MIN_LEVEL = '_ZN3fLI17FLAGS_minloglevelE'  # glog's FLAGS_minloglevel
+_GLOG_ERROR = 2
+
+
+def quiet_paddle_log(environ: Mapping[str, str] = os.environ) -> int:
+    """Raises the level of Paddle's C++ log (glog) to errors, unless the user set GLOG_minloglevel;
+    returns how many of its copies took it.
+
+    Its INFO and WARNING lines are internal detail, e.g. "Paddle static graph(PIR) not support input
+    out tensor for now" at every `paddle.jit.save`. glog reads GLOG_minloglevel once, when Paddle is
+    loaded, so where a script imported Paddle first only the level in the loaded libraries can
+    still change: set here through their exported flag."""
+    if 'GLOG_minloglevel' in environ:
+        return 0
+    import paddle
+
+    quieted = 0
+    for parts in _GLOG_LIBRARIES:
+        try:
+            level = ctypes.c_int.in_dll(ctypes.CDLL(os.path.join(os.path.dirname(paddle.__file__), *parts)),
+                                        _GLOG_MIN_LEVEL)
+        except (OSError, ValueError):  # another build of Paddle: its log stays as it is
+            continue
+        level.value = max(level.value, _GLOG_ERROR)
+        quieted += 1
+    return quieted

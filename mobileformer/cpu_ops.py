@@ -142,13 +142,21 @@ def _build() -> ModuleType:
             raise RuntimeError(f'{str(error).splitlines()[0][:300]} (build log: {log})') from error
 
 
-def _load() -> None:
-    """Loads the library, building it first where the cache has none; records a failure."""
+def _to_stderr(line: str) -> None:
+    print(f'mobileformer: {line}', file=sys.stderr, flush=True)
+
+
+def _load(log: Callable[[str], None]) -> None:
+    """Loads the library, building it first where the cache has none (saying so in one line
+    through `log`: the build takes about 20 s); records a failure."""
     global _library, _failure, _load_attempted
     _load_attempted = True
     if os.environ.get('MOBILEFORMER_CPU_OPS', '1') == '0':
         return
     try:
+        if not os.path.exists(os.path.join(_cache_dir(), _NAME, _NAME + '.so')):
+            log(f'Compiling the CPU kernels of mobileformer/csrc once for this machine and Paddle version '
+                f'(about 20 s; cached in {_cache_dir()}) ...')
         _library = _build()
     except Exception as error:  # no compiler, no headers, ...: never fatal
         _failure = (f'the CPU kernels did not build, so Mobile-Former runs on the slower Paddle-op fallback: '
@@ -156,11 +164,13 @@ def _load() -> None:
 
 
 def _kernels() -> Optional[ModuleType]:
-    """The compiled library, built on first use; None if disabled or if the build failed."""
+    """The compiled library, built on first use (a script's first forward; the commands build it
+    earlier, in `prepare`), announced and any failure stated on stderr; None if disabled or if the
+    build failed."""
     if not _load_attempted:
-        _load()
+        _load(_to_stderr)
         if _failure:
-            print(f'mobileformer.cpu_ops: {_failure}', file=sys.stderr)
+            _to_stderr(f'notice: {_failure}')
     return _library
 
 
@@ -174,10 +184,7 @@ def prepare(network: paddle.nn.Layer, log: Callable[[str], None] = print) -> boo
     if (not paddle.device.get_device().startswith('cpu')
             or not any(getattr(layer, 'runs_cpu_kernels', False) for layer in network.sublayers())):
         return False
-    if not os.path.exists(os.path.join(_cache_dir(), _NAME, _NAME + '.so')):
-        log(f'Compiling the CPU kernels of mobileformer/csrc once for this machine and Paddle version '
-            f'(about 20 s; cached in {_cache_dir()}) ...')
-    _load()
+    _load(log)
     if _failure:
         log(f'Notice: {_failure}')
     return _library is not None

@@ -1,5 +1,6 @@
 """mobileformer/cpu.py: MKL's AVX2 request on AMD CPUs (from /proc/cpuinfo, never overriding the
-user) and the CPU thread count every command sets."""
+user), and what importing the package sets up for any script (threads, reused buffers, a quiet
+Paddle log), each overridden by the user's own setting."""
 import os
 
 import paddle
@@ -41,15 +42,14 @@ def test_cpu_threads_default_to_every_cpu_shared_among_local_ranks():
     assert cpu_threads({'OMP_NUM_THREADS': 'many'}) == cpus
 
 
-def test_commands_set_paddle_threads(monkeypatch):
-    from mobileformer import cli, cpu
+def test_use_cpu_threads_sets_paddles_threads(monkeypatch):
+    from mobileformer import cpu
 
     chosen = []
     monkeypatch.setattr(paddle.base.core, 'set_num_threads', chosen.append)
     monkeypatch.setenv('OMP_NUM_THREADS', '3')
-    cli.run(lambda argv: None, [])
-    assert chosen == [3]
     assert cpu.use_cpu_threads() == 3
+    assert chosen == [3]
 
 
 def test_keep_freed_memory_applies_through_glibc_unless_the_user_tuned_malloc():
@@ -118,3 +118,78 @@ def test_onednn_isa_cap_applies_before_the_first_kernel_only(tmp_path):
             'print(first, lib.dnnl_get_effective_cpu_isa() <= 0x7, cap({}, ' + repr(str(path)) + '))')
     out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split()[-3:] == ['True', 'True', 'False']
+
+
+def _run_script(code: str, env_changes: dict, drop=('OMP_NUM_THREADS', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_MMAP_THRESHOLD_',
+                                                    'GLOG_minloglevel')):
+    """`code` run as a user's own script: a fresh interpreter, the user's environment plus `env_changes`."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(env_changes)
+    return subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=True, timeout=300)
+
+
+# Paddle's threads (from its OpenMP runtime) and the minor page faults of the last of five rounds
+# of two element-wise ops on an 8 MB tensor: each frees 16 MB at once, which glibc's default trim
+# threshold gives back to the OS (4096 pages faulted in again per round).
+_THREADS_AND_FAULTS = '''
+import ctypes, os, resource
+import paddle
+import mobileformer
+omp = ctypes.CDLL(os.path.join(os.path.dirname(paddle.__file__), 'libs', 'libiomp5.so'))
+x = paddle.ones([2 << 20])
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = x * 2
+    z = y + 1
+    del y, z
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(omp.omp_get_max_threads(), faults)
+'''
+
+
+def test_a_plain_script_runs_on_every_cpu_and_reuses_freed_buffers():
+    threads, faults = map(int, _run_script(_THREADS_AND_FAULTS, {}).stdout.split()[-2:])
+    assert threads == len(os.sched_getaffinity(0))
+    assert faults < 64  # was 4096: 16 MB paged in again
+
+
+def test_the_users_threads_and_malloc_settings_win_in_a_script():
+    out = _run_script(_THREADS_AND_FAULTS, {'OMP_NUM_THREADS': '1', 'MALLOC_TRIM_THRESHOLD_': '0'}).stdout
+    threads, faults = map(int, out.split()[-2:])
+    assert threads == 1
+    assert faults >= 4096  # glibc trims as the user asked: both 8 MB buffers fault in again
+
+
+_EXPORT = '''
+{imports}
+from mobileformer import build_model, get_config
+backbone = build_model(get_config('configs/mobileformer_26m.yaml'), features_only=True)
+paddle.jit.save(backbone, {prefix!r}, input_spec=[paddle.static.InputSpec([None, 3, 224, 224], 'float32', 'x')])
+print('saved')
+'''
+_CCACHE_WARNING = ('No ccache found', 'warnings.warn(warning_message)')
+
+
+@pytest.mark.parametrize('imports', ['import paddle\nimport mobileformer', 'import mobileformer\nimport paddle'])
+def test_a_scripts_export_prints_no_paddle_log_whatever_the_import_order(tmp_path, imports):
+    """The README's backbone example: Paddle's glog line at `paddle.jit.save` ("Paddle static
+    graph(PIR) not support input out tensor") is silenced also where Paddle was imported first (its
+    ccache warning is then printed by `import paddle` itself, before any code of the package runs)."""
+    run = _run_script(_EXPORT.format(imports=imports, prefix=str(tmp_path / 'backbone')), {})
+    assert run.stdout == 'saved\n'
+    noise = [line for line in run.stderr.splitlines() if not any(part in line for part in _CCACHE_WARNING)]
+    assert noise == []
+    if imports.startswith('import mobileformer'):
+        assert run.stderr == ''
+
+
+def test_a_users_glog_level_wins(tmp_path):
+    run = _run_script(_EXPORT.format(imports='import paddle\nimport mobileformer', prefix=str(tmp_path / 'b')),
+                      {'GLOG_minloglevel': '0'})
+    assert 'not support input out tensor' in run.stderr

@@ -306,8 +306,9 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, capfd):
     assert builds == [1]
     assert out == ''
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and 'runs on the slower Paddle-op fallback' in lines[0], err
-    log = lines[0].split('build log: ')[1].rstrip(')')
+    assert len(lines) == 2 and lines[0].startswith('mobileformer: Compiling the CPU kernels'), err
+    assert lines[1].startswith('mobileformer: notice: ') and 'runs on the slower Paddle-op fallback' in lines[1], err
+    log = lines[1].split('build log: ')[1].rstrip(')')
     assert os.path.exists(log) and 'broken on purpose' in open(log).read()
 
 
@@ -323,6 +324,25 @@ def test_prepare_says_it_compiles_then_builds_before_training(monkeypatch, tmp_p
     assert cpu_ops.prepare(network, lines.append) and cpu_ops._library == 'library'
     assert len(lines) == 1 and lines[0].startswith('Compiling the CPU kernels') and 'empty cache' in lines[0]
     assert cpu_ops.prepare(network, lines.append) and len(lines) == 1  # once per process
+
+
+def test_first_use_in_a_script_announces_the_build_in_one_line(monkeypatch, tmp_path, capfd):
+    """A script's first forward builds the kernels (about 20 s) where the commands' `prepare` would
+    have: it says so on stderr, once, and says nothing where the cache has the library."""
+    _fresh_state(monkeypatch)
+    monkeypatch.setenv('MOBILEFORMER_OPS_CACHE', str(tmp_path / 'empty cache'))
+    monkeypatch.setattr(cpu_ops, '_build', lambda: 'library')
+    assert cpu_ops._kernels() == 'library' and cpu_ops._kernels() == 'library'
+    out, err = capfd.readouterr()
+    assert out == '' and len(err.splitlines()) == 1, err
+    assert err.startswith('mobileformer: Compiling the CPU kernels') and 'empty cache' in err
+
+    _fresh_state(monkeypatch)
+    built = os.path.join(cpu_ops._cache_dir(), cpu_ops._NAME, cpu_ops._NAME + '.so')
+    os.makedirs(os.path.dirname(built))
+    open(built, 'w').close()
+    assert cpu_ops._kernels() == 'library'
+    assert capfd.readouterr() == ('', '')
 
 
 def test_prepare_skips_models_without_kernel_layers(monkeypatch):
