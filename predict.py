@@ -98,6 +98,8 @@ def run(argv: Sequence[str]) -> None:
     source.add_argument('-model', help='folder written by export.py, run at its precision in the fastest runtime for it')
     parser.add_argument('-runtime', default=AUTO, choices=(AUTO,) + RUNTIMES,
                         help='runtime for -model (default: the fastest measured on this CPU)')
+    parser.add_argument('-retime', action='store_true',
+                        help='with -model and -runtime auto: time the runtimes again instead of reading the cached timing')
     parser.add_argument('-data_path', help='DATA.DATA_PATH, for the class names of a folder dataset')
     parser.add_argument('images', nargs='*', help='image files')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
@@ -109,7 +111,7 @@ def run(argv: Sequence[str]) -> None:
     data_path = ['DATA.DATA_PATH', args.data_path] if args.data_path else []
     config = get_config(args.cfg, data_path + opts)
     if args.model:
-        run = InferenceModel(args.model, runtime=args.runtime)
+        run = InferenceModel(args.model, runtime=args.runtime, retime=args.retime)
     else:
         model = build_for_inference(config, args.pretrained)
         run = lambda batch: dygraph_outputs(model, batch)  # noqa: E731
