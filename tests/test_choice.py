@@ -162,3 +162,89 @@ def test_other_threads_cpu_seconds_counts_a_busy_thread():
     finally:
         release.set()
         worker.join()
+
+
+@pytest.fixture
+def fake_export(tmp_path, monkeypatch, machine_factory):
+    """(folder, machine, {name: seconds per image}) with two fake runtimes 'fast' and 'slow' as the
+    candidates of InferenceModel; the runtime cache in tmp_path."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    machine = machine_factory()
+    speeds = {'fast': 0.001, 'slow': 0.002}
+    monkeypatch.setattr(choice, '_candidates', lambda model_dir: sorted(speeds))
+    monkeypatch.setattr(choice, '_cache_key', lambda model_dir, candidates, threads: 'the export')
+    monkeypatch.setattr(runtimes, 'runtime_versions', lambda: {'fast': '1.0', 'slow': '2.0'})
+    monkeypatch.setattr(choice, 'load_runtime', lambda name, model_dir, threads: FakeRuntime(machine, name, speeds[name]))
+    folder = tmp_path / 'export'
+    folder.mkdir()
+    return str(folder), machine, speeds
+
+
+def chosen(folder, **kwargs):
+    """(InferenceModel's runtime, the lines it logged)."""
+    lines = []
+    return InferenceModel(folder, threads=2, log=lines.append, **kwargs), lines
+
+
+def test_the_choice_is_cached_and_timed_again_on_request(fake_export):
+    folder, machine, speeds = fake_export
+    model, lines = chosen(folder)
+    assert model.runtime == 'fast' and len(lines) == 1 and 'measured now' in lines[0]
+    with open(runtime_cache_file()) as f:
+        cache = json.load(f)
+    entry = cache['entries']['the export']
+    assert cache['format'] == choice.CACHE_FORMAT and entry['latency'] == pytest.approx(speeds)
+    assert entry['machine'] == choice._machine() and entry['versions'] == choice._versions(['fast', 'slow'])
+    model, lines = chosen(folder)
+    assert model.runtime == 'fast' and len(lines) == 1 and 'cached in' in lines[0]
+    model, lines = chosen(folder, retime=True)
+    assert len(lines) == 1 and 'measured now' in lines[0]
+
+
+@pytest.mark.parametrize('damage, problem', [
+    (lambda cache: 'not json{', 'is unreadable (JSONDecodeError)'),
+    (lambda cache: json.dumps(cache['entries']), 'was written by another version of mobileformer'),  # format 1
+    (lambda cache: json.dumps({**cache, 'format': 1}), 'was written by another version of mobileformer'),
+    (lambda cache: json.dumps({**cache, 'entries': {'the export': {'latency': 'fast'}}}),
+     'holds an unreadable timing of this model'),
+    (lambda cache: json.dumps({**cache, 'entries': {'the export': {**cache['entries']['the export'],
+                                                                   'machine': 'Intel Xeon (avx2), 64 CPUs'}}}),
+     'holds a timing of this model from another machine (Intel Xeon (avx2), 64 CPUs)'),
+    (lambda cache: json.dumps({**cache, 'entries': {'the export': {**cache['entries']['the export'],
+                                                                   'versions': {**cache['entries']['the export']['versions'],
+                                                                                'fast': '0.9'}}}}),
+     'holds a timing of this model from other versions (fast 0.9, now 1.0)'),
+])
+def test_a_bad_cache_is_measured_again_with_a_one_line_notice(fake_export, damage, problem):
+    folder, machine, speeds = fake_export
+    chosen(folder)
+    with open(runtime_cache_file()) as f:
+        cache = json.load(f)
+    with open(runtime_cache_file(), 'w') as f:
+        f.write(damage(cache))
+    model, lines = chosen(folder)
+    assert lines[0] == f'notice: the runtime cache {runtime_cache_file()} {problem}; timing the runtimes again'
+    assert len(lines) == 2 and 'measured now' in lines[1] and model.runtime == 'fast'
+    model, lines = chosen(folder)  # written anew
+    assert len(lines) == 1 and 'cached in' in lines[0]
+
+
+def test_a_cached_choice_much_slower_in_use_is_timed_again_once(fake_export):
+    folder, machine, speeds = fake_export
+    chosen(folder)
+    images = np.zeros((1, *SHAPE), np.float32)
+    model, lines = chosen(folder)
+    for _ in range(2 * choice.MISFIT_RUNS):  # as cached: nothing happens
+        model(images)
+    assert len(lines) == 1
+    model, lines = chosen(folder)
+    speeds['fast'] = model.small.seconds_per_image = 0.005  # 5x its cached 1 ms: now the slower one
+    for run in range(choice.MISFIT_RUNS):
+        assert len(lines) == 1
+        model(images)
+    assert lines[1] == ('notice: fast ran batches of 1 in 5 ms, 5.0x its cached timing (1 ms); '
+                        'timing the runtimes again')
+    assert 'measured now' in lines[2] and model.runtime == 'slow'
+    for _ in range(2 * choice.MISFIT_RUNS):
+        model(images)
+    assert len(lines) == 3

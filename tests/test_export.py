@@ -128,12 +128,13 @@ def test_export_and_predict_commands(tmp_path, converted, capsys, monkeypatch):
     digits = ['-opts', 'DATA.DATASET', 'digits']  # names 0..9 from the data layer
     outputs = {}
     for source in (['-pretrained', converted[tag]], ['-model', str(tmp_path / 'export')],
-                   ['-model', str(tmp_path / 'export'), '-runtime', 'paddle']):
+                   ['-model', str(tmp_path / 'export'), '-runtime', 'paddle'], ['-model', str(tmp_path / 'export'), '-retime']):
         predict.main(['-cfg', cfg] + source + images + digits)
         outputs[' '.join(source[::2])] = capsys.readouterr().out
     assert outputs['-pretrained'].splitlines()[0::6] == [f'{p}:' for p in images]
     assert outputs['-model'].splitlines()[0].startswith('runtime: ') and 'cached in' in outputs['-model']
     assert outputs['-model -runtime'].splitlines()[0] == 'runtime: paddle (chosen by the caller)'
+    assert 'measured now' in outputs['-model -retime'].splitlines()[0]
     for text in outputs.values():
         rows = [line.split() for line in text.splitlines() if line.startswith('  ')]
         assert len(rows) == 5 * len(images)
@@ -142,7 +143,7 @@ def test_export_and_predict_commands(tmp_path, converted, capsys, monkeypatch):
             assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0 + 1e-6
             assert all(r[1] in '0123456789' and r[2] == f'({r[1]})' for r in rows[start:start + 5])
     top = lambda text: [line.split()[1:] for line in text.splitlines() if line.startswith('  ')]  # noqa: E731
-    assert top(outputs['-pretrained']) == top(outputs['-model']) == top(outputs['-model -runtime'])
+    assert top(outputs['-pretrained']) == top(outputs['-model']) == top(outputs['-model -runtime']) == top(outputs['-model -retime'])
 
 
 @pytest.fixture
@@ -165,7 +166,7 @@ def test_auto_runtime_is_measured_once_per_model_files_then_cached(mixer_export,
     first = InferenceModel(folder, log=lines.append)
     assert len(lines) == 1 and lines[0].startswith(f'runtime: {first.runtime}, the fastest here') and 'measured now' in lines[0]
     with open(deploy.runtime_cache_file()) as f:
-        (entry,) = json.load(f).values()
+        (entry,) = json.load(f)['entries'].values()
     for seconds in (entry['latency'], entry['throughput']):
         assert sorted(seconds) == sorted(installed_runtimes())
     fastest = {key: min(entry[key], key=entry[key].get) for key in ('latency', 'throughput')}

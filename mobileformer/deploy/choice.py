@@ -238,8 +238,8 @@ def _cached_timing(entry: Optional[dict], candidates: Sequence[str]) -> Tuple[Op
     if machine != _machine():
         return None, f'holds a timing of this model from another machine ({machine})'
     if versions != _versions(candidates):
-        changed = ', '.join(f'{name} {versions.get(name)}' for name, version in _versions(candidates).items()
-                            if versions.get(name) != version)
+        changed = ', '.join(f"{name} {versions.get(name, 'unknown')}, now {version}"
+                            for name, version in _versions(candidates).items() if versions.get(name) != version)
         return None, f'holds a timing of this model from other versions ({changed})'
     return timing, None
 
