@@ -31,6 +31,8 @@ def build_parser() -> cli.CommandParser:
     source.add_argument('-model', help='folder written by export.py, at the precision it records')
     parser.add_argument('-runtime', default=AUTO, choices=(AUTO,) + RUNTIMES,
                         help='runtime for -model (default: the fastest measured on this CPU)')
+    parser.add_argument('-retime', action='store_true',
+                        help='with -model and -runtime auto: time the runtimes again instead of reading the cached timing')
     parser.add_argument('-dataset', help='DATA.DATASET')
     parser.add_argument('-data_path', help='DATA.DATA_PATH')
     parser.add_argument('-batch_size', type=int, help='DATA.BATCH_SIZE_EVAL, per card')
@@ -50,7 +52,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             opts += [key, getattr(args, flag)]
     config = get_config(args.cfg, opts + list(args.opts))
     if args.model:
-        return evaluate_export(config, args.model, args.runtime)
+        return evaluate_export(config, args.model, args.runtime, args.retime)
     network = build_model(config)
     checkpoint.load_weights(network, args.pretrained)
     cpu_ops.prepare(network, print if engine.is_main_process() else lambda line: None)
@@ -62,10 +64,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     return engine.evaluate_model(model, loader, verbose=2 if engine.is_main_process() else 0)
 
 
-def evaluate_export(config, model_dir: str, runtime: str) -> dict:
+def evaluate_export(config, model_dir: str, runtime: str, retime: bool = False) -> dict:
     """The metrics of `evaluate` for an export run by `InferenceModel`. The batches are read in this
     process: OpenVINO, once loaded, must not be followed by forked data-loader workers."""
-    model = InferenceModel(model_dir, runtime=runtime)
+    model = InferenceModel(model_dir, runtime=runtime, retime=retime)
     dataset = build_dataset(config, 'val')
     top_k = min(5, config.MODEL.NUM_CLASSES)
     hits1 = hits_k = 0

@@ -107,6 +107,8 @@ def build_parser() -> cli.CommandParser:
     source.add_argument('-model', help='folder written by export.py, run at its precision in the fastest runtime for it')
     parser.add_argument('-runtime', default=AUTO, choices=(AUTO,) + RUNTIMES,
                         help='runtime for -model (default: the fastest measured on this CPU)')
+    parser.add_argument('-retime', action='store_true',
+                        help='with -model and -runtime auto: time the runtimes again instead of reading the cached timing')
     parser.add_argument('-data_path', help='DATA.DATA_PATH, for the class names of a folder dataset')
     parser.add_argument('images', nargs='*', help='image files, or folders whose images are all predicted (sorted)')
     parser.add_argument('-opts', nargs='+', default=[], help='config overrides: KEY VALUE ...')
@@ -123,7 +125,7 @@ def run(argv: Sequence[str]) -> None:
     opts = (['DATA.DATA_PATH', args.data_path] if args.data_path else []) + opts
     if args.model:
         config = folder_config(args.model, args.cfg, opts)
-        run = InferenceModel(args.model, runtime=args.runtime)
+        run = InferenceModel(args.model, runtime=args.runtime, retime=args.retime)
         names = read_class_names(args.model)
     else:
         if args.cfg is None:

@@ -30,6 +30,12 @@ def _seeded():
     yield
 
 
+def pytest_configure(config):
+    """MOBILEFORMER_REQUIRE_OPENVINO=1 (CI): the tests of the OpenVINO runtime must not skip."""
+    if os.environ.get('MOBILEFORMER_REQUIRE_OPENVINO') == '1' and importlib.util.find_spec('openvino') is None:
+        raise pytest.UsageError('MOBILEFORMER_REQUIRE_OPENVINO=1 but openvino is not installed: pip install openvino')
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `openvino` run last. OpenVINO's thread pool does not survive fork(): once it is
     loaded in the pytest process, a data-loader worker forked by a later training test crashes

@@ -143,12 +143,13 @@ def test_export_and_predict_commands(tmp_path, converted, capsys, monkeypatch):
     images = _images(tmp_path)
     outputs = {}
     for source in (['-cfg', cfg, '-pretrained', converted[tag]] + digits, ['-model', folder],
-                   ['-model', folder, '-runtime', 'paddle']):
+                   ['-model', folder, '-runtime', 'paddle'], ['-model', folder, '-retime']):
         predict.main(source + images)
-        outputs[' '.join(a for a in source if a in ('-pretrained', '-model', '-runtime'))] = capsys.readouterr().out
+        outputs[' '.join(a for a in source if a in ('-pretrained', '-model', '-runtime', '-retime'))] = capsys.readouterr().out
     assert outputs['-pretrained'].splitlines()[0::6] == [f'{p}:' for p in images]
     assert outputs['-model'].splitlines()[0].startswith('runtime: ') and 'cached in' in outputs['-model']
     assert outputs['-model -runtime'].splitlines()[0] == 'runtime: paddle (chosen by the caller)'
+    assert 'measured now' in outputs['-model -retime'].splitlines()[0]
     for text in outputs.values():
         rows = [line.split() for line in text.splitlines() if line.startswith('  ')]
         assert len(rows) == 5 * len(images)
@@ -157,7 +158,7 @@ def test_export_and_predict_commands(tmp_path, converted, capsys, monkeypatch):
             assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0 + 1e-6
             assert all(r[1] in '0123456789' and r[2] == f'({r[1]})' for r in rows[start:start + 5])
     top = lambda text: [line.split()[1:] for line in text.splitlines() if line.startswith('  ')]  # noqa: E731
-    assert top(outputs['-pretrained']) == top(outputs['-model']) == top(outputs['-model -runtime'])
+    assert top(outputs['-pretrained']) == top(outputs['-model']) == top(outputs['-model -runtime']) == top(outputs['-model -retime'])
 
     # the Python API: PIL images in, the folder's preprocessing and names
     model = InferenceModel(folder, log=lambda line: None)
@@ -232,7 +233,7 @@ def test_auto_runtime_is_measured_once_per_model_files_then_cached(mixer_export,
     first = InferenceModel(folder, log=lines.append)
     assert len(lines) == 1 and lines[0].startswith(f'runtime: {first.runtime}, the fastest here') and 'measured now' in lines[0]
     with open(deploy.runtime_cache_file()) as f:
-        (entry,) = json.load(f).values()
+        (entry,) = json.load(f)['entries'].values()
     for seconds in (entry['latency'], entry['throughput']):
         assert sorted(seconds) == sorted(installed_runtimes())
     fastest = {key: min(entry[key], key=entry[key].get) for key in ('latency', 'throughput')}

@@ -2,7 +2,7 @@
 config, preprocessing and class names an export folder holds), `runtimes` (the runtimes that run
 those files), `quantize` (its INT8 version and the accuracy cost of a low
 precision) and `choice` (the fastest runtime on this CPU, behind `InferenceModel`)."""
-from mobileformer.deploy.choice import InferenceModel, choose_runtimes, runtime_cache_file, time_runtimes
+from mobileformer.deploy.choice import Choice, InferenceModel, choose_runtimes, runtime_cache_file, time_runtimes
 from mobileformer.deploy.export import (INFERENCE_PREFIX, INT8_ONNX_FILE, ONNX_FILE, PRECISION_FILE, PRECISIONS,
                                         build_for_inference, dygraph_outputs, export_inference, export_onnx,
                                         input_spec, read_precision, write_precision)

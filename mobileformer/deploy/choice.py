@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from time import perf_counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
 from mobileformer.cache import user_cache
-from mobileformer.cpu import cpu_description, keep_freed_memory
+from mobileformer.cpu import cpu_description, keep_freed_memory, wait_for_idle_threads
 from mobileformer.data import build_transforms
 from mobileformer.deploy import runtimes as runtime_module
 from mobileformer.deploy.export import read_precision
@@ -28,8 +29,13 @@ THROUGHPUT_BATCH = 32  # the batch the throughput choice is timed at, unless one
 # at 8-32. So the bound is as large as a one-time measurement of a few seconds allows.
 THROUGHPUT_RUN_S = 1.0
 LARGE_BATCH = 2  # batches of this size and more run in the throughput choice
-TIMING_ROUNDS = (3, 10)  # at least, at most: small models get more rounds within the budget
-TIMING_BUDGET_S = 2.0  # per batch size
+TIMING_ROUNDS = (5, 15)  # at least, at most: more while the fastest is not clear of the others' spread
+TIMING_BUDGET_S = 3.0  # per batch size: no round starts after it, once TIMING_ROUNDS[0] are done
+CACHE_FORMAT = 2
+# In use, a runtime whose fastest of its first MISFIT_RUNS runs at a timed batch size is this many
+# times slower than its cached timing was measured in another state of the machine: timed again.
+MISFIT_RUNS = 3
+MISFIT_FACTOR = 2.0
 
 
 def runtime_cache_file() -> str:
@@ -37,38 +43,61 @@ def runtime_cache_file() -> str:
 
 
 def _cache_key(model_dir: str, runtimes: Sequence[str], threads: int) -> str:
-    """The model's files (path, size, modification time) and precision, the CPU, the thread count, the
-    ISA limits a user set for oneDNN, and the candidate runtimes with their versions."""
-    parts = [cpu_description(), str(threads), os.environ.get('ONEDNN_MAX_CPU_ISA', ''),
-             os.environ.get('DNNL_MAX_CPU_ISA', ''), read_precision(model_dir)]
-    versions = runtime_module.runtime_versions()
+    """The model's files (path, size, modification time) and precision, the thread count, the ISA
+    limits a user set for oneDNN, and the candidate runtimes (the machine and versions are checked
+    against the entry: see `_stale_reason`)."""
+    parts = [str(threads), os.environ.get('ONEDNN_MAX_CPU_ISA', ''), os.environ.get('DNNL_MAX_CPU_ISA', ''),
+             read_precision(model_dir)]
     for runtime in runtimes:
-        parts.append(f'{runtime}={versions[runtime]}')
+        parts.append(runtime)
         for path in runtime_files(runtime, model_dir):
             stat = os.stat(path)
             parts.append(f'{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}')
     return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:24]
 
 
-def _read_cache(path: str) -> Dict[str, dict]:
+def _machine() -> str:
+    return f'{cpu_description()}, {os.cpu_count()} CPUs'
+
+
+def _versions(runtimes: Sequence[str]) -> Dict[str, str]:
+    installed = runtime_module.runtime_versions()
+    return {'mobileformer': _package_version(), **{runtime: installed[runtime] for runtime in runtimes}}
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version('mobileformer-paddle')
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return 'source'
+
+
+def _read_cache(path: str) -> Tuple[Dict[str, dict], Optional[str]]:
+    """(the entries of the cache file, why they were dropped: None if they were not, or there was no file)."""
     try:
         with open(path, encoding='utf-8') as f:
             cache = json.load(f)
-        return cache if isinstance(cache, dict) else {}
-    except (OSError, ValueError):  # none yet, or unreadable: measure again
-        return {}
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError) as e:
+        return {}, f'is unreadable ({type(e).__name__})'
+    if not isinstance(cache, dict) or not isinstance(cache.get('entries'), dict):
+        return {}, 'was written by another version of mobileformer'
+    if cache.get('format') != CACHE_FORMAT:
+        return {}, 'was written by another version of mobileformer'
+    return cache['entries'], None
 
 
 def _write_cache(path: str, key: str, entry: dict) -> None:
     """Best effort (a read-only home only costs a new measurement next time); atomic, so
     concurrent processes never read a half-written file."""
-    cache = _read_cache(path)
-    cache[key] = entry
+    entries, _ = _read_cache(path)
+    entries[key] = entry
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         temporary = f'{path}.{os.getpid()}.tmp'
         with open(temporary, 'w', encoding='utf-8') as f:
-            json.dump(cache, f, indent=1)
+            json.dump({'format': CACHE_FORMAT, 'entries': entries}, f, indent=1)
         os.replace(temporary, path)
     except OSError:
         pass
@@ -76,38 +105,68 @@ def _write_cache(path: str, key: str, entry: dict) -> None:
 
 @dataclass
 class Timing:
-    """Seconds per image of each runtime at batch 1 (`latency`) and at batch `batch` (`throughput`)."""
+    """Seconds per image of each runtime at batch 1 (`latency`) and at batch `batch` (`throughput`),
+    the fastest of its rounds, and whether each ranking's first is clear of the others (`decided`:
+    its fastest round beats theirs by more than the spread of either's rounds)."""
     latency: Dict[str, float]
     throughput: Dict[str, float]
     batch: int
+    decided: Dict[str, bool] = field(default_factory=lambda: {'latency': True, 'throughput': True})
+
+    def seconds(self, batch_size: int) -> Dict[str, float]:
+        return self.latency if batch_size < LARGE_BATCH else self.throughput
 
     def fastest(self, batch_size: int) -> List[str]:
         """The runtimes, fastest first, for batches of `batch_size`."""
-        seconds = self.latency if batch_size < LARGE_BATCH else self.throughput
+        seconds = self.seconds(batch_size)
         return sorted(seconds, key=seconds.get)
 
     def summary(self) -> str:
-        def ranking(seconds: Dict[str, float]) -> str:
-            return ', '.join(f'{name} {1000 * seconds[name]:.3g}' for name in sorted(seconds, key=seconds.get))
-        return f'batch {LATENCY_BATCH}: {ranking(self.latency)}; batch {self.batch}: {ranking(self.throughput)}'
+        def ranking(kind: str) -> str:
+            seconds = getattr(self, kind)
+            text = ', '.join(f'{name} {1000 * seconds[name]:.3g}' for name in sorted(seconds, key=seconds.get))
+            return text if self.decided[kind] else f'{text} (the first within the spread of the next)'
+        return f'batch {LATENCY_BATCH}: {ranking("latency")}; batch {self.batch}: {ranking("throughput")}'
 
 
-def _best_of_rounds(engines: Sequence[Engine], batch: np.ndarray) -> Dict[str, float]:
-    """Seconds per image per runtime: the best of a few rounds that alternate the runtimes, so a burst
-    of load on the machine hits all of them alike. Each timed run follows an untimed one of the same
-    shape: OpenVINO re-plans a dynamic-shape model whenever the shape changes, which a caller
-    feeding one batch size never pays."""
-    best = {engine.name: float('inf') for engine in engines}
-    start = time.perf_counter()
+def spread(samples: Sequence[float]) -> float:
+    """How far the fastest of `samples` might be off: the gap to the second fastest (0 for one sample)."""
+    fastest_two = sorted(samples)[:2]
+    return fastest_two[-1] - fastest_two[0]
+
+
+def ranking(samples: Dict[str, List[float]]) -> Tuple[List[str], bool]:
+    """The runtimes by the fastest of their samples, fastest first, and whether the first is clear:
+    its fastest sample beats every other's by more than the spread of either."""
+    order = sorted(samples, key=lambda name: min(samples[name]))
+    first = order[0]
+    decided = all(min(samples[other]) - min(samples[first]) > max(spread(samples[first]), spread(samples[other]))
+                  for other in order[1:])
+    return order, decided
+
+
+def _rounds(engines: Sequence[Engine], batch: np.ndarray) -> Dict[str, List[float]]:
+    """Seconds per image of each runtime in each of several rounds. A round runs every runtime in turn
+    (the turn rotating from round to round), so a burst of load on the machine hits all of them alike;
+    each starts once the others' thread pools have stopped spinning (`wait_for_idle_threads`), so it
+    is timed as it runs alone, and each timed run follows an untimed one of the same shape (OpenVINO
+    re-plans a dynamic-shape model whenever the shape changes, which a caller feeding one batch size
+    never pays). Rounds go on while the fastest is within the others' spread, up to TIMING_ROUNDS[1]
+    and the budget."""
+    samples: Dict[str, List[float]] = {engine.name: [] for engine in engines}
+    pools_go_idle = True  # until a wait times out (another thread of the caller's keeps a CPU busy)
+    start = perf_counter()
     for done in range(TIMING_ROUNDS[1]):
-        if done >= TIMING_ROUNDS[0] and time.perf_counter() - start > TIMING_BUDGET_S:
+        if done >= TIMING_ROUNDS[0] and (ranking(samples)[1] or perf_counter() - start > TIMING_BUDGET_S):
             break
-        for engine in engines:
+        for engine in engines[done % len(engines):] + engines[:done % len(engines)]:
+            if pools_go_idle:
+                pools_go_idle = wait_for_idle_threads()
             engine(batch)
-            begin = time.perf_counter()
+            begin = perf_counter()
             engine(batch)
-            best[engine.name] = min(best[engine.name], (time.perf_counter() - begin) / len(batch))
-    return best
+            samples[engine.name].append((perf_counter() - begin) / len(batch))
+    return samples
 
 
 def throughput_batch(seconds_per_image: float) -> int:
@@ -119,12 +178,16 @@ def throughput_batch(seconds_per_image: float) -> int:
 
 
 def time_runtimes(engines: Sequence[Engine], shape: Sequence[int]) -> Timing:
-    """Every engine timed at batch 1 and at a large batch (`throughput_batch` of the fastest)."""
+    """Every engine timed at batch 1 and at a large batch (`throughput_batch` of the fastest), over
+    interleaved rounds (`_rounds`), each ranked by the fastest of its rounds."""
+    engines = list(engines)
     rng = np.random.default_rng(0)
-    latency = _best_of_rounds(engines, rng.standard_normal((LATENCY_BATCH, *shape), dtype=np.float32))
-    batch = throughput_batch(min(latency.values()))
-    throughput = _best_of_rounds(engines, rng.standard_normal((batch, *shape), dtype=np.float32))
-    return Timing(latency, throughput, batch)
+    latency = _rounds(engines, rng.standard_normal((LATENCY_BATCH, *shape), dtype=np.float32))
+    batch = throughput_batch(min(min(seconds) for seconds in latency.values()))
+    throughput = _rounds(engines, rng.standard_normal((batch, *shape), dtype=np.float32))
+    wait_for_idle_threads()  # the chosen runtime's first run in the caller's hands starts on idle cores
+    return Timing({name: min(s) for name, s in latency.items()}, {name: min(s) for name, s in throughput.items()},
+                  batch, {'latency': ranking(latency)[1], 'throughput': ranking(throughput)[1]})
 
 
 def _load_first(order: Sequence[str], model_dir: str, threads: int, log: Callable[[str], None],
@@ -161,12 +224,27 @@ def _candidates(model_dir: str) -> List[str]:
     return candidates
 
 
-def _cached_timing(entry: Optional[dict], candidates: Sequence[str]) -> Optional[Timing]:
+def _cached_timing(entry: Optional[dict], candidates: Sequence[str]) -> Tuple[Optional[Timing], Optional[str]]:
+    """(the timing in a cache entry, None if there is none or it is unfit; why it is unfit)."""
+    if entry is None:
+        return None, None
     try:
-        timing = Timing(**{name: entry[name] for name in ('latency', 'throughput', 'batch')})
-    except (TypeError, KeyError):  # none, or written by an earlier version: measure again
-        return None
-    return timing if sorted(timing.latency) == sorted(timing.throughput) == sorted(candidates) else None
+        timing = Timing(*(entry[name] for name in ('latency', 'throughput', 'batch', 'decided')))
+        machine, versions = entry['machine'], entry['versions']
+        fit = (sorted(timing.latency) == sorted(timing.throughput) == sorted(candidates)
+               and all(isinstance(v, (int, float)) and v > 0
+                       for v in [*timing.latency.values(), *timing.throughput.values(), timing.batch]))
+    except (TypeError, KeyError, AttributeError):
+        fit = False
+    if not fit:
+        return None, 'holds an unreadable timing of this model'
+    if machine != _machine():
+        return None, f'holds a timing of this model from another machine ({machine})'
+    if versions != _versions(candidates):
+        changed = ', '.join(f"{name} {versions.get(name, 'unknown')}, now {version}"
+                            for name, version in _versions(candidates).items() if versions.get(name) != version)
+        return None, f'holds a timing of this model from other versions ({changed})'
+    return timing, None
 
 
 def _measure(candidates: Sequence[str], model_dir: str, threads: int,
@@ -186,31 +264,49 @@ def _measure(candidates: Sequence[str], model_dir: str, threads: int,
     return time_runtimes(list(engines.values()), shape), engines
 
 
-def choose_runtimes(model_dir: str, threads: int, log: Callable[[str], None] = print) -> Tuple[Engine, Engine]:
+@dataclass
+class Choice:
+    """The engines for single images (`small`) and for batches (`large`), the `timing` they were
+    chosen by (None when only one runtime could run the model), and whether it came from the cache."""
+    small: Engine
+    large: Engine
+    timing: Optional[Timing] = None
+    cached: bool = False
+
+
+def choose_runtimes(model_dir: str, threads: int, log: Callable[[str], None] = print,
+                    retime: bool = False) -> Choice:
     """The fastest runtimes for the export in `model_dir` on this CPU, (at batch 1, at larger batches):
     often one and the same, but not always (an OpenVINO plan can win at batch 32 and lose at batch 1).
-    Measured with `time_runtimes` the first time, then read from `runtime_cache_file()`; the choice is
-    printed in one line."""
+    Measured with `time_runtimes` the first time (or when `retime`), then read from
+    `runtime_cache_file()`; a cache written by another version or machine, or unreadable, is measured
+    again with a notice. The choice is printed in one line."""
     candidates = _candidates(model_dir)
     if len(candidates) == 1:
         engine = load_runtime(candidates[0], model_dir, threads)
         log(f"runtime: {engine.name} (the only installed runtime that can run the export in '{model_dir}')")
-        return engine, engine
+        return Choice(engine, engine)
     cache_file, key = runtime_cache_file(), _cache_key(model_dir, candidates, threads)
-    timing = _cached_timing(_read_cache(cache_file).get(key), candidates)
+    timing = None
+    if not retime:
+        entries, problem = _read_cache(cache_file)
+        if problem is None:
+            timing, problem = _cached_timing(entries.get(key), candidates)
+        if problem:
+            log(f'notice: the runtime cache {cache_file} {problem}; timing the runtimes again')
     if timing is not None:
         loaded, source = {}, f'cached in {cache_file}'
     else:
         timing, loaded = _measure(candidates, model_dir, threads, log)
         if len(loaded) == len(candidates):  # a runtime that failed to load is measured next time
-            _write_cache(cache_file, key, {**asdict(timing), 'cpu': cpu_description(), 'threads': threads,
-                                           'model': os.path.abspath(model_dir)})
+            _write_cache(cache_file, key, {**asdict(timing), 'machine': _machine(), 'versions': _versions(candidates),
+                                           'threads': threads, 'model': os.path.abspath(model_dir)})
         source = f'measured now, cached in {cache_file}'
     small = _load_first(timing.fastest(LATENCY_BATCH), model_dir, threads, log, loaded)
     large = _load_first(timing.fastest(LARGE_BATCH), model_dir, threads, log, loaded)
     log(f'runtime: {describe(small, large)}, the fastest here for this model (ms per image, {threads} threads, '
         f'{cpu_description()}: {timing.summary()}; {source})')
-    return small, large
+    return Choice(small, large, timing, cached=not source.startswith('measured'))
 
 
 def describe(small: Engine, large: Engine) -> str:
@@ -226,29 +322,30 @@ class InferenceModel:
 
     `runtime='auto'` (default) picks among paddle (paddle.inference with oneDNN), onnxruntime and
     OpenVINO (when installed) by timing them on this model once per model files, CPU and thread
-    count (`choose_runtimes`): the fastest at batch 1 runs single images, the fastest at a large
-    batch runs the others (the same runtime unless they differ); a runtime that fails to load falls
-    back to the next fastest with a one-line notice. Only the runtimes that run the precision the
-    folder records (export.py -precision: fp32, int8 or bf16) are candidates. Any other value forces
-    that runtime. The choice is printed in one line through `log`, and kept in `self.runtime`.
-    Batches of another image size than the export's are refused.
+    count (`choose_runtimes`; `retime=True` times them again): the fastest at batch 1 runs single
+    images, the fastest at a large batch runs the others (the same runtime unless they differ); a
+    runtime that fails to load falls back to the next fastest with a one-line notice. A cached
+    choice whose runtime then runs MISFIT_FACTOR times slower than cached (the fastest of its first
+    MISFIT_RUNS runs at a timed batch size) is timed again, once, with a notice. Only the runtimes
+    that run the precision the folder records (export.py -precision: fp32, int8 or bf16) are
+    candidates. Any other value forces that runtime. The choice is printed in one line through
+    `log`, and kept in `self.runtime`. Batches of another image size than the export's are refused.
 
     `predict(images)` classifies PIL images with the preprocessing and class names the folder
     records (`mobileformer.deploy.folder`: `self.config`, `self.class_names`)."""
 
     def __init__(self, model_dir: str, threads: Optional[int] = None, runtime: str = AUTO,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, retime: bool = False):
         if not os.path.isdir(model_dir):
             raise ValueError(f"no such folder '{model_dir}'; create it with export.py")
-        self.model_dir = model_dir
-        threads = threads or default_threads()
+        self.model_dir, self.threads, self.log = model_dir, threads or default_threads(), log
         keep_freed_memory()
         if runtime == AUTO:
-            self.small, self.large = choose_runtimes(model_dir, threads, log)
+            self._use(choose_runtimes(model_dir, self.threads, log, retime))
         else:
-            self.small = self.large = load_runtime(runtime, model_dir, threads)
+            engine = load_runtime(runtime, model_dir, self.threads)
             log(f'runtime: {runtime} (chosen by the caller)')
-        self.runtime = describe(self.small, self.large)
+            self._use(Choice(engine, engine))
         self.precision = self.small.precision  # the folder's: both engines run it
         self.config = read_config(model_dir)
         self.class_names = read_class_names(model_dir)
@@ -261,6 +358,15 @@ class InferenceModel:
                              "one), so its preprocessing is unknown; export the model again with export.py")
         transform = build_transforms(self.config, 'val')
         return top_classes(self(np.stack([transform(image) for image in images])), self.class_names, top_k)
+
+    def _use(self, choice: Choice) -> None:
+        self.small, self.large = choice.small, choice.large
+        self.runtime = describe(self.small, self.large)
+        # per batch size the cached timing covers: the seconds of its first runs here
+        self._runs: Dict[int, List[float]] = {}
+        if choice.cached:
+            self._runs = {LATENCY_BATCH: [], choice.timing.batch: []}
+        self._timing = choice.timing
 
     def engine_for(self, batch_size: int) -> Engine:
         return self.small if batch_size < LARGE_BATCH else self.large
@@ -278,4 +384,24 @@ class InferenceModel:
                 remedy = f'feed images of its size, or export it again with -opts DATA.IMAGE_SIZE {batch.shape[-1]}'
             raise ValueError(f"the model in '{self.model_dir}' was exported for inputs [{size}] but was given "
                              f"{list(batch.shape)}; {remedy}")
-        return engine(batch)
+        runs = self._runs.get(len(batch))
+        if runs is None or len(runs) >= MISFIT_RUNS:
+            return engine(batch)
+        begin = perf_counter()
+        outputs = engine(batch)
+        runs.append(perf_counter() - begin)
+        if len(runs) == MISFIT_RUNS:
+            self._check_cached_timing(engine.name, len(batch), min(runs))
+        return outputs
+
+    def _check_cached_timing(self, runtime: str, batch_size: int, seconds: float) -> None:
+        """Times the runtimes again (once) when `runtime` ran batches of `batch_size` much slower than
+        the cached timing it was chosen by."""
+        cached = self._timing.seconds(batch_size)[runtime] * batch_size
+        if seconds <= MISFIT_FACTOR * cached:
+            return
+        self.log(f'notice: {runtime} ran batches of {batch_size} in {1000 * seconds:.3g} ms, {seconds / cached:.1f}x '
+                 f'its cached timing ({1000 * cached:.3g} ms); timing the runtimes again')
+        self.small = self.large = None  # released before the new timing loads them again
+        self._use(choose_runtimes(self.model_dir, self.threads, self.log, retime=True))
+        self._runs = {}  # measured now: nothing left to check
