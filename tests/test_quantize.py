@@ -83,6 +83,8 @@ def test_int8_export_round_trip(tmp_path, weights, cache, capsys):
     run_export(weights, folder, '-precision', 'int8', '-calib_images', '64', '-min_agreement', str(MIN_AGREEMENT))
     out = capsys.readouterr().out
     assert 'calibrating: 64/64 images' in out
+    assert re.search(r'^(notice: int8 is not faster than fp32 here: |int8 runs at )[\d.]+x the speed of fp32 at '
+                     r'batch \d+ \(.*MB of model file instead of [\d.]+ MB', out, re.M)
     checks = dict(re.findall(r'int8 in (\w+) on 360 validation images: .* top-1 agreement with fp32 ([\d.]+)%', out))
     assert 'onnxruntime' in checks
 
@@ -240,10 +242,16 @@ def test_bad_low_precision_requests_are_one_sentence_and_keep_the_fp32_export(tm
     message = export_error(capsys, weights, folder, '-precision', 'bf16')
     assert message.startswith('error: no installed runtime runs bf16 on this CPU (installed: ')
     assert message.endswith('; export with -precision fp32 or int8')
+    for module in (export, runtimes):  # no OpenVINO: the only runtime with bf16
+        monkeypatch.setattr(module, 'installed_runtimes', lambda: ['paddle', 'onnxruntime'])
+    assert export_error(capsys, weights, folder, '-precision', 'bf16').endswith(
+        '; openvino runs it and is not installed: pip install openvino); export with -precision fp32 or int8')
     for module in (export, runtimes):  # only Paddle installed, which does not run INT8 ONNX models
         monkeypatch.setattr(module, 'installed_runtimes', lambda: ['paddle'])
     assert export_error(capsys, weights, folder, '-precision', 'int8') == (
-        'error: no installed runtime runs int8 on this CPU (installed: paddle); export with -precision fp32')
+        'error: no installed runtime runs int8 on this CPU (installed: paddle; onnxruntime runs it and is not '
+        'installed: pip install onnxruntime; openvino runs it and is not installed: pip install openvino); '
+        'export with -precision fp32')
     monkeypatch.undo()
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     assert {name: os.stat(folder / name).st_mtime_ns for name in FP32_FILES} == before
@@ -270,6 +278,21 @@ def test_bad_low_precision_requests_are_one_sentence_and_keep_the_fp32_export(tm
         f"error: INT8 quantization of '{folder / ONNX_FILE}' failed (RuntimeError: unsupported operator); "
         f"the fp32 export in '{folder}' is complete and unchanged")
     assert_runs_fp32(folder, weights)
+
+
+def test_the_speed_of_a_low_precision_is_reported_against_fp32():
+    sizes = {'fp32': 6 * 2 ** 20, 'int8': 2 * 2 ** 20}
+    slower = export.speed_comparison('int8', {'onnxruntime': 0.0026, 'openvino': 0.0040},
+                                     {'onnxruntime': 0.0021, 'openvino': 0.0023, 'paddle': 0.004}, 32, sizes)
+    assert slower == ('notice: int8 is not faster than fp32 here: 0.81x the speed of fp32 at batch 32 (onnxruntime '
+                      'int8 2.6 ms per image, onnxruntime fp32 2.1 ms); what it saves is 2.0 MB of model file '
+                      'instead of 6.0 MB; export with -precision fp32 for speed')
+    tie = export.speed_comparison('bf16', {'openvino': 0.0100}, {'onnxruntime': 0.0103}, 1, {})
+    assert tie.startswith('notice: bf16 is not faster than fp32 here: 1.03x') and tie.endswith(
+        'what it saves is no file size (it runs the fp32 files); export with -precision fp32 for speed')
+    faster = export.speed_comparison('int8', {'openvino': 0.0127}, {'openvino': 0.0343}, 32, sizes)
+    assert faster == ('int8 runs at 2.70x the speed of fp32 at batch 32 (openvino int8 12.7 ms per image, openvino '
+                      'fp32 34.3 ms); it also saves 2.0 MB of model file instead of 6.0 MB')
 
 
 def test_a_corrupt_precision_record_is_one_sentence(tmp_path):

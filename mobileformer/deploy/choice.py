@@ -89,21 +89,21 @@ class Timing:
         return f'batch {LATENCY_BATCH}: {ranking(self.latency)}; batch {self.batch}: {ranking(self.throughput)}'
 
 
-def _best_of_rounds(engines: Sequence[Engine], batch: np.ndarray) -> Dict[str, float]:
-    """Seconds per image per runtime: the best of a few rounds that alternate the runtimes, so a burst
+def best_of_rounds(engines: Dict[str, Engine], batch: np.ndarray) -> Dict[str, float]:
+    """Seconds per image per named engine: the best of a few rounds that alternate them, so a burst
     of load on the machine hits all of them alike. Each timed run follows an untimed one of the same
     shape: OpenVINO re-plans a dynamic-shape model whenever the shape changes, which a caller
     feeding one batch size never pays."""
-    best = {engine.name: float('inf') for engine in engines}
+    best = {name: float('inf') for name in engines}
     start = time.perf_counter()
     for done in range(TIMING_ROUNDS[1]):
         if done >= TIMING_ROUNDS[0] and time.perf_counter() - start > TIMING_BUDGET_S:
             break
-        for engine in engines:
+        for name, engine in engines.items():
             engine(batch)
             begin = time.perf_counter()
             engine(batch)
-            best[engine.name] = min(best[engine.name], (time.perf_counter() - begin) / len(batch))
+            best[name] = min(best[name], (time.perf_counter() - begin) / len(batch))
     return best
 
 
@@ -118,9 +118,10 @@ def throughput_batch(seconds_per_image: float) -> int:
 def time_runtimes(engines: Sequence[Engine], shape: Sequence[int]) -> Timing:
     """Every engine timed at batch 1 and at a large batch (`throughput_batch` of the fastest)."""
     rng = np.random.default_rng(0)
-    latency = _best_of_rounds(engines, rng.standard_normal((LATENCY_BATCH, *shape), dtype=np.float32))
+    named = {engine.name: engine for engine in engines}
+    latency = best_of_rounds(named, rng.standard_normal((LATENCY_BATCH, *shape), dtype=np.float32))
     batch = throughput_batch(min(latency.values()))
-    throughput = _best_of_rounds(engines, rng.standard_normal((batch, *shape), dtype=np.float32))
+    throughput = best_of_rounds(named, rng.standard_normal((batch, *shape), dtype=np.float32))
     return Timing(latency, throughput, batch)
 
 
