@@ -114,7 +114,7 @@ def speed_comparison(precision: str, low: Dict[str, float], fp32: Dict[str, floa
     saving = (f"{sizes['int8'] / 2 ** 20:.1f} MB of model file instead of {sizes['fp32'] / 2 ** 20:.1f} MB"
               if 'int8' in sizes else 'no file size (it runs the fp32 files)')
     if ratio >= SPEED_UP:
-        return f'{precision} runs at {timing}; it also saves {saving}'
+        return f'{precision} runs at {timing}' + (f'; it also saves {saving}' if 'int8' in sizes else '')
     return (f'notice: {precision} is not faster than fp32 here: {timing}; what it saves is {saving}; '
             'export with -precision fp32 for speed')
 
