@@ -33,7 +33,8 @@ from mobileformer.deploy import (CONFIG_FILE, DESCRIPTION_FILE, INT8_ONNX_FILE, 
                                  dataset_class_names, dygraph_outputs, export_inference, export_onnx,
                                  installed_runtimes, load_runtime, precision_problem, write_description,
                                  write_precision)
-from mobileformer.deploy import quantize
+from mobileformer.deploy import choice, quantize
+from mobileformer.deploy.runtimes import install_command
 
 
 CHECK_BATCH = 4
@@ -56,7 +57,9 @@ def low_precision_runtimes(precision: str, onnx: bool) -> List[str]:
     installed = installed_runtimes()
     able = [r for r in installed if precision_problem(r, precision) is None]
     if not able:
-        reasons = '; '.join(precision_problem(r, precision) for r in LOW_PRECISION_RUNTIMES[precision] if r in installed)
+        reasons = '; '.join([precision_problem(r, precision) for r in LOW_PRECISION_RUNTIMES[precision] if r in installed]
+                            + [f'{r} runs it and is not installed: {install_command(r)}'
+                               for r in LOW_PRECISION_RUNTIMES[precision] if r not in installed])
         raise ValueError(f"no installed runtime runs {precision} on this CPU (installed: {', '.join(installed)}"
                          + (f'; {reasons}' if reasons else '') + '); export with -precision fp32'
                          + (' or int8' if precision == 'bf16' else ''))
@@ -97,6 +100,41 @@ def keep_close_runtimes(check: Dict[str, dict], runtimes: List[str], min_agreeme
             print(f"{runtime} is left out: its top-1 agreement with fp32 ({check[runtime]['agreement']:.2%}) is below "
                   f'-min_agreement {min_agreement:.2%}')
     return kept
+
+
+SPEED_UP = 1.05  # paired best-of-rounds timings differ by a few percent between runs: less is no gain
+
+
+def speed_comparison(precision: str, low: Dict[str, float], fp32: Dict[str, float], batch: int,
+                     sizes: Dict[str, int]) -> str:
+    """One line: how fast the fastest runtime of `precision` runs batches of `batch` against the fastest
+    fp32 one (seconds per image by runtime), and, when it is not faster, what it saves on disk
+    (`sizes`: bytes of the fp32 and low-precision model files)."""
+    low_runtime, fp32_runtime = min(low, key=low.get), min(fp32, key=fp32.get)
+    ratio = fp32[fp32_runtime] / low[low_runtime]
+    timing = (f'{ratio:.2f}x the speed of fp32 at batch {batch} ({low_runtime} {precision} '
+              f'{1000 * low[low_runtime]:.3g} ms per image, {fp32_runtime} fp32 {1000 * fp32[fp32_runtime]:.3g} ms)')
+    saving = (f"{sizes['int8'] / 2 ** 20:.1f} MB of model file instead of {sizes['fp32'] / 2 ** 20:.1f} MB"
+              if 'int8' in sizes else 'no file size (it runs the fp32 files)')
+    if ratio >= SPEED_UP:
+        return f'{precision} runs at {timing}' + (f'; it also saves {saving}' if 'int8' in sizes else '')
+    return (f'notice: {precision} is not faster than fp32 here: {timing}; what it saves is {saving}; '
+            'export with -precision fp32 for speed')
+
+
+def measure_speed(model_dir: str, precision: str, runtimes: List[str], shape: Sequence[int]) -> str:
+    """`speed_comparison` of `precision` in `runtimes` against fp32 in every installed runtime, timed
+    in alternating rounds at the batch the runtime choice times throughput at."""
+    engines = {f'{r} fp32': load_runtime(r, model_dir, precision='fp32') for r in installed_runtimes()}
+    engines.update({f'{r} {precision}': load_runtime(r, model_dir, precision=precision) for r in runtimes})
+    rng = np.random.default_rng(0)
+    one = choice.best_of_rounds(engines, rng.standard_normal((1, *shape), dtype=np.float32))
+    batch = choice.throughput_batch(min(one.values()))
+    seconds = choice.best_of_rounds(engines, rng.standard_normal((batch, *shape), dtype=np.float32))
+    sizes = {name: os.path.getsize(os.path.join(model_dir, file)) for name, file in
+             (('fp32', ONNX_FILE), ('int8', INT8_ONNX_FILE)) if precision == 'int8'}
+    split = lambda wanted: {k.split()[0]: v for k, v in seconds.items() if k.endswith(wanted)}  # noqa: E731
+    return speed_comparison(precision, split(precision), split('fp32'), batch, sizes)
 
 
 def build_parser() -> cli.CommandParser:
@@ -176,6 +214,7 @@ def run(argv: Sequence[str]) -> None:
             raise ValueError(f'{args.precision} changes the top-1 class of too many validation images in every runtime '
                              f'that runs it (agreement with fp32: {agreements}; -min_agreement {args.min_agreement:.2%}); '
                              f"the fp32 export in '{args.output}' is complete and is what runs")
+        print(measure_speed(args.output, args.precision, kept, (channels, size, size)))
         write_precision(args.output, args.precision, kept, details)
         print(f"{args.output} runs {args.precision} in {', '.join(kept)} (recorded in {PRECISION_FILE})")
     InferenceModel(args.output)  # measures the runtimes once and prints the fastest

@@ -17,7 +17,7 @@ import export
 from mobileformer import get_config
 from mobileformer.convert import convert_checkpoint
 from mobileformer.deploy import (INT8_ONNX_FILE, ONNX_FILE, PRECISION_FILE, InferenceModel, build_for_inference,
-                                 dygraph_outputs, load_runtime, read_precision, runtimes)
+                                 dygraph_outputs, export_onnx, load_runtime, read_precision, runtimes)
 from mobileformer.deploy import quantize
 
 pytestmark = pytest.mark.openvino  # export.py checks the export in every installed runtime
@@ -83,6 +83,8 @@ def test_int8_export_round_trip(tmp_path, weights, cache, capsys):
     run_export(weights, folder, '-precision', 'int8', '-calib_images', '64', '-min_agreement', str(MIN_AGREEMENT))
     out = capsys.readouterr().out
     assert 'calibrating: 64/64 images' in out
+    assert re.search(r'^(notice: int8 is not faster than fp32 here: |int8 runs at )[\d.]+x the speed of fp32 at '
+                     r'batch \d+ \(.*MB of model file instead of [\d.]+ MB', out, re.M)
     checks = dict(re.findall(r'int8 in (\w+) on 360 validation images: .* top-1 agreement with fp32 ([\d.]+)%', out))
     assert 'onnxruntime' in checks
 
@@ -119,6 +121,73 @@ def test_int8_export_round_trip(tmp_path, weights, cache, capsys):
     eval_script.main(['-cfg', CFG, '-model', str(folder), '-runtime', 'onnxruntime', '-opts', *DIGITS])
     top1 = float(re.search(r'top1=([\d.]+) .* samples=360$', capsys.readouterr().out.strip()).group(1))
     assert top1 == pytest.approx(record['check']['onnxruntime']['top1'], abs=1e-4)
+
+
+def small_network():
+    """An ONNX graph with the shapes of the models here: input normalised by a constant, a 1x1
+    convolution (the stem), a depthwise one, a residual sum, a product, learned tokens expanded to
+    the batch size read from the input's Shape, and a classifier followed by a reshape."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+
+    def weight(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+    initializers = [weight('scale', 1), weight('stem_w', 4, 1, 1, 1), weight('dw_w', 4, 1, 3, 3),
+                    weight('mm_w', 64, 8), weight('tokens', 1, 8), weight('tok_w', 8, 8), weight('head_w', 8, 3),
+                    weight('head_b', 3), numpy_helper.from_array(np.array([-1, 64], np.int64), 'flat'),
+                    numpy_helper.from_array(np.array([0], np.int64), 'zero'),
+                    numpy_helper.from_array(np.array([1], np.int64), 'one'),
+                    numpy_helper.from_array(np.array([8], np.int64), 'width')]
+    node = helper.make_node
+    nodes = [node('Div', ['x', 'scale'], ['normalised'], name='Normalise'),
+             node('Conv', ['normalised', 'stem_w'], ['stem'], name='Stem'),
+             node('Relu', ['stem'], ['act'], name='Act'),
+             node('Conv', ['act', 'dw_w'], ['dw'], name='Depthwise', group=4, pads=[1, 1, 1, 1]),
+             node('Add', ['act', 'dw'], ['sum'], name='Residual'),
+             node('Reshape', ['sum', 'flat'], ['flat_sum'], name='Flatten'),
+             node('MatMul', ['flat_sum', 'mm_w'], ['mixed'], name='Mix'),
+             node('Shape', ['x'], ['shape'], name='Shape'),
+             node('Slice', ['shape', 'zero', 'one'], ['batch'], name='Batch'),
+             node('Concat', ['batch', 'width'], ['token_shape'], name='TokenShape', axis=0),
+             node('Expand', ['tokens', 'token_shape'], ['batch_tokens'], name='Tokens'),
+             node('MatMul', ['batch_tokens', 'tok_w'], ['token_features'], name='TokenMix'),
+             node('Add', ['mixed', 'token_features'], ['features'], name='Join'),
+             node('Gemm', ['features', 'head_w', 'head_b'], ['logits'], name='Classifier'),
+             node('Flatten', ['logits'], ['out'], name='Out')]
+    graph = helper.make_graph(nodes, 'small', [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['N', 1, 4, 4])],
+                              [helper.make_tensor_value_info('out', TensorProto.FLOAT, ['N', 3])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_int8_keeps_the_grouped_convolutions_and_the_layers_at_both_ends_in_fp32():
+    # walking from the input stops at the first layer (the stem, behind a normalising constant, not the
+    # token product the Shape leads to); walking back from the output reaches the classifier through
+    # the reshape, and not the products behind the residual sums
+    assert quantize.edge_layers(small_network()) == ['Stem', 'Classifier']
+    assert quantize.fp32_layers(small_network()) == {'grouped': ['Depthwise'], 'edges': ['Stem', 'Classifier']}
+
+
+@pytest.mark.timeout(120)
+def test_the_int8_graph_runs_the_first_and_last_layers_in_fp32(tmp_path, weights):
+    config = get_config(CFG)
+    export_onnx(build_for_inference(config, weights), config, str(tmp_path / ONNX_FILE))
+    images = np.random.default_rng(0).standard_normal((quantize.MIN_CALIBRATION_IMAGES, 3, 32, 32), dtype=np.float32)
+    lines = []
+    graph = onnx.load(quantize.quantize_int8(str(tmp_path), images, log=lines.append)).graph
+    assert lines[0] == ('INT8 keeps 2 layers in fp32: 0 grouped or depthwise convolutions, and the first and last '
+                        '(Conv.0, MatMul.8)')
+    dequantized = {out for node in graph.node if node.op_type == 'DequantizeLinear' for out in node.output}
+    layers = {node.name: node for node in graph.node if node.op_type in quantize.QUANTIZED_OPS}
+    quantized = {name for name, node in layers.items() if set(node.input) & dequantized}
+    # the patch embedding reads the image and the classifier writes the logits, both in fp32 with
+    # float weights; the token- and channel-mixing products between them run in int8
+    assert layers['Conv.0'].input[0] == graph.input[0].name
+    writer = {out: node for node in graph.node for out in node.output}
+    bias = writer[graph.output[0].name]  # the classifier's bias: MatMul.8 + b is the output
+    assert bias.op_type == 'Add' and layers['MatMul.8'].output[0] in bias.input
+    assert quantized == set(layers) - {'Conv.0', 'MatMul.8'} and len(quantized) == 8
 
 
 @pytest.mark.timeout(120)
@@ -173,10 +242,16 @@ def test_bad_low_precision_requests_are_one_sentence_and_keep_the_fp32_export(tm
     message = export_error(capsys, weights, folder, '-precision', 'bf16')
     assert message.startswith('error: no installed runtime runs bf16 on this CPU (installed: ')
     assert message.endswith('; export with -precision fp32 or int8')
+    for module in (export, runtimes):  # no OpenVINO: the only runtime with bf16
+        monkeypatch.setattr(module, 'installed_runtimes', lambda: ['paddle', 'onnxruntime'])
+    assert export_error(capsys, weights, folder, '-precision', 'bf16').endswith(
+        '; openvino runs it and is not installed: pip install openvino); export with -precision fp32 or int8')
     for module in (export, runtimes):  # only Paddle installed, which does not run INT8 ONNX models
         monkeypatch.setattr(module, 'installed_runtimes', lambda: ['paddle'])
     assert export_error(capsys, weights, folder, '-precision', 'int8') == (
-        'error: no installed runtime runs int8 on this CPU (installed: paddle); export with -precision fp32')
+        'error: no installed runtime runs int8 on this CPU (installed: paddle; onnxruntime runs it and is not '
+        'installed: pip install onnxruntime; openvino runs it and is not installed: pip install openvino); '
+        'export with -precision fp32')
     monkeypatch.undo()
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     assert {name: os.stat(folder / name).st_mtime_ns for name in FP32_FILES} == before
@@ -203,6 +278,21 @@ def test_bad_low_precision_requests_are_one_sentence_and_keep_the_fp32_export(tm
         f"error: INT8 quantization of '{folder / ONNX_FILE}' failed (RuntimeError: unsupported operator); "
         f"the fp32 export in '{folder}' is complete and unchanged")
     assert_runs_fp32(folder, weights)
+
+
+def test_the_speed_of_a_low_precision_is_reported_against_fp32():
+    sizes = {'fp32': 6 * 2 ** 20, 'int8': 2 * 2 ** 20}
+    slower = export.speed_comparison('int8', {'onnxruntime': 0.0026, 'openvino': 0.0040},
+                                     {'onnxruntime': 0.0021, 'openvino': 0.0023, 'paddle': 0.004}, 32, sizes)
+    assert slower == ('notice: int8 is not faster than fp32 here: 0.81x the speed of fp32 at batch 32 (onnxruntime '
+                      'int8 2.6 ms per image, onnxruntime fp32 2.1 ms); what it saves is 2.0 MB of model file '
+                      'instead of 6.0 MB; export with -precision fp32 for speed')
+    tie = export.speed_comparison('bf16', {'openvino': 0.0100}, {'onnxruntime': 0.0103}, 1, {})
+    assert tie.startswith('notice: bf16 is not faster than fp32 here: 1.03x') and tie.endswith(
+        'what it saves is no file size (it runs the fp32 files); export with -precision fp32 for speed')
+    faster = export.speed_comparison('int8', {'openvino': 0.0127}, {'openvino': 0.0343}, 32, sizes)
+    assert faster == ('int8 runs at 2.70x the speed of fp32 at batch 32 (openvino int8 12.7 ms per image, openvino '
+                      'fp32 34.3 ms); it also saves 2.0 MB of model file instead of 6.0 MB')
 
 
 def test_a_corrupt_precision_record_is_one_sentence(tmp_path):

@@ -145,28 +145,34 @@ def ranking(samples: Dict[str, List[float]]) -> Tuple[List[str], bool]:
     return order, decided
 
 
-def _rounds(engines: Sequence[Engine], batch: np.ndarray) -> Dict[str, List[float]]:
-    """Seconds per image of each runtime in each of several rounds. A round runs every runtime in turn
-    (the turn rotating from round to round), so a burst of load on the machine hits all of them alike;
-    each starts once the others' thread pools have stopped spinning (`wait_for_idle_threads`), so it
-    is timed as it runs alone, and each timed run follows an untimed one of the same shape (OpenVINO
-    re-plans a dynamic-shape model whenever the shape changes, which a caller feeding one batch size
-    never pays). Rounds go on while the fastest is within the others' spread, up to TIMING_ROUNDS[1]
-    and the budget."""
-    samples: Dict[str, List[float]] = {engine.name: [] for engine in engines}
+def _rounds(engines: Dict[str, Engine], batch: np.ndarray) -> Dict[str, List[float]]:
+    """Seconds per image of each named engine in each of several rounds. A round runs every engine in
+    turn (the turn rotating from round to round), so a burst of load on the machine hits all of them
+    alike; each starts once the others' thread pools have stopped spinning (`wait_for_idle_threads`),
+    so it is timed as it runs alone, and each timed run follows an untimed one of the same shape
+    (OpenVINO re-plans a dynamic-shape model whenever the shape changes, which a caller feeding one
+    batch size never pays). Rounds go on while the fastest is within the others' spread, up to
+    TIMING_ROUNDS[1] and the budget."""
+    samples: Dict[str, List[float]] = {name: [] for name in engines}
+    names = list(engines)
     pools_go_idle = True  # until a wait times out (another thread of the caller's keeps a CPU busy)
     start = perf_counter()
     for done in range(TIMING_ROUNDS[1]):
         if done >= TIMING_ROUNDS[0] and (ranking(samples)[1] or perf_counter() - start > TIMING_BUDGET_S):
             break
-        for engine in engines[done % len(engines):] + engines[:done % len(engines)]:
+        for name in names[done % len(names):] + names[:done % len(names)]:
             if pools_go_idle:
                 pools_go_idle = wait_for_idle_threads()
-            engine(batch)
+            engines[name](batch)
             begin = perf_counter()
-            engine(batch)
-            samples[engine.name].append((perf_counter() - begin) / len(batch))
+            engines[name](batch)
+            samples[name].append((perf_counter() - begin) / len(batch))
     return samples
+
+
+def best_of_rounds(engines: Dict[str, Engine], batch: np.ndarray) -> Dict[str, float]:
+    """Seconds per image per named engine: the fastest of its interleaved rounds (`_rounds`)."""
+    return {name: min(seconds) for name, seconds in _rounds(engines, batch).items()}
 
 
 def throughput_batch(seconds_per_image: float) -> int:
@@ -180,11 +186,11 @@ def throughput_batch(seconds_per_image: float) -> int:
 def time_runtimes(engines: Sequence[Engine], shape: Sequence[int]) -> Timing:
     """Every engine timed at batch 1 and at a large batch (`throughput_batch` of the fastest), over
     interleaved rounds (`_rounds`), each ranked by the fastest of its rounds."""
-    engines = list(engines)
     rng = np.random.default_rng(0)
-    latency = _rounds(engines, rng.standard_normal((LATENCY_BATCH, *shape), dtype=np.float32))
+    named = {engine.name: engine for engine in engines}
+    latency = _rounds(named, rng.standard_normal((LATENCY_BATCH, *shape), dtype=np.float32))
     batch = throughput_batch(min(min(seconds) for seconds in latency.values()))
-    throughput = _rounds(engines, rng.standard_normal((batch, *shape), dtype=np.float32))
+    throughput = _rounds(named, rng.standard_normal((batch, *shape), dtype=np.float32))
     wait_for_idle_threads()  # the chosen runtime's first run in the caller's hands starts on idle cores
     return Timing({name: min(s) for name, s in latency.items()}, {name: min(s) for name, s in throughput.items()},
                   batch, {'latency': ranking(latency)[1], 'throughput': ranking(throughput)[1]})

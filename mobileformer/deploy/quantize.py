@@ -4,10 +4,13 @@
   optimisation) -> `quantize_static` in the QDQ format: int8 weights, one scale per output channel,
   and int8 activations whose ranges come from MinMax calibration on images with the evaluation
   preprocessing (`calibration_images`). Only the GEMM-bound ops are quantized (`QUANTIZED_OPS`),
-  and grouped / depthwise convolutions are not: neither onnxruntime nor OpenVINO has fast int8
-  kernels for them on CPUs (measured on Mobile-Former-26M, whose 1x1 convolutions are grouped: 3x
-  slower than fp32 with them quantized), and quantizing the element-wise ops only adds
-  quantize/dequantize pairs. The result, `inference.int8.onnx`, runs in onnxruntime and OpenVINO.
+  and not all of them (`fp32_layers`): grouped / depthwise convolutions stay fp32, as neither
+  onnxruntime nor OpenVINO has fast int8 kernels for them on CPUs (measured on Mobile-Former-26M,
+  whose 1x1 convolutions are grouped: 3x slower than fp32 with them quantized), and so do the
+  layers at the two ends of the network, the one that reads the image and the one that writes
+  the outputs, which cost the most accuracy per layer (`edge_layers`). Quantizing the element-wise
+  ops only adds quantize/dequantize pairs. The result, `inference.int8.onnx`, runs in onnxruntime
+  and OpenVINO.
   Paddle's own post-training quantization is not used: on Paddle 3.3 it needs the legacy program
   format, and the PIR (.json) export silently runs it in fp32.
 - bf16: no new files; OpenVINO runs the fp32 ONNX with bf16 inference precision on CPUs with bf16
@@ -108,6 +111,58 @@ def grouped_convolutions(model) -> List[str]:
             and any(a.name == 'group' and a.i > 1 for a in node.attribute)]
 
 
+# The layers at both ends of a network are the most sensitive to INT8 (per-layer sensitivity on the
+# quickstart Mobile-Former-26M, 360 held-out digits: quantized alone, its stem convolution moved the
+# logits by 0.91% (relative L2), the classifier by 0.61%, any of the other 158 layers by 0.01-0.39%;
+# all quantized, 1.60% and top-1 0.9639 for fp32's 0.9694; with these two in fp32, 1.25% and
+# 0.9667; in OpenVINO the quantized stem alone cost 4.7 points of top-1). They hold a small share of
+# the work (a patch embedding and a classifier: ~1-2% of an MLP's multiply-adds), so keeping them
+# fp32 costs little speed.
+_SHAPE_OPS = ('Shape', 'Size')  # their outputs carry no values of the tensor they read
+
+
+def edge_layers(model) -> List[str]:
+    """Names of the first QUANTIZED_OPS nodes reached from a graph input and of the last ones before
+    a graph output, walking only through nodes with one non-constant input (reshapes, activations,
+    normalising constants): the layer that reads the image and the one that writes each output."""
+    constants = {t.name for t in model.graph.initializer} | {
+        o for node in model.graph.node if node.op_type == 'Constant' for o in node.output}
+    dynamic_inputs = {node.name: [i for i in node.input if i and i not in constants] for node in model.graph.node}
+    readers: Dict[str, list] = {}
+    writer = {}
+    for node in model.graph.node:
+        for tensor in dynamic_inputs[node.name]:
+            readers.setdefault(tensor, []).append(node)
+        for tensor in node.output:
+            writer[tensor] = node
+    edges = []
+
+    def passes(node) -> bool:
+        return node.op_type not in _SHAPE_OPS and len(dynamic_inputs[node.name]) == 1
+
+    frontier = [node for t in model.graph.input for node in readers.get(t.name, [])]
+    while frontier:  # forward from the inputs
+        node = frontier.pop()
+        if node.op_type in QUANTIZED_OPS:
+            edges.append(node.name)
+        elif passes(node):
+            frontier.extend(n for t in node.output for n in readers.get(t, []))
+    frontier = [writer[t.name] for t in model.graph.output if t.name in writer]
+    while frontier:  # backward from the outputs
+        node = frontier.pop()
+        if node.op_type in QUANTIZED_OPS:
+            edges.append(node.name)
+        elif passes(node) and dynamic_inputs[node.name][0] in writer:
+            frontier.append(writer[dynamic_inputs[node.name][0]])
+    return list(dict.fromkeys(edges))
+
+
+def fp32_layers(model) -> Dict[str, List[str]]:
+    """The QUANTIZED_OPS nodes that the INT8 export keeps in fp32, by reason."""
+    grouped = grouped_convolutions(model)
+    return {'grouped': grouped, 'edges': [name for name in edge_layers(model) if name not in grouped]}
+
+
 def quantize_int8(model_dir: str, images: np.ndarray, log: Callable[[str], None] = print) -> str:
     """Writes `inference.int8.onnx` next to the fp32 `inference.onnx` of `model_dir`, calibrated on
     `images`, and returns its path. It is written only once it loads and gives finite outputs; any
@@ -133,8 +188,13 @@ def quantize_int8(model_dir: str, images: np.ndarray, log: Callable[[str], None]
             quant_pre_process(source, prepared, skip_symbolic_shape=True)
             graph = onnx.load(prepared)
             input_name = graph.graph.input[0].name
+            kept = fp32_layers(graph)
+            log(f"INT8 keeps {len(kept['grouped']) + len(kept['edges'])} layers in fp32: "
+                f"{len(kept['grouped'])} grouped or depthwise convolutions, and the first and last "
+                f"({', '.join(kept['edges'])})")
             quantize_static(prepared, temporary, _Batches(input_name, images, log), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=grouped_convolutions(graph),
+                            op_types_to_quantize=list(QUANTIZED_OPS),
+                            nodes_to_exclude=kept['grouped'] + kept['edges'],
                             per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             # the calibration graph reduces each tensor to its min and max per batch,
                             # so memory does not grow with the number of images

@@ -103,6 +103,10 @@ def runtime_versions() -> Dict[str, str]:
             for r in installed_runtimes()}
 
 
+def install_command(runtime: str) -> str:
+    return f'pip install {_DISTRIBUTIONS[runtime]}'
+
+
 def _not_installed(runtime: str) -> ValueError:
     return ValueError(f'runtime {runtime} needs the {_DISTRIBUTIONS[runtime]} package, which is not installed: '
                       f'pip install {_DISTRIBUTIONS[runtime]}, or choose the runtime auto')
