@@ -188,6 +188,42 @@ def test_a_signal_to_the_process_group_saves_a_mid_epoch_checkpoint_that_resumes
     resume_and_compare(out, uninterrupted)
 
 
+# The quickstart's own recipe (1 loader worker, RandAugment, dropout, label smoothing) on its first
+# 256 digits at batch 32: 8 batches an epoch, 2 epochs.
+QUICKSTART_SMALL = ['-epochs', '2', '-batch_size', '32']
+
+
+def run_quickstart(output, *hooks):
+    command = [sys.executable, LAUNCHER, 'digits_subset=256', *hooks, '--', '-output', str(output), *QUICKSTART_SMALL]
+    return subprocess.Popen(command, cwd=ROOT, env=LAUNCHER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.slow
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_the_quickstart_stopped_mid_epoch_resumes_to_bit_identical_weights(tmp_path, signum):
+    """Augmentation in the loader workers and the dropout masks continue where they stopped."""
+    reference = run_quickstart(tmp_path / 'uninterrupted')
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err[-3000:]
+    out, reached = tmp_path / 'run', tmp_path / 'reached'
+    process = run_quickstart(out, f'hold=2:3:{reached}')
+    try:
+        wait_for_file(reached, process, timeout=300)
+        os.killpg(process.pid, signum)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signum, err[-3000:]
+    assert (json.load(open(out / 'last.json'))['epoch'], json.load(open(out / 'last.json'))['step']) == (1, 3)
+    resumed = subprocess.run([sys.executable, LAUNCHER, 'digits_subset=256', '--', '-output', str(out),
+                              '-resume', 'auto', *QUICKSTART_SMALL], cwd=ROOT, env=LAUNCHER_ENV, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(out / 'last.pdparams', tmp_path / 'uninterrupted' / 'last.pdparams')
+
+
 @pytest.mark.timeout(30)
 def test_journal_finishes_a_commit_killed_after_its_commit_point(tmp_path):
     """A process killed between the journal and the renames: recover() completes the new set."""

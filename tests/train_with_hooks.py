@@ -12,6 +12,7 @@ the seams the code offers (train.main's extra callbacks, checkpoint.write_togeth
     hold_commit=N:FILE      the N-th checkpoint commit creates FILE with every temporary written,
                             then waits forever before its commit point (the test SIGKILLs)
     save_rank_weights=DIR   at the end of training, each rank saves its weights as DIR/rank<R>.pdparams
+    digits_subset=N         the digits splits hold their first N images only (a shorter epoch)
 """
 import os
 import signal
@@ -21,6 +22,7 @@ from typing import List, Sequence
 
 import train  # first: through mobileformer, it filters notices Paddle prints when imported
 from mobileformer import checkpoint, engine
+from mobileformer.data import sources
 
 import paddle
 
@@ -97,6 +99,16 @@ class SaveRankWeights(paddle.callbacks.Callback):
         paddle.save(self.model.network.state_dict(), os.path.join(self.folder, f'rank{engine.rank()}.pdparams'))
 
 
+def digits_subset(size: int) -> None:
+    load_digits = sources.load_digits
+
+    def first(mode: str) -> sources.ArraySource:
+        full = load_digits(mode)
+        return sources.ArraySource(full.images[:size], full.labels[:size], full.classes)
+
+    sources.load_digits = first
+
+
 def install(faults: Sequence[str]) -> List[paddle.callbacks.Callback]:
     callbacks = []
     for fault in faults:
@@ -109,6 +121,8 @@ def install(faults: Sequence[str]) -> List[paddle.callbacks.Callback]:
         elif name == 'hold_commit':
             number, path = value.split(':', 1)
             hold_commit(int(number), path)
+        elif name == 'digits_subset':
+            digits_subset(int(value))
         elif name == 'save_rank_weights':
             callbacks.append(SaveRankWeights(value))
         else:

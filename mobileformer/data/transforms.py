@@ -3,8 +3,8 @@
 The training pipeline follows timm's ImageNet recipe: RandomResizedCrop + horizontal flip, then
 RandAugment and/or colour jitter on the PIL image, then normalisation, then random erasing on the
 normalised array. Evaluation resizes the shorter side to IMAGE_SIZE / CROP_PCT and centre-crops
-IMAGE_SIZE. All per-sample randomness comes from Python's `random` module, which Paddle's
-DataLoader seeds differently in every worker.
+IMAGE_SIZE. All per-sample randomness comes from Python's `random` module, which the training
+loader seeds per sample from (epoch seed, sample index) (mobileformer.engine.data.GuardedDataset).
 """
 from __future__ import annotations
 

@@ -54,18 +54,24 @@ class StepLROnUpdate(paddle.callbacks.LRScheduler):
 
 
 class EpochSeeder(Callback):
-    """Seeds every epoch from (SEED, epoch, rank) and sets the sampler's shuffle to (SEED, epoch):
-    a run resumed at epoch k draws exactly the numbers an uninterrupted run draws at epoch k
-    (data order, worker augmentation, dropout, mixup) without storing generator states."""
+    """Sets the sampler's shuffle to (SEED, epoch), which also keys every sample's augmentation
+    (SafeLoader), and seeds the main process's generators from (SEED, epoch, batch, rank) before
+    every batch: the dropout / drop-path masks and Mixup draws of batch b depend on nothing else,
+    so a run resumed at any batch draws exactly the numbers an uninterrupted run draws there
+    without storing generator states."""
 
-    def __init__(self, seed: int, start_epoch: int, sampler: DistributedBatchSampler) -> None:
+    def __init__(self, seed: int, start_epoch: int, sampler: ResumableBatchSampler) -> None:
         super().__init__()
         self.seed, self.start_epoch, self.sampler = seed, start_epoch, sampler
+        self.epoch = start_epoch
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
-        epoch += self.start_epoch
-        seed_everything(derived_seed(self.seed, epoch, rank()))
-        self.sampler.set_epoch(derived_seed(self.seed, epoch))
+        self.epoch = epoch + self.start_epoch
+        seed_everything(derived_seed(self.seed, self.epoch, rank()))
+        self.sampler.set_epoch(derived_seed(self.seed, self.epoch))
+
+    def on_train_batch_begin(self, step: int, logs=None) -> None:
+        seed_everything(derived_seed(self.seed, self.epoch, step + batch_offset(self.sampler), rank()))
 
 
 class ExponentialMovingAverage(Callback):

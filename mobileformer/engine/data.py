@@ -2,6 +2,7 @@
 resume mid-epoch, and loaders that survive bad samples, dying workers and signals."""
 from __future__ import annotations
 
+import random
 import signal
 import weakref
 from typing import Callable, List, Optional
@@ -9,7 +10,7 @@ from typing import Callable, List, Optional
 import numpy as np
 from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 
-from mobileformer.engine.distributed import world_size
+from mobileformer.engine.distributed import derived_seed, world_size
 from mobileformer.errors import TrainingStopped
 
 INTERRUPTS = (signal.SIGTERM, signal.SIGINT)
@@ -36,7 +37,14 @@ class GuardedDataset(Dataset):
     """Wraps a dataset so that reading a sample never raises inside the DataLoader (an exception
     there hangs paddle's single-process loader and turns into an anonymous SystemError with
     workers). A sample that fails is replaced by the next readable one and flagged with its index
-    + 1 in a third field, which `SafeLoader` turns into a skip notice or a clear error."""
+    + 1 in a third field, which `SafeLoader` turns into a skip notice or a clear error.
+
+    Python's `random` (every per-sample augmentation draws from it) is seeded from (`seed`, index)
+    before each sample: its augmentation depends on neither the worker that reads it nor the
+    samples read before it, so a run resumed mid-epoch (which skips the epoch's first batches)
+    augments the rest exactly as an uninterrupted run does. `seed` is the sampler's epoch seed."""
+
+    seed = 0
 
     def __init__(self, dataset: Dataset) -> None:
         super().__init__()
@@ -46,6 +54,7 @@ class GuardedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple:
+        random.seed(derived_seed(self.seed, index))
         for attempt in range(len(self.dataset)):
             try:
                 image, label = self.dataset[(index + attempt) % len(self.dataset)]
@@ -104,6 +113,7 @@ class SafeLoader(DataLoader):
             batches.close()
 
     def _batches(self):
+        self.dataset.seed = self.batch_sampler.epoch  # before super().__iter__() copies it into the workers
         batches = super().__iter__()
         try:
             while True:
