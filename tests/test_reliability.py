@@ -224,6 +224,82 @@ def test_the_quickstart_stopped_mid_epoch_resumes_to_bit_identical_weights(tmp_p
     assert_same_weights(out / 'last.pdparams', tmp_path / 'uninterrupted' / 'last.pdparams')
 
 
+def run_processes(root_pid):
+    """{pid: start time} of `root_pid` and every process below it, read from /proc."""
+    stats = {}
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            stat = open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        stats[int(entry)] = (int(stat[1]), stat[19])  # parent, start time
+    found, frontier = {}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        found[pid] = stats[pid][1]
+        frontier += [child for child, (parent, _) in stats.items() if parent == pid]
+    return found
+
+
+def still_running(processes):
+    """The processes of `processes` that still run (not zombies, not a reused pid)."""
+    alive = []
+    for pid, started in processes.items():
+        try:
+            stat = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        if stat[0] != 'Z' and stat[19] == started:
+            alive.append(pid)
+    return alive
+
+
+def assert_all_end(processes, seconds=30):
+    deadline = time.monotonic() + seconds
+    while still_running(processes):
+        assert time.monotonic() < deadline, f'still running {seconds} s after the kill: {still_running(processes)}'
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.slow
+def test_sigkill_of_the_main_process_ends_its_data_loader_workers(tmp_path):
+    reached = tmp_path / 'reached'
+    process = start_training(tmp_path / 'run', f'hold=1:3:{reached}', opts=['DATA.NUM_WORKERS', 2])
+    try:
+        wait_for_file(reached, process)  # three batches came from the workers
+        processes = run_processes(process.pid)
+        assert len(processes) == 3, processes  # the main process and its two workers
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+    assert_all_end(processes)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+def test_sigkill_of_one_rank_ends_its_workers_and_the_launch(tmp_path):
+    reached, log_dir = tmp_path / 'reached', tmp_path / 'log'
+    command = [sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2', '--log_dir', str(log_dir),
+               LAUNCHER, f'hold=1:3:{reached}.{{rank}}', '--', '-cfg', TINY, '-output', str(tmp_path / 'out'),
+               '-opts', 'DATA.NUM_WORKERS', '1']
+    launch = subprocess.Popen(command, cwd=ROOT, env=LAUNCHER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        wait_for_file(f'{reached}.0', launch, timeout=240)
+        wait_for_file(f'{reached}.1', launch, timeout=240)
+        processes = run_processes(launch.pid)
+        assert len(processes) == 5, processes  # the launcher, two ranks, a worker each
+        os.kill(int(open(f'{reached}.1').read()), signal.SIGKILL)
+        launch.communicate(timeout=120)
+    finally:
+        launch.kill()
+    assert launch.returncode != 0
+    # rank 0 ends as it does for any failing rank: the launcher stops it with SIGTERM
+    assert open(log_dir / 'workerlog.0').read().strip().splitlines()[-1].startswith('error: stopped by SIGTERM')
+    assert_all_end(processes)
+
+
 @pytest.mark.timeout(30)
 def test_journal_finishes_a_commit_killed_after_its_commit_point(tmp_path):
     """A process killed between the journal and the renames: recover() completes the new set."""

@@ -7,8 +7,9 @@ The production code carries no test switches: every fault and probe is installed
 the seams the code offers (train.main's extra callbacks, checkpoint.write_together's before_commit).
 
     fail_rank=R             rank R raises at its second training step
-    hold=E:S:FILE           after batch S (1-based) of epoch E, create FILE, then wait until the
-                            run has received SIGINT or SIGTERM (the test sends it, or SIGKILLs)
+    hold=E:S:FILE           after batch S (1-based) of epoch E, create FILE (holding the process id;
+                            {rank} in FILE becomes the rank), then wait until the run has received
+                            SIGINT or SIGTERM (the test sends it, or SIGKILLs)
     hold_commit=N:FILE      the N-th checkpoint commit creates FILE with every temporary written,
                             then waits forever before its commit point (the test SIGKILLs)
     save_rank_weights=DIR   at the end of training, each rank saves its weights as DIR/rank<R>.pdparams
@@ -63,7 +64,8 @@ class HoldAt(paddle.callbacks.Callback):
 
     def __init__(self, epoch: int, step: int, path: str) -> None:
         super().__init__()
-        self.epoch, self.step, self.path, self.current_epoch = epoch, step, path, 0
+        self.epoch, self.step, self.current_epoch = epoch, step, 0
+        self.path = path.replace('{rank}', str(engine.rank()))
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self.current_epoch += 1

@@ -13,7 +13,7 @@ from mobileformer.engine.callbacks import (EpochProgBar, EpochSeeder, EvaluateAn
                                            GracefulStop, StepLROnUpdate, StopOnNonFiniteLoss, after_divergence,
                                            plot_curves, visualdl_callback)
 from mobileformer.engine.data import (GuardedDataset, ResumableBatchSampler, SafeLoader, batch_offset, build_loader,
-                                      leave_interrupts_to_the_main_process)
+                                      start_worker)
 from mobileformer.engine.distributed import derived_seed, is_main_process, rank, seed_everything, world_size
 from mobileformer.engine.evaluation import evaluate_model
 from mobileformer.engine.optim import (WarmupCosineLR, build_lr_schedule, build_optimizer, is_update_step,
@@ -25,7 +25,7 @@ from mobileformer.engine.step import (MeanCrossEntropy, SoftTargetCrossEntropy, 
 __all__ = ['EpochProgBar', 'EpochSeeder', 'EvaluateAndCheckpoint', 'ExponentialMovingAverage', 'GracefulStop',
            'StepLROnUpdate', 'StopOnNonFiniteLoss', 'after_divergence', 'plot_curves', 'visualdl_callback',
            'GuardedDataset', 'ResumableBatchSampler', 'SafeLoader', 'batch_offset', 'build_loader',
-           'leave_interrupts_to_the_main_process', 'derived_seed', 'is_main_process', 'rank', 'seed_everything',
+           'start_worker', 'derived_seed', 'is_main_process', 'rank', 'seed_everything',
            'world_size', 'evaluate_model', 'WarmupCosineLR', 'build_lr_schedule', 'build_optimizer',
            'is_update_step', 'no_decay_names', 'updates_per_epoch', 'load_checkpoint', 'optimizer_state',
            'resolve_resume', 'set_optimizer_state', 'MeanCrossEntropy', 'SoftTargetCrossEntropy', 'TrainingModel',

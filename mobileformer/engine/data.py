@@ -2,6 +2,8 @@
 resume mid-epoch, and loaders that survive bad samples, dying workers and signals."""
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
 import signal
 import weakref
@@ -9,9 +11,11 @@ from typing import Callable, List, Optional
 
 import numpy as np
 from paddle.io import DataLoader, Dataset, DistributedBatchSampler
+from paddle.io.multiprocess_utils import _cleanup_mmap
 
 from mobileformer.engine.distributed import derived_seed, world_size
 from mobileformer.errors import TrainingStopped
+from mobileformer.processes import end_when_orphaned
 
 INTERRUPTS = (signal.SIGTERM, signal.SIGINT)
 
@@ -79,13 +83,21 @@ def sample_error(dataset: Dataset, index: int) -> str:
     return 'it failed in a worker process only'
 
 
-def leave_interrupts_to_the_main_process(worker_id: int) -> None:
-    """worker_init_fn: Ctrl-C and cluster schedulers signal every process of the group or job, and
-    a worker killed by SIGINT/SIGTERM makes paddle abort the main process mid-step. Workers ignore
-    both, so the main process alone decides (GracefulStop saves a checkpoint); they still exit when
-    the loader shuts them down or the main process is gone."""
-    for signum in INTERRUPTS:
-        signal.signal(signum, signal.SIG_IGN)
+def _end_worker() -> None:
+    """Ends a worker whose main process is gone, after Paddle's own worker clean-up (the
+    shared-memory files of its batches), at once: a normal exit would wait for queue threads that
+    can no longer deliver."""
+    _cleanup_mmap()
+    os._exit(1)
+
+
+def start_worker(worker_id: int) -> None:
+    """worker_init_fn. Ctrl-C and cluster schedulers signal every process of the group or job, and
+    a worker killed by SIGINT/SIGTERM makes paddle abort the main process mid-step: workers leave
+    both to the main process (GracefulStop saves a checkpoint), which stops them when it is done.
+    A worker whose main process died (SIGKILL, out of memory) ends by itself within moments."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    end_when_orphaned(multiprocessing.parent_process().pid, signal.SIGTERM, _end_worker)
 
 
 class SafeLoader(DataLoader):
@@ -95,7 +107,7 @@ class SafeLoader(DataLoader):
     def __init__(self, dataset: Dataset, batch_sampler: DistributedBatchSampler, num_workers: int,
                  skip_bad: bool, log: Callable[[str], None]) -> None:
         super().__init__(GuardedDataset(dataset), batch_sampler=batch_sampler, num_workers=num_workers,
-                         return_list=True, worker_init_fn=leave_interrupts_to_the_main_process)
+                         return_list=True, worker_init_fn=start_worker)
         self.samples, self.skip_bad, self.log = dataset, skip_bad, log
         self.skipped: List[int] = []
         self._passes: 'weakref.WeakSet' = weakref.WeakSet()
