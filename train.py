@@ -55,8 +55,9 @@ def load_config(args: argparse.Namespace, notices: Optional[List[str]] = None):
         if len(args.teacher) > 2:
             raise ConfigError(f'-teacher takes a folder, an .onnx file, or a YAML and its weights, got '
                               f'{len(args.teacher)} paths: {" ".join(args.teacher)}')
-        opts += ['TRAIN.DISTILL.TEACHER', args.teacher[0], 'TRAIN.DISTILL.WEIGHTS',
-                 args.teacher[1] if len(args.teacher) == 2 else '']
+        opts += ['TRAIN.DISTILL.TEACHER', args.teacher[0]]
+        if len(args.teacher) == 2:
+            opts += ['TRAIN.DISTILL.WEIGHTS', args.teacher[1]]
     config = get_config(args.cfg, opts + list(args.opts), notices)
     if not config.OUTPUT:
         config.defrost()

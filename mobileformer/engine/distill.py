@@ -152,6 +152,8 @@ def _yaml_teacher(config: CfgNode, path: str) -> Tuple[Callable, TeacherInput]:
         raise ValueError(f"TRAIN.DISTILL.MEAN/STD are for export and ONNX teachers; the teacher config '{path}' "
                          'gives its own DATA.MEAN/STD: leave them empty')
     teacher_config = get_config(path)
+    if teacher_config.MODEL.OUT_INDICES:
+        raise _not_a_classifier(path, f'feature maps {list(teacher_config.MODEL.OUT_INDICES)} (MODEL.OUT_INDICES)')
     network = build_for_inference(teacher_config, distill.WEIGHTS)
     data = teacher_config.DATA
     adapt = TeacherInput(config.DATA.MEAN, config.DATA.STD, data.IN_CHANNELS,
@@ -223,6 +225,11 @@ def build_teacher(config: CfgNode, log: Callable[[str], None] = print) -> Option
     return teacher
 
 
+def _not_a_classifier(source: str, answers: str) -> ValueError:
+    return ValueError(f"the teacher '{source}' is not a classifier: it answers {answers}, not one [batch, classes] "
+                      'array of logits (a feature extractor cannot teach); give a classification model')
+
+
 def _check_classifier(teacher: Teacher, config: CfgNode) -> None:
     size, channels = config.DATA.IMAGE_SIZE, config.DATA.IN_CHANNELS
     probe = paddle.zeros([2, channels, size, size])
@@ -230,9 +237,7 @@ def _check_classifier(teacher: Teacher, config: CfgNode) -> None:
     classes = config.MODEL.NUM_CLASSES
     if isinstance(logits, list) or logits.ndim != 2:
         shapes = [o.shape for o in logits] if isinstance(logits, list) else [logits.shape]
-        raise ValueError(f"the teacher '{teacher.source}' is not a classifier: it answers "
-                         f"{' and '.join(str(s) for s in shapes)}, not one [batch, classes] array of logits "
-                         '(a feature extractor cannot teach); give a classification model')
+        raise _not_a_classifier(teacher.source, ' and '.join(str(list(s)) for s in shapes))
     if logits.shape[1] != classes:
         raise ValueError(f"the teacher '{teacher.source}' answers {logits.shape[1]} classes but the student has "
                          f'MODEL.NUM_CLASSES {classes}; distill from a teacher of the same classes')
