@@ -2,6 +2,8 @@
 
     top1=0.xxxx top5=0.xxxx loss=x.xxxx samples=N
 
+(top<k> with k = the class count when there are fewer than 5 classes; loss is the plain cross-entropy.)
+
     python eval.py -cfg configs/mobileformer_26m.yaml -pretrained output/mobileformer_26m/best.pdparams -data_path ...
     python eval.py -cfg configs/mobileformer_26m.yaml -model export/mf26m [-runtime onnxruntime] -data_path ...
 
@@ -69,7 +71,7 @@ def evaluate_export(config, model_dir: str, runtime: str, retime: bool = False) 
     process: OpenVINO, once loaded, must not be followed by forked data-loader workers."""
     model = InferenceModel(model_dir, runtime=runtime, retime=retime)
     dataset = build_dataset(config, 'val')
-    top_k = min(5, config.MODEL.NUM_CLASSES)
+    top_k = engine.top_k(config.MODEL.NUM_CLASSES)
     hits1 = hits_k = 0
     loss = 0.0
     for start in range(0, len(dataset), config.DATA.BATCH_SIZE_EVAL):
@@ -87,13 +89,14 @@ def evaluate_export(config, model_dir: str, runtime: str, retime: bool = False) 
         hits1 += int((best[:, 0] == labels).sum())
         hits_k += int((best == labels[:, None]).any(axis=1).sum())
     count = len(dataset)
-    return {'top1': hits1 / count, 'top5': hits_k / count, 'loss': loss / count, 'samples': count}
+    return {'top1': hits1 / count, f'top{top_k}': hits_k / count, 'ce': loss / count, 'samples': count}
 
 
 def run(argv: List[str]) -> None:
     result = evaluate(parse_args(argv))
     if engine.is_main_process():
-        print(f"top1={result['top1']:.4f} top5={result['top5']:.4f} loss={result['loss']:.4f} "
+        top_k = next(key for key in result if key.startswith('top') and key != 'top1')
+        print(f"top1={result['top1']:.4f} {top_k}={result[top_k]:.4f} loss={result['ce']:.4f} "
               f"samples={result['samples']}")
 
 

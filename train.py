@@ -33,6 +33,9 @@ def build_parser() -> cli.CommandParser:
     parser.add_argument('-output', help='OUTPUT folder (default output/<MODEL.NAME>)')
     parser.add_argument('-pretrained', help='.pdparams to start from; another class count drops the classifier')
     parser.add_argument('-resume', help="checkpoint prefix (e.g. output/x/last) or 'auto'")
+    parser.add_argument('-teacher', nargs='+', metavar='PATH',
+                        help='distil from a teacher: an export.py folder, an .onnx classifier, or a YAML config '
+                             'and its .pdparams (TRAIN.DISTILL.TEACHER / WEIGHTS; docs/distillation.md)')
     parser.add_argument('-amp', action='store_true', help='mixed precision (GPU only)')
     parser.add_argument('-opts', nargs='+', default=[], help='KEY VALUE pairs overriding the config')
     return parser
@@ -52,6 +55,13 @@ def load_config(args: argparse.Namespace, notices: Optional[List[str]] = None):
             opts += [key, getattr(args, flag)]
     if args.amp:
         opts += ['TRAIN.AMP', True]
+    if args.teacher:
+        if len(args.teacher) > 2:
+            raise ConfigError(f'-teacher takes a folder, an .onnx file, or a YAML and its weights, got '
+                              f'{len(args.teacher)} paths: {" ".join(args.teacher)}')
+        opts += ['TRAIN.DISTILL.TEACHER', args.teacher[0]]
+        if len(args.teacher) == 2:
+            opts += ['TRAIN.DISTILL.WEIGHTS', args.teacher[1]]
     config = get_config(args.cfg, opts + list(args.opts), notices)
     if not config.OUTPUT:
         config.defrost()
@@ -70,6 +80,23 @@ def amp_configs(config) -> Optional[dict]:
     return {'level': 'O1'}
 
 
+def describe_log(config, teacher: Optional[engine.Teacher]) -> str:
+    """The line that names the numbers of the step and epoch lines."""
+    parts = [f'label smoothing {config.AUG.LABEL_SMOOTHING:g}']
+    if build_mixup(config) is not None:
+        parts.append('Mixup/CutMix targets')
+    if teacher is not None:
+        distill = config.TRAIN.DISTILL
+        parts.append(f'{distill.KIND} distillation, alpha {distill.ALPHA:g}' +
+                     (f', tau {distill.TAU:g}' if distill.KIND == 'soft' else ''))
+    k = engine.top_k(config.MODEL.NUM_CLASSES)
+    teacher_keys = ('; teacher_loss: the teacher term alone, agreement: the share of samples whose top-1 is '
+                    "the teacher's" if teacher is not None else '')
+    return (f'Log: objective is the loss minimised ({", ".join(parts)}); ce the plain cross-entropy against the '
+            f'labels; top1/top{k} accuracy{teacher_keys}. Step lines: objective of that step, the others means '
+            f'over the epoch so far; epoch lines: train_* means over the epoch, val_* on the validation set.')
+
+
 def make_logger(output: str):
     """Prints on rank 0 and appends the same line to <output>/train.log."""
     def log(line: str) -> None:
@@ -86,13 +113,15 @@ def train(args: argparse.Namespace, extra_callbacks: Sequence[paddle.callbacks.C
     notices: List[str] = []
     config = load_config(args, notices)
     output = config.OUTPUT
+    # before anything is written: a teacher that cannot teach this student is refused now
+    teacher = engine.build_teacher(config, notices.append)
     if engine.is_main_process():
         checkpoint.check_writable(output)  # a read-only folder or a full disk fails now, not after an epoch
         checkpoint.recover(output)  # finishes (or drops) a checkpoint write a killed run left halfway
     log = make_logger(output)
     # notices wait until everything that can refuse the run has been checked: a run that is then
     # refused prints its one error line and nothing else
-    pending = [f'Notice: {notice}.' for notice in notices]
+    pending = [notice if notice.startswith(('runtime:', 'notice:')) else f'Notice: {notice}.' for notice in notices]
     resume = engine.resolve_resume(args.resume, output)
     if args.resume == 'auto' and resume is None:
         pending.append(f'No checkpoint in {output} to resume from; starting from scratch.')
@@ -115,11 +144,14 @@ def train(args: argparse.Namespace, extra_callbacks: Sequence[paddle.callbacks.C
     batches_per_epoch = len(train_loader)
     sampler = train_loader.batch_sampler
     mixup = build_mixup(config)
-    model = engine.TrainingModel(network, engine.build_criterion(config, mixup), mixup, config.TRAIN.ACCUM_ITER)
+    criterion, metrics = engine.build_criterion(config, mixup), engine.build_metrics(config.MODEL.NUM_CLASSES)
+    if teacher is not None:
+        criterion, teacher_metrics = engine.build_distillation(config, criterion)
+        metrics += teacher_metrics
+    model = engine.TrainingModel(network, criterion, mixup, config.TRAIN.ACCUM_ITER, teacher)
     schedule = engine.build_lr_schedule(config, batches_per_epoch)
     optimizer = engine.build_optimizer(config, network, schedule)
-    model.prepare(optimizer, model.train_loss, metrics=engine.build_metrics(config.MODEL.NUM_CLASSES),
-                  amp_configs=amp_configs(config))
+    model.prepare(optimizer, model.train_loss, metrics=metrics, amp_configs=amp_configs(config))
     ema = (engine.ExponentialMovingAverage(network, config.TRAIN.EMA_DECAY, config.TRAIN.ACCUM_ITER, batches_per_epoch,
                                            sampler) if config.TRAIN.EMA else None)
 
@@ -137,7 +169,9 @@ def train(args: argparse.Namespace, extra_callbacks: Sequence[paddle.callbacks.C
         return None
     log(f'{config.MODEL.NAME}: {config.DATA.DATASET} {len(train_set)} train / {len(val_set)} val images, '
         f'{engine.world_size()} process(es) x batch {config.DATA.BATCH_SIZE} x accum {config.TRAIN.ACCUM_ITER}, '
-        f'epochs {start_epoch + 1}-{config.TRAIN.EPOCHS}, output {output}')
+        f'epochs {start_epoch + 1}-{config.TRAIN.EPOCHS}, output {output}' +
+        (f', teacher {teacher.source}' if teacher is not None else ''))
+    log(describe_log(config, teacher))
 
     callbacks = [*extra_callbacks, engine.EpochProgBar(start_epoch, config.TRAIN.EPOCHS, config.TRAIN.LOG_FREQ),
                  engine.StopOnNonFiniteLoss(output, start_epoch, sampler),  # before the LR and EMA step

@@ -108,6 +108,17 @@ _C.TRAIN.AMP = False  # mixed precision on GPU (no effect on CPU)
 _C.TRAIN.EVAL_FREQ = 1  # evaluate every N epochs (and always after the last one)
 _C.TRAIN.SAVE_FREQ = 0  # also keep epoch_<N>.pdparams every N epochs; 0 keeps only last/best
 _C.TRAIN.LOG_FREQ = 10  # progress-bar update every N iterations
+# Knowledge distillation (mobileformer/engine/distill.py, docs/distillation.md); off while TEACHER is ''.
+_C.TRAIN.DISTILL = CN()
+_C.TRAIN.DISTILL.TEACHER = ''  # a teacher YAML (with WEIGHTS), an export.py folder or an .onnx classifier
+_C.TRAIN.DISTILL.WEIGHTS = ''  # the .pdparams of a YAML teacher
+_C.TRAIN.DISTILL.KIND = 'soft'  # soft: KL at temperature TAU (x TAU^2); hard: cross-entropy with its argmax
+_C.TRAIN.DISTILL.TAU = 1.0  # temperature of the soft kind
+_C.TRAIN.DISTILL.ALPHA = 0.5  # weight of the teacher term; 1 - ALPHA weighs the ground-truth loss
+# normalisation of an export / ONNX teacher's input ([]: the student's DATA.MEAN/STD); a YAML
+# teacher has its own DATA.MEAN/STD
+_C.TRAIN.DISTILL.MEAN = []
+_C.TRAIN.DISTILL.STD = []
 
 
 def register_model_defaults(key: str, defaults: CN) -> None:
@@ -396,6 +407,21 @@ def _value(config: CN, key: str) -> Any:
     return node
 
 
+def _check_distill(distill: CN, remedy: str) -> None:
+    if distill.KIND not in ('soft', 'hard'):
+        raise ConfigError(f"TRAIN.DISTILL.KIND must be 'soft' or 'hard', got {distill.KIND!r}; {remedy}")
+    if not (math.isfinite(distill.TAU) and distill.TAU > 0):
+        raise ConfigError(f'TRAIN.DISTILL.TAU must be > 0, got {distill.TAU!r}; {remedy}')
+    if not 0 <= distill.ALPHA <= 1:
+        raise ConfigError(f'TRAIN.DISTILL.ALPHA must be in [0, 1], got {distill.ALPHA!r}; {remedy}')
+    if distill.WEIGHTS and not distill.TEACHER:
+        raise ConfigError('TRAIN.DISTILL.WEIGHTS is set but TRAIN.DISTILL.TEACHER is empty; name the teacher '
+                          'config the weights belong to')
+    if len(distill.MEAN) != len(distill.STD) or (distill.STD and min(distill.STD) <= 0):
+        raise ConfigError(f'TRAIN.DISTILL.MEAN and STD must have one value per channel each, STD > 0; got '
+                          f'{list(distill.MEAN)} and {list(distill.STD)}')
+
+
 def check_ranges(config: CN, overrides: Overrides = COMMAND_LINE) -> None:
     """Raises a ConfigError for the first shared key whose value is out of its range."""
     remedy = overrides.remedy
@@ -422,6 +448,7 @@ def check_ranges(config: CN, overrides: Overrides = COMMAND_LINE) -> None:
                               'give one value per channel')
     if min(config.DATA.STD) <= 0:
         raise ConfigError(f'DATA.STD must be > 0 for every channel, got {list(config.DATA.STD)}')
+    _check_distill(config.TRAIN.DISTILL, remedy)
     scheduled = config.TRAIN.WARMUP_EPOCHS + config.TRAIN.COOLDOWN_EPOCHS
     if scheduled > config.TRAIN.EPOCHS:
         raise ConfigError(f'TRAIN.WARMUP_EPOCHS + TRAIN.COOLDOWN_EPOCHS ({scheduled:g}) exceed TRAIN.EPOCHS '

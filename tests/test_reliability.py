@@ -140,7 +140,7 @@ def resume_and_compare(output, reference):
     for name in ('last.pdparams', 'best.pdparams'):
         assert_same_weights(output / name, reference / name)
     expected = json.load(open(reference / 'last.json'))['history']
-    assert [r['val_loss'] for r in json.load(open(output / 'last.json'))['history']] == [r['val_loss'] for r in expected]
+    assert [r['val_ce'] for r in json.load(open(output / 'last.json'))['history']] == [r['val_ce'] for r in expected]
 
 
 @pytest.mark.timeout(170)

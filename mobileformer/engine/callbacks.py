@@ -24,8 +24,18 @@ from mobileformer.engine.resume import optimizer_state
 from mobileformer.errors import TrainingStopped
 
 
+# What the step lines call paddle.Model's log keys: `loss` is the objective minimised (label
+# smoothing, Mixup targets, the teacher term), `ce` the plain cross-entropy against the labels.
+STEP_LINE_NAMES = {'loss': 'objective', 'acc_top1': 'top1'}
+
+
+def step_line_name(key: str) -> str:
+    return STEP_LINE_NAMES.get(key, key[len('acc_'):] if key.startswith('acc_top') else key)
+
+
 class EpochProgBar(ProgBarLogger):
-    """Progress bar that counts epochs from the resumed one (fit() itself restarts at 0)."""
+    """Progress bar that counts epochs from the resumed one (fit() itself restarts at 0) and names
+    its numbers as the epoch lines do (`step_line_name`)."""
 
     def __init__(self, start_epoch: int, total_epochs: int, log_freq: int, verbose: int = 2) -> None:
         super().__init__(log_freq, verbose=verbose)
@@ -34,6 +44,10 @@ class EpochProgBar(ProgBarLogger):
     def on_train_begin(self, logs=None) -> None:
         super().on_train_begin(logs)
         self.epochs = self.total_epochs
+        self.train_metrics = [step_line_name(k) for k in self.train_metrics]
+
+    def _updates(self, logs, mode) -> None:
+        super()._updates({step_line_name(k): v for k, v in (logs or {}).items()}, mode)
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         super().on_epoch_begin(self.start_epoch + epoch, logs)
@@ -121,11 +135,16 @@ class EvaluateAndCheckpoint(Callback):
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self.epoch_start_time = time.time()
         self.epoch_start_lr = float(self.model._optimizer.get_lr())
+        self.model.reset_objective()
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         epoch += self.start_epoch + 1  # epochs completed
+        # train_*: means over the epoch's batches; objective is the loss minimised, ce the plain
+        # cross-entropy against the (mixed) labels
         record = {'epoch': epoch, 'lr': self.epoch_start_lr,  # at the epoch's first update
-                  'train_loss': float(logs['ce']), 'train_top1': float(logs['acc_top1'])}
+                  'train_objective': self.model.objective(), 'train_ce': float(logs['ce']),
+                  'train_top1': float(logs['acc_top1'])}
+        record.update({f'train_{key}': float(logs[key]) for key in ('teacher_loss', 'agreement') if key in logs})
         last_epoch = epoch == self.config.TRAIN.EPOCHS
         if epoch % self.config.TRAIN.EVAL_FREQ == 0 or last_epoch:
             record.update(self._evaluate())
@@ -275,7 +294,7 @@ def visualdl_callback(output: str) -> Optional[Callback]:
 
 
 def plot_curves(history: List[dict], path: str) -> bool:
-    """Loss and top-1 per epoch as a PNG; skipped (False) when matplotlib is not installed."""
+    """Plain cross-entropy and top-1 per epoch as a PNG; skipped (False) when matplotlib is not installed."""
     # matplotlib announces at INFO that it built its font cache (the first plot on a machine), and
     # Paddle's logging setup prints INFO records: a user needs neither
     logging.getLogger('matplotlib').setLevel(logging.WARNING)
@@ -286,7 +305,7 @@ def plot_curves(history: List[dict], path: str) -> bool:
     except ImportError:
         return False
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((ax_loss, 'loss', 'loss'), (ax_acc, 'top1', 'top-1 accuracy')):
+    for ax, key, title in ((ax_loss, 'ce', 'cross-entropy'), (ax_acc, 'top1', 'top-1 accuracy')):
         for split in ('train', 'val'):
             points = [(r['epoch'], r[f'{split}_{key}']) for r in history if f'{split}_{key}' in r]
             if points:
