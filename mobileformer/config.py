@@ -115,8 +115,8 @@ _C.TRAIN.DISTILL.WEIGHTS = ''  # the .pdparams of a YAML teacher
 _C.TRAIN.DISTILL.KIND = 'soft'  # soft: KL at temperature TAU (x TAU^2); hard: cross-entropy with its argmax
 _C.TRAIN.DISTILL.TAU = 1.0  # temperature of the soft kind
 _C.TRAIN.DISTILL.ALPHA = 0.5  # weight of the teacher term; 1 - ALPHA weighs the ground-truth loss
-# normalisation of an export / ONNX teacher's input ([]: the student's DATA.MEAN/STD); a YAML
-# teacher has its own DATA.MEAN/STD
+# normalisation of an export / ONNX teacher's input ([]: what an export folder's config.yaml records,
+# else the student's DATA.MEAN/STD); a YAML teacher has its own DATA.MEAN/STD
 _C.TRAIN.DISTILL.MEAN = []
 _C.TRAIN.DISTILL.STD = []
 

@@ -166,10 +166,12 @@ def _export_teacher(config: CfgNode, path: str, log: Callable[[str], None]) -> T
     if distill.WEIGHTS:
         raise ValueError(f"TRAIN.DISTILL.WEIGHTS is for a teacher config (YAML); the teacher '{path}' holds its "
                          'weights already: leave it empty')
+    recorded = None  # the normalisation an export folder's config records
     if os.path.isdir(path):
         from mobileformer.deploy.choice import InferenceModel
         engine = InferenceModel(path, log=log)
         shape = engine.small.input_shape
+        recorded = engine.config.DATA if engine.config is not None else None
     else:
         from mobileformer.deploy.runtimes import OnnxModel
         try:
@@ -179,8 +181,8 @@ def _export_teacher(config: CfgNode, path: str, log: Callable[[str], None]) -> T
                              f"({type(e).__name__}); give an ONNX classifier or an export.py folder") from None
         shape = engine.input_shape
     channels, size = _teacher_input(path, shape, config)
-    mean = list(distill.MEAN) or _to_channels(config.DATA.MEAN, channels)
-    std = list(distill.STD) or _to_channels(config.DATA.STD, channels)
+    mean = list(distill.MEAN) or _to_channels((recorded or config.DATA).MEAN, channels)
+    std = list(distill.STD) or _to_channels((recorded or config.DATA).STD, channels)
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"TRAIN.DISTILL.MEAN/STD give {len(mean)}/{len(std)} values but the teacher '{path}' "
                          f'takes {channels} channels; give one value per channel')
