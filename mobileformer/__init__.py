@@ -2,7 +2,9 @@
 
 Importing a model module registers its builder (and weight converters) with `build_model`.
 """
+import importlib
 import os
+import sys
 import warnings
 
 # Notices of Paddle that tell a user of this repository nothing: ccache (for compiling custom
@@ -27,11 +29,17 @@ forget_paddles_omp_default()
 
 from mobileformer.config import ConfigError, get_config
 from mobileformer.registry import build_model, register_model, registered_models
-from mobileformer.mobile_former import build_mformer
-from mobileformer.mlp_mixer import build_gmlp, build_mixer, build_resmlp
-from mobileformer.fnet import build_fnet
-from mobileformer.repmlpnet import RepMLPNet, build_repmlpnet
-from mobileformer.repmlp_resnet import RepMLP, RepMLPResNet, build_repmlp_resnet
+from mobileformer.models import FAMILIES, SHARED  # noqa: E402
+from mobileformer.models.mobile_former import build_mformer
+from mobileformer.models.mlp_mixer import build_gmlp, build_mixer, build_resmlp
+from mobileformer.models.fnet import build_fnet
+from mobileformer.models.repmlpnet import RepMLPNet, build_repmlpnet
+from mobileformer.models.repmlp_resnet import RepMLP, RepMLPResNet, build_repmlp_resnet
+
+# Until release 0.3 the model modules sat directly in this package: their old paths
+# (`from mobileformer.mobile_former import MobileFormer`) stay importable as the same modules.
+for _name in FAMILIES + SHARED:
+    globals()[_name] = sys.modules[f'{__name__}.{_name}'] = importlib.import_module(f'{__name__}.models.{_name}')
 
 __all__ = ['ConfigError', 'get_config', 'build_model', 'register_model', 'registered_models',
            'build_mformer', 'build_mixer', 'build_gmlp', 'build_resmlp', 'build_fnet',

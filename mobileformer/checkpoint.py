@@ -7,7 +7,7 @@ file in one sentence, the same sentence in every command.
 Checking: `fit_state` compares a state dict with a model. Strictly, every key and shape must match
 (evaluation, export, prediction, folding, resuming); with `drop_classifier`, the layer the model's
 `get_classifier()` names may have been trained for another class count and is left out
-(fine-tuning). A feature extractor (mobileformer.backbone) takes a classifier's checkpoint but
+(fine-tuning). A feature extractor (mobileformer.models.backbone) takes a classifier's checkpoint but
 the head layers it does not hold. Any other difference names the tensor and both shapes.
 
 Writing: `write_file` writes one file atomically (a temporary next to it, flushed, then renamed).
@@ -79,7 +79,7 @@ def state_shapes(model: nn.Layer) -> Dict[str, tuple]:
 
 
 def removed_from(model: nn.Layer, key: str) -> bool:
-    """Whether `key` belongs to a layer a feature extractor dropped (mobileformer.backbone)."""
+    """Whether `key` belongs to a layer a feature extractor dropped (mobileformer.models.backbone)."""
     return any(key == name or key.startswith(name + '.') for name in getattr(model, 'removed_layers', ()))
 
 

@@ -94,7 +94,7 @@ def count_madds(model: nn.Layer, input_shape: Sequence[int]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     from mobileformer import build_model, get_config
-    from mobileformer.model_utils import count_trainable
+    from mobileformer.models.model_utils import count_trainable
 
     parser = argparse.ArgumentParser(description='Print parameters and MAdds of a config.')
     parser.add_argument('-cfg', required=True, help='model YAML, e.g. configs/mobileformer_26m.yaml')
