@@ -52,7 +52,7 @@ from mobileformer.deploy import (AUTO, INFERENCE_PREFIX, LOW_PRECISION_RUNTIMES,
                                  runtime_versions)
 from mobileformer.deploy.quantize import MIN_CALIBRATION_IMAGES, quantize_int8
 from mobileformer.flops import count_madds
-from mobileformer.model_utils import count_trainable
+from mobileformer.models.model_utils import count_trainable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

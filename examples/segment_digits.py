@@ -22,7 +22,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from mobileformer import build_model, cli, get_config
-from mobileformer.backbone import Backbone
+from mobileformer.models.backbone import Backbone
 from mobileformer.data.sources import load_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +76,7 @@ class FPNLite(nn.Layer):
 
 
 class Segmenter(nn.Layer):
-    """A feature extractor (mobileformer.backbone) and an FPN-lite head: [B, C, H, W] -> logits
+    """A feature extractor (mobileformer.models.backbone) and an FPN-lite head: [B, C, H, W] -> logits
     [B, classes, H, W]."""
 
     def __init__(self, backbone: Backbone, num_classes: int):

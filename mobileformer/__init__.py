@@ -2,6 +2,9 @@
 
 Importing a model module registers its builder (and weight converters) with `build_model`.
 """
+import importlib
+import os
+import sys
 import warnings
 
 # Notices of Paddle that tell a user of this repository nothing: ccache (for compiling custom
@@ -27,12 +30,18 @@ quiet_paddle_log()
 
 from mobileformer.config import ConfigError, get_config
 from mobileformer.registry import build_model, register_model, registered_models
-from mobileformer.mobile_former import build_mformer
-from mobileformer.mlp_mixer import build_gmlp, build_mixer, build_resmlp
-from mobileformer.fnet import build_fnet
-from mobileformer.repmlpnet import RepMLPNet, build_repmlpnet
-from mobileformer.repmlp_resnet import RepMLP, RepMLPResNet, build_repmlp_resnet
+from mobileformer.models import FAMILIES, SHARED  # noqa: E402
+from mobileformer.models.mobile_former import build_mformer
+from mobileformer.models.mlp_mixer import build_gmlp, build_mixer, build_resmlp
+from mobileformer.models.fnet import build_fnet
+from mobileformer.models.repmlpnet import RepMLPNet, build_repmlpnet
+from mobileformer.models.repmlp_resnet import RepMLP, RepMLPResNet, build_repmlp_resnet
 from mobileformer.factory import create_model, list_models
+
+# The model modules used to sit directly in this package: their old paths
+# (`from mobileformer.mobile_former import MobileFormer`) stay importable as the same modules.
+for _name in FAMILIES + SHARED:
+    globals()[_name] = sys.modules[f'{__name__}.{_name}'] = importlib.import_module(f'{__name__}.models.{_name}')
 
 __all__ = ['ConfigError', 'get_config', 'create_model', 'list_models', 'build_model', 'register_model', 'registered_models',
            'build_mformer', 'build_mixer', 'build_gmlp', 'build_resmlp', 'build_fnet',

@@ -9,8 +9,8 @@ Checking: `fit_state` compares a state dict with a model. Strictly, every key an
 `get_classifier()` names may have been trained for another class count and is left out
 (fine-tuning); with `adapt_input`, the conv that reads the image (`input_conv_name`) may have been
 trained on another channel count and its kernel is adapted (`adapt_input_kernel`, as timm does).
-Each is announced in a one-line notice. A feature extractor (mobileformer.backbone) takes a classifier's checkpoint but
-the head layers it does not hold. Any other difference names the tensor and both shapes.
+Each is announced in a one-line notice. A feature extractor (mobileformer.models.backbone) takes a
+classifier's checkpoint but the head layers it does not hold. Any other difference names the tensor and both shapes.
 
 Writing: `write_file` writes one file atomically (a temporary next to it, flushed, then renamed).
 `write_together` commits a set of files (weights, optimizer, EMA, the JSON record) as one unit with
@@ -83,7 +83,7 @@ def state_shapes(model: nn.Layer) -> Dict[str, tuple]:
 
 
 def removed_from(model: nn.Layer, key: str) -> bool:
-    """Whether `key` belongs to a layer a feature extractor dropped (mobileformer.backbone)."""
+    """Whether `key` belongs to a layer a feature extractor dropped (mobileformer.models.backbone)."""
     return any(key == name or key.startswith(name + '.') for name in getattr(model, 'removed_layers', ()))
 
 

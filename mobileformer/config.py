@@ -77,7 +77,7 @@ _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROPOUT = 0.0
 _C.MODEL.DROPPATH = 0.0
 _C.MODEL.DEPLOY = False
-# Non-empty: build_model returns a feature extractor of these outputs (mobileformer.backbone; the
+# Non-empty: build_model returns a feature extractor of these outputs (mobileformer.models.backbone; the
 # indices each family offers are in its docs/*.md page) instead of the classifier.
 _C.MODEL.OUT_INDICES = []
 # Each family's own subtree (MODEL.MF, MODEL.MIXER, ...) is declared beside its model and added by

@@ -106,7 +106,7 @@ def build_parser() -> 'CommandParser':
 
 def main(argv: Sequence[str] | None = None) -> None:
     from mobileformer import build_model, get_config
-    from mobileformer.model_utils import count_trainable
+    from mobileformer.models.model_utils import count_trainable
 
     args = build_parser().parse_args(argv)
     config = get_config(args.cfg, args.opts)

@@ -11,9 +11,9 @@ import paddle
 import paddle.nn as nn
 from yacs.config import CfgNode
 
-from mobileformer.backbone import Backbone
+from mobileformer.models.backbone import Backbone
 from mobileformer.config import ConfigError, register_model_defaults
-from mobileformer.model_utils import has_deploy_structure
+from mobileformer.models.model_utils import has_deploy_structure
 
 Builder = Callable[[CfgNode], nn.Layer]
 StateDict = Mapping[str, np.ndarray]
@@ -67,7 +67,7 @@ def reduced_opts(model_type: str) -> list:
 def build_model(config: CfgNode, features_only: bool = False,
                 out_indices: Optional[Sequence[int]] = None) -> nn.Layer:
     """Builds the network that `config.MODEL.TYPE` names: a classifier, or a feature extractor
-    (mobileformer.backbone) returning the list of outputs `out_indices` (default
+    (mobileformer.models.backbone) returning the list of outputs `out_indices` (default
     MODEL.OUT_INDICES, and when that is empty the family's default outputs) when `features_only`
     is set or indices are given."""
     model_type = config.MODEL.TYPE

@@ -15,7 +15,7 @@ import paddle.nn as nn
 
 from mobileformer import build_model, cli, get_config
 from mobileformer.checkpoint import load_weights, save_weights
-from mobileformer.model_utils import has_deploy_structure, re_parameterize_model
+from mobileformer.models.model_utils import has_deploy_structure, re_parameterize_model
 
 
 def reparameterize_checkpoint(cfg_file: str, pretrained: str, output: str,

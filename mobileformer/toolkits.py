@@ -9,7 +9,7 @@
   `DetBackbone`, registered by `register_paddledet()` (under the name `DetBackbone`).
 
 The toolkit is imported only by the `register_*` functions and `DetBackbone.out_shape`, which the
-toolkit itself calls. Usage: README, "Use as a backbone".
+toolkit itself calls. Usage: docs/backbones.md.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import paddle
 import paddle.nn as nn
 
-from mobileformer.backbone import Backbone
+from mobileformer.models.backbone import Backbone
 from mobileformer.checkpoint import load_weights
 from mobileformer.config import ConfigError, get_config
 from mobileformer.registry import build_model

@@ -14,7 +14,7 @@ import pytest
 from conftest import CONFIGS, load_example
 
 from mobileformer import ConfigError, build_model, get_config, registry
-from mobileformer.backbone import FeatureInfo, tokens_to_map
+from mobileformer.models.backbone import FeatureInfo, tokens_to_map
 from mobileformer.checkpoint import load_weights
 
 

@@ -5,7 +5,7 @@ from conftest import CONFIGS
 
 from mobileformer import ConfigError, build_model, get_config
 from mobileformer.config import register_model_defaults
-from mobileformer.mlp_mixer import MIXER_DEFAULTS
+from mobileformer.models.mlp_mixer import MIXER_DEFAULTS
 
 
 def write(path, text):

@@ -173,7 +173,7 @@ def test_linear_without_bias_uses_paddles(kernels):
 
 
 def test_linear_layer_keeps_nn_linears_parameters(kernels):
-    from mobileformer.layers import Linear
+    from mobileformer.models.layers import Linear
 
     layer = Linear(6, 3)
     assert [name for name, _ in layer.named_parameters()] == ['weight', 'bias']
@@ -190,7 +190,7 @@ def test_gelu_matches_paddles_exact_gelu(kernels):
 
 
 def test_gelu_layer_is_the_exact_form(kernels):
-    from mobileformer.layers import GELU
+    from mobileformer.models.layers import GELU
 
     x = paddle.randn([4, 9])
     np.testing.assert_allclose(GELU()(x).numpy(), F.gelu(x, approximate=False).numpy(), **TOL)
@@ -216,7 +216,7 @@ def test_layer_norm_matches_paddles(kernels, shape, epsilon):
 
 
 def test_layer_norm_layer_keeps_nn_layer_norms_parameters(kernels):
-    from mobileformer.layers import LayerNorm
+    from mobileformer.models.layers import LayerNorm
 
     layer = LayerNorm(6, epsilon=1e-6)
     assert [name for name, _ in layer.named_parameters()] == ['weight', 'bias']

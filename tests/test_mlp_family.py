@@ -10,9 +10,9 @@ import pytest
 from conftest import CONFIGS, FIXTURES
 from mobileformer import ConfigError, build_model, get_config
 from mobileformer.flops import count_madds
-from mobileformer.fnet import FourierMixing
-from mobileformer.model_utils import count_trainable
-from mobileformer.mlp_mixer import ResBlock, SpatialGatingUnit
+from mobileformer.models.fnet import FourierMixing
+from mobileformer.models.model_utils import count_trainable
+from mobileformer.models.mlp_mixer import ResBlock, SpatialGatingUnit
 from mobileformer.registry import converters
 from mobileformer.checkpoint import check_state
 

@@ -10,9 +10,9 @@ from conftest import CONFIGS, FIXTURES
 
 from mobileformer import ConfigError, build_mformer, build_model, get_config
 from mobileformer.flops import count_madds
-from mobileformer.layers import DepthwiseConv2D
-from mobileformer.model_utils import count_trainable, has_deploy_structure, re_parameterize_model
-from mobileformer.mobile_former import DynamicReLU, InferenceFold, MobileFormerBlock, convert_official
+from mobileformer.models.layers import DepthwiseConv2D
+from mobileformer.models.model_utils import count_trainable, has_deploy_structure, re_parameterize_model
+from mobileformer.models.mobile_former import DynamicReLU, InferenceFold, MobileFormerBlock, convert_official
 from mobileformer.reparam import reparameterize_checkpoint
 from mobileformer.registry import converters
 from mobileformer.checkpoint import check_state

@@ -6,11 +6,11 @@ import paddle
 import pytest
 
 from mobileformer import build_model, get_config
-from mobileformer.fnet import FNet
-from mobileformer.mlp_mixer import MlpMixer
-from mobileformer.mobile_former import MobileFormer
-from mobileformer.repmlp_resnet import RepMLPResNet
-from mobileformer.repmlpnet import RepMLPNet
+from mobileformer.models.fnet import FNet
+from mobileformer.models.mlp_mixer import MlpMixer
+from mobileformer.models.mobile_former import MobileFormer
+from mobileformer.models.repmlp_resnet import RepMLPResNet
+from mobileformer.models.repmlpnet import RepMLPNet
 
 MF_ROWS = [('lite', 3, 12, 2, 0), ('down', 6, 16, 2, 4), ('mf', 4, 16, 1, 0)]
 SMALL_MIXER = ['DATA.IMAGE_SIZE', 32, 'MODEL.MIXER.PATCH_SIZE', 8, 'MODEL.MIXER.EMBED_DIM', 32, 'MODEL.MIXER.DEPTH', 2]

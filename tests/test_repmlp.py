@@ -8,10 +8,10 @@ import pytest
 from conftest import CONFIGS
 from mobileformer import ConfigError, build_model, get_config
 from mobileformer.flops import count_madds
-from mobileformer.model_utils import count_trainable, re_parameterize_model
+from mobileformer.models.model_utils import count_trainable, re_parameterize_model
 from mobileformer.registry import converters
 from mobileformer.reparam import reparameterize_checkpoint
-from mobileformer.repmlp_resnet import RepMLP, official_repmlp_to_paddle
+from mobileformer.models.repmlp_resnet import RepMLP, official_repmlp_to_paddle
 from mobileformer.checkpoint import check_state
 from rep_utils import (constant_init, eval_output, lazy_model, load_fixture, randomise_batchnorms, reference_keys,
                        relative_error, state_shapes, synthetic_state)

@@ -10,11 +10,11 @@ import pytest
 from conftest import CONFIGS, FIXTURES, ROOT
 from mobileformer import ConfigError, build_model, get_config
 from mobileformer.flops import count_madds
-from mobileformer.model_utils import count_trainable, re_parameterize_model
+from mobileformer.models.model_utils import count_trainable, re_parameterize_model
 from mobileformer.reparam import main as reparam_main
 from mobileformer.reparam import reparameterize_checkpoint
 from mobileformer.registry import converters
-from mobileformer.repmlpnet import RepMLPBlock
+from mobileformer.models.repmlpnet import RepMLPBlock
 from mobileformer.checkpoint import check_state
 from rep_utils import (constant_init, eval_output, lazy_model, load_fixture, randomise_batchnorms, reference_keys,
                        relative_error, state_shapes, synthetic_state)

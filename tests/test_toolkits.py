@@ -2,7 +2,7 @@
 PaddleSeg's builder from a YAML that names `feature_backbone`, trained on digit canvases read by
 PaddleSeg's Dataset with PaddleSeg's loss; a PaddleDetection RetinaNet created by ppdet from a YAML
 that names `DetBackbone`, trained to find a digit and run through its inference (NMS). Both must learn.
-Neither toolkit is a dependency: requirements-toolkits.txt installs them (README, "Use as a backbone").
+Neither toolkit is a dependency: requirements-toolkits.txt installs them (docs/backbones.md).
 Without them these tests are skipped, unless MOBILEFORMER_REQUIRE_TOOLKITS=1 (the toolkit stage of
 .ci/run) makes a missing toolkit an error."""
 import importlib

@@ -24,7 +24,7 @@ from yacs.config import CfgNode
 
 from mobileformer.checkpoint import load_weights
 from mobileformer.cpu_ops import output_to, tracing_for_onnx
-from mobileformer.model_utils import re_parameterize_model
+from mobileformer.models.model_utils import re_parameterize_model
 from mobileformer.registry import build_model
 
 INFERENCE_PREFIX = 'inference'

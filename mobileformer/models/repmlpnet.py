@@ -19,11 +19,11 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from yacs.config import CfgNode
 
-from mobileformer.backbone import Backbone, FeatureInfo, check_input_size
+from mobileformer.models.backbone import Backbone, FeatureInfo, check_input_size
 from mobileformer.config import ConfigError
-from mobileformer.model_utils import fuse_conv_bn
+from mobileformer.models.model_utils import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
-from mobileformer.rep_layers import ConvBNAct, PartitionFC3, check_rep_config, deploy_layout_hint
+from mobileformer.models.rep_layers import ConvBNAct, PartitionFC3, check_rep_config, deploy_layout_hint
 from mobileformer.torch_io import to_paddle_layout
 
 
@@ -116,7 +116,7 @@ class RepMLPNet(Backbone):
     """Stem (patch ConvBN + ReLU), four stages of RepMLPNetUnits joined by 2x2 stride-2 ConvBN + ReLU,
     head BN -> global average pool -> Linear.
 
-    Backbone interface (mobileformer.backbone): `forward_features` gives the last stage after the
+    Backbone interface (mobileformer.models.backbone): `forward_features` gives the last stage after the
     head BN, [B, C, H/(P*8), W/(P*8)]; feature output i is stage i (before the next downsampling),
     stride P * 2^i. Input sides must be multiples of every stage's stride x partition size (with the
     default partitions: of the config's image size)."""

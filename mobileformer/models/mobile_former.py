@@ -35,12 +35,12 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from yacs.config import CfgNode
 
-from mobileformer.backbone import Backbone, FeatureInfo
+from mobileformer.models.backbone import Backbone, FeatureInfo
 from mobileformer.config import ConfigError
 from mobileformer.cpu_ops import dynamic_relu, traced_for_onnx
 from mobileformer.checkpoint import list_names
-from mobileformer.layers import DepthwiseConv2D, DropPath, drop_path_rates
-from mobileformer.model_utils import fuse_conv_bn
+from mobileformer.models.layers import DepthwiseConv2D, DropPath, drop_path_rates
+from mobileformer.models.model_utils import fuse_conv_bn
 from mobileformer.registry import register_converter, register_madds, register_model
 from mobileformer.torch_io import to_paddle_layout
 
@@ -404,7 +404,7 @@ class MobileFormer(Backbone):
     `blocks` holds one row (kind, e1, out_channels, stride, e2) per block, kind in {lite, mf, down}
     (docs/mobileformer.md); `build_mformer` checks them and the widths against the other sizes.
 
-    Backbone interface (mobileformer.backbone): `forward_features` gives both branches, the last
+    Backbone interface (mobileformer.models.backbone): `forward_features` gives both branches, the last
     map [B, C, H/32, W/32] and the tokens [B, M, d] after the final bridge (the head reads both);
     the feature outputs are the last block of every stride the blocks reach (4, 8, 16, 32 in the
     released sizes), then the tokens. Any input size works.

@@ -21,10 +21,10 @@ import paddle
 import paddle.nn as nn
 from yacs.config import CfgNode
 
-from mobileformer.backbone import TokenBackbone
+from mobileformer.models.backbone import TokenBackbone
 from mobileformer.config import ConfigError, check_patch_grid
 from mobileformer.cpu_ops import channel_scale
-from mobileformer.layers import GELU, DropPath, LayerNorm, Linear, Mlp, PatchEmbed, drop_path_rates
+from mobileformer.models.layers import GELU, DropPath, LayerNorm, Linear, Mlp, PatchEmbed, drop_path_rates
 from mobileformer.registry import register_converter, register_model
 from mobileformer.torch_io import to_paddle_layout
 
@@ -143,7 +143,7 @@ class MlpMixer(TokenBackbone):
     mixers are N x N, N = (image_size / patch_size)^2, so the image size is fixed. Initialised as the
     references: timm's init for Mixer and gMLP, the ResMLP authors' for ResMLP.
 
-    Backbone interface (mobileformer.backbone.TokenBackbone): `forward_features` gives the tokens
+    Backbone interface (mobileformer.models.backbone.TokenBackbone): `forward_features` gives the tokens
     after the final norm, [B, N, C]; feature output i is block i (before the final norm) as a map
     [B, C, S/P, S/P], stride P. Inputs must be image_size x image_size.
     """

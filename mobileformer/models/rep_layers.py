@@ -17,7 +17,7 @@ import paddle.nn.functional as F
 from yacs.config import CfgNode
 
 from mobileformer.config import ConfigError
-from mobileformer.model_utils import fuse_conv_bn
+from mobileformer.models.model_utils import fuse_conv_bn
 
 
 class ConvBNAct(nn.Layer):

@@ -17,9 +17,9 @@ import paddle
 import paddle.nn as nn
 from yacs.config import CfgNode
 
-from mobileformer.backbone import TokenBackbone
+from mobileformer.models.backbone import TokenBackbone
 from mobileformer.config import ConfigError, check_patch_grid
-from mobileformer.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
+from mobileformer.models.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
 from mobileformer.registry import register_madds, register_model
 
 I = nn.initializer
@@ -60,7 +60,7 @@ class FNet(TokenBackbone):
     """Patch tokens + learned position embedding, `depth` Fourier blocks, token mean, dropout,
     classifier; the Keras example's init. N = (image_size / patch_size)^2 tokens, fixed.
 
-    Backbone interface (mobileformer.backbone.TokenBackbone): `forward_features` gives the tokens of
+    Backbone interface (mobileformer.models.backbone.TokenBackbone): `forward_features` gives the tokens of
     the last block, [B, N, C]; feature output i is block i as a map [B, C, S/P, S/P], stride P.
     Inputs must be image_size x image_size (the position embedding has N entries)."""
 

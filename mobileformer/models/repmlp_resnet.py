@@ -20,11 +20,11 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from yacs.config import CfgNode
 
-from mobileformer.backbone import Backbone, FeatureInfo, check_input_size
+from mobileformer.models.backbone import Backbone, FeatureInfo, check_input_size
 from mobileformer.config import ConfigError
-from mobileformer.model_utils import fuse_conv_bn
+from mobileformer.models.model_utils import fuse_conv_bn
 from mobileformer.registry import register_converter, register_model
-from mobileformer.rep_layers import FoldableConvBN, PartitionFC3, check_rep_config, deploy_layout_hint
+from mobileformer.models.rep_layers import FoldableConvBN, PartitionFC3, check_rep_config, deploy_layout_hint
 from mobileformer.torch_io import to_paddle_layout
 
 BLOCK_TYPES = ('light', 'bottleneck', 'plain')
@@ -149,7 +149,7 @@ class RepMLPResNet(Backbone):
     """ResNet-50 layout (stem conv7x7/2 + maxpool, widths 256..2048) whose stride-1 blocks in
     stages 2 and 3 are RepMLP blocks (`light` / `bottleneck`), or none of them (`plain`).
 
-    Backbone interface (mobileformer.backbone): `forward_features` gives stage 4, [B, 2048, H/32,
+    Backbone interface (mobileformer.models.backbone): `forward_features` gives stage 4, [B, 2048, H/32,
     W/32]; feature outputs 0..3 are stages 1..4 (256, 512, 1024, 2048 channels at strides 4, 8,
     16, 32). Inputs must be image_size x image_size (RepMLP's fc3 sees fixed maps); `plain` takes
     any size."""
