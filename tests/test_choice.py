@@ -123,14 +123,14 @@ def test_a_pool_spinning_after_its_run_no_longer_slows_the_next_runtimes_timing(
 
 def test_rounds_go_on_while_the_fastest_is_within_the_spread(machine_factory):
     machine = machine_factory()
-    clear = [FakeRuntime(machine, 'a', 0.010), FakeRuntime(machine, 'b', 0.012)]
+    clear = {r.name: r for r in (FakeRuntime(machine, 'a', 0.010), FakeRuntime(machine, 'b', 0.012))}
     assert [len(s) for s in choice._rounds(clear, np.zeros((1, *SHAPE), np.float32)).values()] == [5, 5]
-    tied = [FakeRuntime(machine, 'a', 0.010), FakeRuntime(machine, 'b', 0.010)]
+    tied = {r.name: r for r in (FakeRuntime(machine, 'a', 0.010), FakeRuntime(machine, 'b', 0.010))}
     samples = choice._rounds(tied, np.zeros((1, *SHAPE), np.float32))
     assert [len(s) for s in samples.values()] == [15, 15]  # the most rounds: 0.6 s, within the budget
     samples = choice._rounds(tied, np.zeros((32, *SHAPE), np.float32))
     assert [len(s) for s in samples.values()] == [5, 5]  # 1.3 s per round: the budget (3 s) ends them
-    timing = time_runtimes(tied, SHAPE)
+    timing = time_runtimes(list(tied.values()), SHAPE)
     assert timing.decided == {'latency': False, 'throughput': False}
     assert timing.summary().endswith('(the first within the spread of the next)')
 
