@@ -16,8 +16,9 @@ import eval as eval_script
 import export
 from mobileformer import get_config
 from mobileformer.convert import convert_checkpoint
-from mobileformer.deploy import (INT8_ONNX_FILE, ONNX_FILE, PRECISION_FILE, InferenceModel, build_for_inference,
-                                 dygraph_outputs, export_onnx, load_runtime, read_precision, runtimes)
+from mobileformer.deploy import (CONFIG_FILE, DESCRIPTION_FILE, INT8_ONNX_FILE, ONNX_FILE, PRECISION_FILE,
+                                 InferenceModel, build_for_inference, dygraph_outputs, export_onnx, load_runtime,
+                                 read_precision, runtimes)
 from mobileformer.deploy import quantize
 
 pytestmark = pytest.mark.openvino  # export.py checks the export in every installed runtime
@@ -28,7 +29,7 @@ DIGITS = ['DATA.DATASET', 'digits', 'DATA.NUM_WORKERS', '0']  # grey digits, rep
 # INT8 vs fp32 top-1 on the digits validation split. The converted fixture is untrained: its logits
 # are near ties (top-1 at chance), so a class flips more easily than in a trained model (measured: 97%)
 MIN_AGREEMENT = 0.95
-FP32_FILES = ['inference.json', 'inference.onnx', 'inference.pdiparams']
+FP32_FILES = sorted([CONFIG_FILE, DESCRIPTION_FILE, 'inference.json', 'inference.onnx', 'inference.pdiparams'])
 
 
 @pytest.fixture(scope='module')

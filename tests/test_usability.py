@@ -225,7 +225,7 @@ def test_the_first_curves_on_a_machine_print_nothing(tmp_path):
     logging setup printed as `[INFO] font_manager.py ... generated new fontManager`."""
     curves = tmp_path / 'curves.png'
     code = ('import mobileformer\nfrom mobileformer.engine import plot_curves\n'
-            f"assert plot_curves([{{'epoch': 1, 'train_loss': 1.0, 'val_loss': 0.9, 'val_top1': 0.5}}], {str(curves)!r})")
+            f"assert plot_curves([{{'epoch': 1, 'train_ce': 1.0, 'val_ce': 0.9, 'val_top1': 0.5}}], {str(curves)!r})")
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=110,
                             env=dict(os.environ, PYTHONPATH=ROOT, MPLCONFIGDIR=str(tmp_path / 'mpl')))
     assert result.returncode == 0 and result.stdout == '' and result.stderr == '', result.stderr
