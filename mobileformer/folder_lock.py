@@ -37,7 +37,7 @@ def _forget_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
-def describe_holder(text: str) -> str:
+def _describe_holder(text: str) -> str:
     """The holder a lock file's `text` records, as the refusal names it."""
     try:
         holder = json.loads(text)
@@ -47,8 +47,8 @@ def describe_holder(text: str) -> str:
         return 'a process that has not recorded itself yet'
 
 
-def refusal(folder: str, holder: str) -> str:
-    """The one sentence that refuses a run into `folder` while `holder` (describe_holder) runs."""
+def _refusal(folder: str, holder: str) -> str:
+    """The one sentence that refuses a run into `folder` while `holder` (_describe_holder) runs."""
     return (f"the output folder '{folder}' is in use by another run ({holder}); wait for it to end, stop it, "
             'or pass another -output')
 
@@ -71,9 +71,9 @@ def _lock(path: str, folder: str) -> int:
                 os.close(descriptor)
                 raise OSError(f"cannot lock the output folder '{folder}' ({error.strerror}); pass -output with a "
                               'folder on a local disk') from None
-            holder = describe_holder(os.pread(descriptor, 65536, 0).decode(errors='replace'))
+            holder = _describe_holder(os.pread(descriptor, 65536, 0).decode(errors='replace'))
             os.close(descriptor)
-            raise OSError(refusal(folder, holder)) from None
+            raise OSError(_refusal(folder, holder)) from None
         # the holder before us deletes the file on its way out: a lock on a deleted file guards nothing
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
