@@ -21,13 +21,15 @@ a low-precision step fails, the fp32 export in the folder is complete and is wha
 from __future__ import annotations
 
 import mobileformer  # noqa: F401  (first: it filters notices Paddle prints when imported)
+import argparse
 import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import paddle
 from yacs.config import CfgNode
 
-from mobileformer import cli, get_config
+from mobileformer import cli, folder_lock, get_config
 from mobileformer.deploy import (CONFIG_FILE, DESCRIPTION_FILE, INT8_ONNX_FILE, LOW_PRECISION_RUNTIMES, ONNX_FILE,
                                  PRECISION_FILE, PRECISIONS, InferenceModel, Outputs, build_for_inference,
                                  dataset_class_names, dygraph_outputs, export_inference, export_onnx,
@@ -171,9 +173,16 @@ def run(argv: Sequence[str]) -> None:
     config = get_config(args.cfg, args.opts)
     # refused before anything is written: an earlier export in the folder stays as it was
     low_runtimes = low_precision_runtimes(args.precision, not args.no_onnx) if args.precision != 'fp32' else []
-    if args.precision == 'int8':
-        images = quantize.calibration_images(config, args.calib_images, args.calib_data)
+    images = (quantize.calibration_images(config, args.calib_images, args.calib_data)
+              if args.precision == 'int8' else None)
     model = build_for_inference(config, args.pretrained)
+    with folder_lock.hold(args.output):  # another export or training run into the folder is refused here
+        write_export(args, config, model, low_runtimes, images)
+
+
+def write_export(args: argparse.Namespace, config: CfgNode, model: paddle.nn.Layer, low_runtimes: List[str],
+                 images: Optional[np.ndarray]) -> None:
+    """Writes, checks and times the export `run` prepared, into the folder it holds."""
     # an earlier export's files would describe or run the old model where this one does not rewrite them
     # (the ONNX too: -no_onnx, or a model paddle2onnx cannot convert)
     for stale in (PRECISION_FILE, INT8_ONNX_FILE, ONNX_FILE, CONFIG_FILE, DESCRIPTION_FILE):

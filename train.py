@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mobileformer  # noqa: F401  (first: it filters notices Paddle prints when imported)
 import argparse
+import contextlib
 import os
 import sys
 from typing import List, Optional, Sequence
@@ -16,7 +17,7 @@ import paddle
 
 from mobileformer.data import build_dataset, build_mixup
 from mobileformer import ConfigError, build_model, get_config
-from mobileformer import checkpoint, cli, cpu_ops, engine
+from mobileformer import checkpoint, cli, cpu_ops, engine, folder_lock
 
 QUICKSTART_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                  'configs', 'digits', 'mobileformer_26m.yaml')
@@ -112,11 +113,19 @@ def train(args: argparse.Namespace, extra_callbacks: Sequence[paddle.callbacks.C
     `extra_callbacks` run before the built-in ones at every event (e.g. an experiment's hooks)."""
     notices: List[str] = []
     config = load_config(args, notices)
-    output = config.OUTPUT
     # before anything is written: a teacher that cannot teach this student is refused now
     teacher = engine.build_teacher(config, notices.append)
+    # rank 0 writes every file, so it holds the output folder for the whole run; a read-only folder,
+    # a full disk or another run in the folder fails now, and ends the other ranks too (mobileformer.cli)
+    with folder_lock.hold(config.OUTPUT) if engine.is_main_process() else contextlib.nullcontext():
+        return fit(args, config, teacher, notices, extra_callbacks)
+
+
+def fit(args: argparse.Namespace, config, teacher: Optional[engine.Teacher], notices: List[str],
+        extra_callbacks: Sequence[paddle.callbacks.Callback]) -> Optional[paddle.Model]:
+    """The run of `train` once the output folder is checked and held."""
+    output = config.OUTPUT
     if engine.is_main_process():
-        checkpoint.check_writable(output)  # a read-only folder or a full disk fails now, not after an epoch
         checkpoint.recover(output)  # finishes (or drops) a checkpoint write a killed run left halfway
     log = make_logger(output)
     # notices wait until everything that can refuse the run has been checked: a run that is then

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import hashlib
+import json
 import os
 import sys
 import warnings
@@ -31,6 +32,8 @@ from typing import Callable, Iterator, List, Optional
 
 import paddle
 import paddle.nn.functional as F
+
+from mobileformer import processes
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_ops.cc')
 _NAME = 'mobileformer_cpu_ops'
@@ -87,6 +90,10 @@ def _cache_dir() -> str:
     return os.path.join(root, digest.hexdigest()[:16])
 
 
+def _library_file() -> str:
+    return os.path.join(_cache_dir(), _NAME, _NAME + '.so')
+
+
 def _paddle_dir(*parts: str) -> str:
     return os.path.join(os.path.dirname(paddle.__file__), *parts)
 
@@ -122,6 +129,28 @@ def output_to(path: str) -> Iterator[None]:
             os.close(original)
 
 
+# The compile, in a child process: Paddle's `load` runs the compiler under a shell and setup.py, which
+# would outlive this process if it were killed (see mobileformer.processes).
+_COMPILE = """
+import json, sys
+from mobileformer.processes import end_group_when_orphaned
+end_group_when_orphaned(int(sys.argv[1]))
+from paddle.utils.cpp_extension import load
+load(**json.loads(sys.argv[2]))
+"""
+
+
+def _compile(arguments: dict) -> None:
+    """Builds the library with Paddle's `load(**arguments)` in a child process that ends, with the
+    compiler, if this process dies; its output goes where this process's does (the build log)."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(filter(None, [package_root, os.environ.get('PYTHONPATH')]))
+    status = processes.run_in_group([sys.executable, '-c', _COMPILE, str(os.getpid()), json.dumps(arguments)],
+                                    dict(os.environ, PYTHONPATH=path))
+    if status != 0:
+        raise RuntimeError(f'the compiler process ended with status {status}')
+
+
 def _build() -> ModuleType:
     import fcntl  # POSIX only: elsewhere the ImportError becomes the fallback warning
     from paddle.utils.cpp_extension import load
@@ -129,6 +158,8 @@ def _build() -> ModuleType:
     directory = _cache_dir()
     os.makedirs(directory, exist_ok=True)
     log = os.path.join(directory, 'build.log')
+    arguments = dict(name=_NAME, sources=[_SOURCE], extra_cxx_cflags=_cxx_flags(), extra_ldflags=_link_flags(),
+                     build_directory=directory)
     # `paddle.distributed.launch` starts every rank at once: one compiles, the others wait here
     # and then find the library built.
     with open(os.path.join(directory, 'lock'), 'w') as lock:
@@ -136,8 +167,10 @@ def _build() -> ModuleType:
         try:
             with warnings.catch_warnings(), output_to(log):
                 warnings.simplefilter('ignore')
-                return load(name=_NAME, sources=[_SOURCE], extra_cxx_cflags=_cxx_flags(),
-                            extra_ldflags=_link_flags(), build_directory=directory)
+                if not os.path.exists(_library_file()):
+                    _compile(arguments)
+                # with the library built, Paddle's setup.py run here compiles nothing (about 2 s)
+                return load(**arguments)
         except Exception as error:
             raise RuntimeError(f'{str(error).splitlines()[0][:300]} (build log: {log})') from error
 
@@ -154,7 +187,7 @@ def _load(log: Callable[[str], None]) -> None:
     if os.environ.get('MOBILEFORMER_CPU_OPS', '1') == '0':
         return
     try:
-        if not os.path.exists(os.path.join(_cache_dir(), _NAME, _NAME + '.so')):
+        if not os.path.exists(_library_file()):
             log(f'Compiling the CPU kernels of mobileformer/csrc once for this machine and Paddle version '
                 f'(about 20 s; cached in {_cache_dir()}) ...')
         _library = _build()

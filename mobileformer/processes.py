@@ -1,16 +1,21 @@
 """Child processes that end with the process that started them, however it ends (SIGKILL and the
 kernel's out-of-memory killer included): nothing else would stop a data-loader worker whose parent
 vanished, since the workers ignore the group's SIGINT/SIGTERM and Paddle's worker loop can block
-for good reading a queue only the parent writes to."""
+for good reading a queue only the parent writes to; nor a compiler that Paddle's build starts
+(through a shell and setup.py), which would go on writing into the build cache a new run uses.
+
+The kernel's parent-death signal reaches a direct child only, so a child that starts a tree of its
+own (`run_in_group`) leads a process group and ends the whole group when orphaned."""
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PARENT_POLL_SECONDS = 1.0
@@ -49,3 +54,23 @@ def _poll_parent(orphaned: Callable[[], bool], end: Callable[[], None]) -> None:
     while not orphaned():
         time.sleep(PARENT_POLL_SECONDS)
     end()
+
+
+def run_in_group(command: Sequence[str], env: Mapping[str, str]) -> int:
+    """Runs `command`, a Python process that calls `end_group_when_orphaned(<this process id>)`
+    first, as the leader of a new process group, and returns its exit status. The group ends with
+    this process: the child sees to that when this process dies, and this process when it is
+    interrupted while waiting (a terminal's Ctrl-C no longer reaches the group)."""
+    child = subprocess.Popen(list(command), env=dict(env), start_new_session=True)
+    try:
+        return child.wait()
+    except BaseException:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        raise
+
+
+def end_group_when_orphaned(parent_pid: int) -> None:
+    """Called first by a child of `run_in_group`: when process `parent_pid` ends, by any means, this
+    process ends its whole group, itself and every process it started and theirs."""
+    end_when_orphaned(parent_pid, signal.SIGTERM, lambda: os.killpg(0, signal.SIGKILL))

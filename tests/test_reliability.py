@@ -5,7 +5,9 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ import predict as predict_script
 import train as train_script
 from conftest import FIXTURES, ROOT
 from mobileformer.data import build_dataset
-from mobileformer import build_model, checkpoint, cli, convert, engine, get_config, reparam
+from mobileformer import build_model, checkpoint, cli, convert, engine, folder_lock, get_config, reparam
 from mobileformer.deploy import build_for_inference, dygraph_outputs, export_inference, load_runtime
 
 TINY = os.path.join(FIXTURES, 'tiny_mobileformer.yaml')
@@ -307,6 +309,179 @@ def test_sigkill_of_one_rank_ends_its_workers_and_the_launch(tmp_path):
     # rank 0 ends as it does for any failing rank: the launcher stops it with SIGTERM
     assert open(log_dir / 'workerlog.0').read().strip().splitlines()[-1].startswith('error: stopped by SIGTERM')
     assert_all_end(processes)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.slow
+def test_sigkill_during_the_kernel_build_ends_the_compiler(tmp_path):
+    """Paddle compiles through a shell and setup.py: the whole tree goes with the process that built."""
+    reached, compiler = tmp_path / 'reached', tmp_path / 'cc'
+    compiler.write_text(f'#!/bin/sh\necho $$ > {reached}\nexec sleep 600\n')  # a compiler that never finishes
+    compiler.chmod(0o755)
+    env = dict(LAUNCHER_ENV, CC=str(compiler), MOBILEFORMER_OPS_CACHE=str(tmp_path / 'ops'), MOBILEFORMER_CPU_OPS='1')
+    script = 'import sys; from mobileformer import build_model, cpu_ops, get_config; ' \
+             'cpu_ops.prepare(build_model(get_config(sys.argv[1])))'
+    build = subprocess.Popen([sys.executable, '-c', script, TINY], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_file(reached, build)
+        processes = run_processes(build.pid)
+        assert int(open(reached).read()) in processes, processes  # the compiler runs below the build
+    finally:
+        build.send_signal(signal.SIGKILL)
+        build.communicate()
+    try:
+        assert_all_end(processes, seconds=10)
+    finally:
+        for pid in still_running(processes):  # a failed test leaves no compiler behind
+            os.kill(pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- one run per folder
+def folder_digests(folder):
+    return {name: hashlib.sha256(open(os.path.join(folder, name), 'rb').read()).hexdigest()
+            for name in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, name))}
+
+
+def assert_refused(line, folder, holder, started, argv=None):
+    """`line` is the refusal of a run into `folder` while process `holder` (a Popen started at time
+    `started`) of this machine runs there; `argv` is its sys.argv when not its Popen arguments."""
+    command = shlex.join([os.path.basename(sys.executable), *(argv or holder.args[1:])])
+    expected = (f"error: the output folder '{folder}' is in use by another run (process {holder.pid} on "
+                f'{socket.gethostname()}, started TIME: {command}); wait for it to end, stop it, or pass another -output')
+    pattern = re.escape(expected).replace('TIME', r'(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \w+')
+    match = re.fullmatch(pattern, line)
+    assert match, f'{line}\n{expected}'
+    assert int(started) <= time.mktime(time.strptime(match.group(1), '%Y-%m-%d %H:%M:%S')) <= time.time()
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.slow
+def test_a_second_run_into_the_folder_of_a_running_one_is_refused(tmp_path, capsys):
+    out, reached = tmp_path / 'run', tmp_path / 'reached'
+    started = time.time()
+    first = start_training(out, f'hold=2:3:{reached}', opts=['DATA.NUM_WORKERS', 1])
+    try:
+        wait_for_file(reached, first)  # an epoch-1 checkpoint is written, epoch 2 runs
+        before = folder_digests(out)
+        for resume in ([], ['-resume', 'auto']):
+            code, printed, err = run_main(train_script.main, ['-cfg', TINY, '-output', out, *resume], capsys)
+            assert code == 2 and printed == '', printed
+            assert_refused(one_error_line(err), out, first, started)
+        assert folder_digests(out) == before
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    # the kernel dropped the dead run's lock: -resume auto continues from its checkpoint
+    code, _, err = run_main(train_script.main, ['-cfg', TINY, '-output', out, '-resume', 'auto',
+                                                '-opts', 'DATA.NUM_WORKERS', 1], capsys)
+    assert code == 0, err
+    assert f"Resumed from {out / 'last'} after epoch 1." in open(out / 'train.log').read().splitlines()
+    assert json.load(open(out / 'last.json'))['epoch'] == 2 and folder_lock.LOCK_FILE not in os.listdir(out)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+def test_a_multi_card_launch_into_the_folder_of_a_running_run_ends_every_rank(tmp_path):
+    out, reached, log_dir = tmp_path / 'run', tmp_path / 'reached', tmp_path / 'log'
+    started = time.time()
+    first = start_training(out, f'hold=1:2:{reached}')
+    try:
+        wait_for_file(reached, first)
+        before = folder_digests(out)
+        command = [sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2', '--log_dir',
+                   str(log_dir), 'train.py', '-cfg', TINY, '-output', str(out)]
+        launch = subprocess.run(command, cwd=ROOT, env=LAUNCHER_ENV, capture_output=True, text=True, timeout=240)
+        assert launch.returncode != 0 and folder_digests(out) == before
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    # rank 0 is refused; Paddle may add a note of the launcher's SIGTERM if that arrives while the
+    # process shuts down, as for any failing rank
+    rank0 = open(log_dir / 'workerlog.0').read()
+    errors = [line for line in rank0.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and not re.search('^Traceback', rank0, re.M), rank0[-2000:]
+    refusal = errors[0]
+    assert_refused(refusal, out, first, started)
+    # rank 1 ends at once with rank 0's error, as it does for any failing rank
+    rank1 = open(log_dir / 'workerlog.1').read()
+    assert 'Traceback' not in rank1
+    assert rank1.strip().splitlines()[-1] == (f'error: rank 0: OSError: {refusal[len("error: "):]} (this rank '
+                                              "stopped because of it; see that rank's workerlog)"), rank1[-2000:]
+
+
+HELD_EXPORT = """
+import sys, threading
+import export
+write = export.export_inference
+
+def write_and_hold(*args):
+    prefix = write(*args)
+    open(sys.argv[1], 'w').close()
+    threading.Event().wait()  # until the test kills this export
+
+export.export_inference = write_and_hold
+export.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.slow
+def test_an_export_into_the_folder_of_a_running_export_is_refused(tmp_path, capsys):
+    weights, folder, reached = str(tmp_path / 'w.pdparams'), tmp_path / 'export', tmp_path / 'reached'
+    paddle.save(build_model(get_config(TINY)).state_dict(), weights)
+    argv = ['-cfg', TINY, '-pretrained', weights, '-output', str(folder), '-no_onnx']
+    started = time.time()
+    first = subprocess.Popen([sys.executable, '-c', HELD_EXPORT, str(reached), *argv], cwd=ROOT, env=LAUNCHER_ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_file(reached, first)  # the first export wrote its inference files and holds there
+        before = folder_digests(folder)
+        code, printed, err = run_main(export_script.main, argv, capsys)
+        assert code == 2 and printed == '', printed
+        assert_refused(one_error_line(err), folder, first, started, argv=['-c', *first.args[3:]])
+        assert folder_digests(folder) == before
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    code, _, err = run_main(export_script.main, argv, capsys)
+    assert code == 0, err
+    assert folder_lock.LOCK_FILE not in os.listdir(folder)
+
+
+FORKING_HOLDER = """
+import os, signal, sys
+from mobileformer import folder_lock
+with folder_lock.hold(sys.argv[1]):
+    child = os.fork()
+    if child == 0:
+        signal.pause()  # outlives its parent until the test ends it
+    with open(sys.argv[2], 'w') as f:
+        f.write(str(child))
+    signal.pause()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_child_that_outlives_the_holder_does_not_keep_the_folder(tmp_path):
+    """A data-loader worker can outlive its killed parent for a moment: the lock is not its to keep."""
+    folder, reached = tmp_path / 'out', tmp_path / 'reached'
+    holder = subprocess.Popen([sys.executable, '-c', FORKING_HOLDER, str(folder), str(reached)], cwd=ROOT,
+                              env=LAUNCHER_ENV, start_new_session=True)
+    child = None
+    try:
+        wait_for_file(reached, holder)
+        child = run_processes(int(open(reached).read()))
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        assert still_running(child)
+        with folder_lock.hold(str(folder)):
+            assert json.load(open(folder / folder_lock.LOCK_FILE))['pid'] == os.getpid()
+        assert not os.listdir(folder)
+    finally:
+        holder.kill()
+        for pid in child or ():
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.timeout(30)
