@@ -23,6 +23,24 @@ def load_example(name):
 
 
 @pytest.fixture(autouse=True)
+
+def run_main(main, argv, capsys):
+    """(exit status, stdout, stderr) of a command's main() run in this process."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err):
+    """The stderr of a failed command: exactly one line, 'error: ...', and no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert 'Traceback' not in err and len(lines) == 1 and lines[0].startswith('error: '), err
+    return lines[0]
+
 def _seeded():
     paddle.seed(0)
     np.random.seed(0)

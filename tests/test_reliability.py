@@ -21,7 +21,7 @@ import eval as eval_script
 import export as export_script
 import predict as predict_script
 import train as train_script
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, one_error_line, run_main
 from mobileformer.data import build_dataset
 from mobileformer import build_model, checkpoint, cli, convert, engine, folder_lock, get_config, reparam
 from mobileformer.deploy import build_for_inference, dygraph_outputs, export_inference, load_runtime
@@ -42,24 +42,6 @@ def make_folder(root, per_class=8, size=16, classes=('a', 'b')):
             for i in range(per_class):
                 Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f'{i}.png')
     return str(root)
-
-
-def run_main(main, argv, capsys):
-    """(exit status, stdout, stderr) of a command's main() run in this process."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err):
-    """The stderr of a failed command: exactly one line, 'error: ...', and no traceback."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert 'Traceback' not in err and len(lines) == 1 and lines[0].startswith('error: '), err
-    return lines[0]
 
 
 def digests(folder):

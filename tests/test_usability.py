@@ -19,7 +19,7 @@ import eval as eval_script
 import export as export_script
 import predict as predict_script
 import train as train_script
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, one_error_line, run_main
 from mobileformer import build_model, checkpoint, cli, convert, engine, flops, get_config, reparam, torch_io
 from mobileformer.data import build_dataset, open_image
 from mobileformer.deploy import quantize, top_classes
@@ -97,21 +97,6 @@ def test_help_ends_in_whole_sentences(command):
 
 
 # ------------------------------------------------------------------------------ shared helpers
-def run_main(main, argv, capsys):
-    """(exit status, stdout, stderr) of a command's main() run in this process."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert 'Traceback' not in err and len(lines) == 1 and lines[0].startswith('error: '), err
-    return lines[0][len('error: '):]
 
 
 def save_images(folder, count, size=12, channels=3):
@@ -172,7 +157,7 @@ def test_predict_refuses_a_bomb_in_one_sentence(tmp_path, capsys, width, height)
     good = save_images(tmp_path / 'good', 1) / '00.png'
     code, out, err = run_main(predict_script.main, ['-cfg', TINY, '-pretrained', tiny_weights(tmp_path), good, path],
                               capsys)
-    assert code == 2 and out == '' and one_error_line(err) == bomb_sentence(path, width * height)
+    assert code == 2 and out == '' and one_error_line(err) == 'error: ' + bomb_sentence(path, width * height)
 
 
 @pytest.mark.timeout(60)
@@ -238,7 +223,7 @@ def test_a_refused_run_prints_no_notice_before_its_error(tmp_path, capsys):
     missing = tmp_path / 'missing.pdparams'
     code, out, err = run_main(train_script.main, ['-cfg', TINY, '-epochs', '1', '-output', tmp_path / 'o',
                                                   '-pretrained', missing], capsys)
-    assert code == 2 and one_error_line(err) == f"checkpoint file '{missing}' does not exist; check the path"
+    assert code == 2 and one_error_line(err) == f"error: checkpoint file '{missing}' does not exist; check the path"
     assert out == ''
 
 
@@ -266,7 +251,7 @@ def test_predict_refuses_a_folder_without_images(tmp_path, capsys):
     empty.mkdir()
     code, out, err = run_main(predict_script.main, ['-cfg', TINY, '-pretrained', tmp_path / 'w.pdparams', empty],
                               capsys)
-    assert code == 2 and one_error_line(err).startswith(f"folder '{empty}' holds no images (.jpg, .jpeg, .png")
+    assert code == 2 and one_error_line(err).startswith(f"error: folder '{empty}' holds no images (.jpg, .jpeg, .png")
 
 
 # ---------------------------------------------------------- fine-tuning onto another channel count
