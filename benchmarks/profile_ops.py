@@ -98,8 +98,11 @@ def profile_openvino(path: str, batch: np.ndarray, runs: int, threads: int) -> T
 
     def run() -> None:
         request.infer([batch])
-        samples.extend((info.node_name, f'{info.node_type} ({info.exec_type})', 1000 * info.real_time.total_seconds())
-                       for info in request.get_profiling_info() if info.status == info.Status.EXECUTED)
+        # keyed by position too: fused nodes can share a generated name
+        samples.extend((f'{position}:{info.node_name}', f'{info.node_type} ({info.exec_type})',
+                        1000 * info.real_time.total_seconds())
+                       for position, info in enumerate(request.get_profiling_info())
+                       if info.status == info.Status.EXECUTED)
 
     fastest = _fastest_run(run, runs)
     return fastest_per_node(samples), fastest

@@ -1,15 +1,18 @@
 """benchmarks/profile_ops.py: per-node fastest times summed per op type (exact on given samples), and
-a real profile of the same export twice, whose op-type tables must agree node for node."""
+a real profile of the same export twice, whose op-type tables must agree node for node (in OpenVINO:
+its convolutions, matrix products and Linears)."""
 import os
 
+import paddle
 import pytest
 from conftest import FIXTURES
 
 import benchmarks.profile_ops as profile_ops
-from mobileformer import get_config
+from mobileformer import build_model, get_config
 from mobileformer.deploy import build_for_inference, export_onnx, installed_runtimes
 
 TINY = os.path.join(FIXTURES, 'tiny_mobileformer.yaml')
+OPENVINO_HEAVY_OPS = ('Convolution', 'GroupConvolution', 'FullyConnected', 'MatMul')
 
 
 def test_fastest_run_of_each_node_summed_per_op_type():
@@ -36,13 +39,22 @@ def test_fastest_run_of_each_node_summed_per_op_type():
 @pytest.mark.timeout(300)
 def test_the_same_export_profiles_to_the_same_nodes(tmp_path, capsys):
     config = get_config(TINY)
-    other = export_onnx(build_for_inference(config), config, str(tmp_path / 'other.onnx'))
-    results = profile_ops.main(['-cfg', TINY, '-compare', other, '-batch', '2', '-runs', '2', '-threads', '1'])
+    weights = str(tmp_path / 'tiny.pdparams')
+    paddle.save(build_model(config).state_dict(), weights)  # both exports from the same weights
+    other = export_onnx(build_for_inference(config, weights), config, str(tmp_path / 'other.onnx'))
+    results = profile_ops.main(['-cfg', TINY, '-pretrained', weights, '-compare', other, '-batch', '2', '-runs', '2',
+                                '-threads', '1'])
     assert list(results) == [r for r in profile_ops.PROFILED_RUNTIMES if r in installed_runtimes()]
     for runtime, profiles in results.items():
         (ours, ours_run), (theirs, their_run) = profiles['tiny_mobileformer'], profiles['other']
-        ours_types, their_types = profile_ops.per_op_type(ours), profile_ops.per_op_type(theirs)
-        assert {op: n for op, (n, _) in ours_types.items()} == {op: n for op, (n, _) in their_types.items()}, runtime
+        ours_counts = {op: n for op, (n, _) in profile_ops.per_op_type(ours).items()}
+        their_counts = {op: n for op, (n, _) in profile_ops.per_op_type(theirs).items()}
+        if runtime == 'openvino':  # which element-wise nodes it fuses (Subgraph, MVN) varies between compilations
+            ours_counts, their_counts = ({op: n for op, n in counts.items() if op.split()[0] in OPENVINO_HEAVY_OPS}
+                                         for counts in (ours_counts, their_counts))
+            assert sum(ours_counts.values()) > 20, ours_counts
+        assert ours_counts == their_counts, runtime
+        ours_types = profile_ops.per_op_type(ours)
         assert sum(n for n, _ in ours_types.values()) > 50 and ours_run > 0 and their_run > 0
         assert all(ms >= 0 for _, ms in ours.values())
     out = capsys.readouterr().out
