@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ['README.md'] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'docs', '*.md')))
 
 # `python <script>` and `python -m <module>` as the documents write them
-SCRIPTS = {'train.py', 'eval.py', 'predict.py', 'export.py', 'benchmarks/bench.py', 'benchmarks/paired.py', 'benchmarks/readme_figures.py',
-           'examples/segment_digits.py'}
+SCRIPTS = {'train.py', 'eval.py', 'predict.py', 'export.py', 'benchmarks/bench.py', 'benchmarks/paired.py',
+           'benchmarks/profile_ops.py', 'benchmarks/readme_figures.py', 'examples/segment_digits.py'}
 MODULES = {'mobileformer.convert', 'mobileformer.reparam', 'mobileformer.flops'}
 
 

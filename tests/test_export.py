@@ -76,6 +76,24 @@ def test_exported_models_match_dygraph(tmp_path, converted, tag):
             close(engine(images), reference)
 
 
+@pytest.mark.timeout(240)
+def test_openvino_compiles_the_first_shapes_static_and_runs_the_rest_dynamic(tmp_path, converted, monkeypatch):
+    if 'openvino' not in installed_runtimes():
+        pytest.skip('openvino is not installed')
+    tag = 'official_mobile_former_tiny_g4'
+    config = get_config(os.path.join(FIXTURES, f'{tag}.yaml'))
+    model = build_for_inference(config, converted[tag])
+    path = export_onnx(model, config, str(tmp_path / deploy.ONNX_FILE))
+    monkeypatch.setattr(deploy.OpenVinoModel, 'STATIC_SHAPES', 2)
+    engine = deploy.OpenVinoModel(path, threads=1)
+    size = config.DATA.IMAGE_SIZE
+    for batch in (1, 3, 1, 2):  # batch 2 comes third: it runs on the dynamic compilation
+        images = np.random.randn(batch, 3, size, size).astype(np.float32)
+        close(engine(images), dygraph_outputs(model, images))
+    assert engine.static_shapes() == [(1, 3, size, size), (3, 3, size, size)]
+    assert engine.input_shape == (-1, 3, size, size)
+
+
 def test_dead_nodes_are_dropped_from_the_onnx_graph():
     import onnx
     from onnx import TensorProto, helper

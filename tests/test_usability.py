@@ -15,6 +15,7 @@ from PIL import Image
 
 import benchmarks.bench as bench
 import benchmarks.paired as paired
+import benchmarks.profile_ops as profile_ops
 import eval as eval_script
 import export as export_script
 import predict as predict_script
@@ -34,7 +35,8 @@ PARSERS = {'train.py': train_script.build_parser, 'eval.py': eval_script.build_p
            'predict.py': predict_script.build_parser, 'export.py': export_script.build_parser,
            'mobileformer.convert': convert.build_parser, 'mobileformer.reparam': reparam.build_parser,
            'mobileformer.flops': flops.build_parser, 'mobileformer.torch_io': torch_io.build_parser,
-           'benchmarks/bench.py': bench.build_parser, 'benchmarks/paired.py': paired.build_parser}
+           'benchmarks/bench.py': bench.build_parser, 'benchmarks/paired.py': paired.build_parser,
+           'benchmarks/profile_ops.py': profile_ops.build_parser}
 
 
 def _values(action: argparse.Action) -> list:

@@ -14,7 +14,7 @@ import importlib.util
 import contextlib
 import json
 import os
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import paddle
@@ -204,6 +204,23 @@ def _static_shape(dims) -> Tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d > 0 else -1 for d in dims)
 
 
+def onnxruntime_options(threads: Optional[int] = None):
+    """The onnxruntime.SessionOptions `OnnxModel` runs with (benchmarks/profile_ops.py adds profiling)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: paddle2onnx leaves unused initialisers it warns about
+    options.intra_op_num_threads = threads or default_threads()
+    return options
+
+
+def openvino_config(threads: Optional[int] = None, precision: str = OPENVINO_PRECISION) -> Dict[str, object]:
+    """The CPU plugin configuration `OpenVinoModel` compiles with (benchmarks/profile_ops.py adds PERF_COUNT)."""
+    # LATENCY: one stream using every thread, as the other runtimes run a batch
+    return {'INFERENCE_PRECISION_HINT': precision, 'INFERENCE_NUM_THREADS': threads or default_threads(),
+            'PERFORMANCE_HINT': 'LATENCY'}
+
+
 class OnnxModel:
     """An ONNX file run by onnxruntime on the CPU: `model(batch) -> outputs`."""
     name = 'onnxruntime'
@@ -213,10 +230,8 @@ class OnnxModel:
             import onnxruntime
         except ImportError:
             raise _not_installed('onnxruntime') from None
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # errors only: paddle2onnx leaves unused initialisers it warns about
-        options.intra_op_num_threads = threads or default_threads()
-        self.session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+        self.session = onnxruntime.InferenceSession(path, onnxruntime_options(threads),
+                                                    providers=['CPUExecutionProvider'])
         self.input_shape = _static_shape(self.session.get_inputs()[0].shape)
 
     def __call__(self, batch: np.ndarray) -> Outputs:
@@ -224,29 +239,59 @@ class OnnxModel:
         return one_or_all(self.session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)}))
 
 
+def with_input_shape(model, shape: Sequence[int]):
+    """A copy of the OpenVINO model `model` whose (first) input has the static shape `shape`."""
+    model = model.clone()
+    model.reshape({model.input(0): list(shape)})
+    return model
+
+
 class OpenVinoModel:
     """An ONNX file (or legacy .pdmodel) run by OpenVINO on the CPU, in float32 unless `precision`
-    says otherwise: `model(batch) -> outputs`."""
+    says otherwise: `model(batch) -> outputs`.
+
+    A model whose input shape is not fixed (an export's dynamic batch) is also compiled for each input
+    shape it is called with, the first STATIC_SHAPES of them, and run in that form: OpenVINO runs a
+    static-shape model faster (the nodes of a dynamic one re-check shapes and buffers every run; the
+    per-node profile of benchmarks/profile_ops.py showed Mobile-Former's small token FullyConnected
+    layers taking up to 0.9 ms each at batch 1; static / dynamic time, alternating blocks, MF-294M
+    0.65 at batch 1 and 0.86 at 32, MF-26M 0.56 and 0.76). Each such shape costs one compilation
+    on its first call and a compiled copy of the model in memory; further shapes run the dynamic
+    compilation, so a caller feeding ever new shapes never compiles more than STATIC_SHAPES times."""
     name = 'openvino'
+    STATIC_SHAPES = 4
 
     def __init__(self, path: str, threads: Optional[int] = None, precision: str = OPENVINO_PRECISION):
         try:
             import openvino
         except ImportError:
             raise _not_installed('openvino') from None
-        core = openvino.Core()
-        model = core.read_model(path)
-        # LATENCY: one stream using every thread, as the other runtimes run a batch
-        compiled = core.compile_model(model, 'CPU', {'INFERENCE_PRECISION_HINT': precision,
-                                                     'INFERENCE_NUM_THREADS': threads or default_threads(),
-                                                     'PERFORMANCE_HINT': 'LATENCY'})
-        self.request = compiled.create_infer_request()
-        self.outputs = compiled.outputs
-        self.input_shape = tuple(d.get_length() if d.is_static else -1 for d in model.input(0).get_partial_shape())
+        self._core = openvino.Core()
+        self._model = self._core.read_model(path)
+        self._config = openvino_config(threads, precision)
+        self._dynamic = self._core.compile_model(self._model, 'CPU', self._config).create_infer_request()
+        self.input_shape = tuple(d.get_length() if d.is_static else -1
+                                 for d in self._model.input(0).get_partial_shape())
+        self._outputs = len(self._model.outputs)
+        self._static: Dict[Tuple[int, ...], object] = {}  # input shape -> its compiled model's infer request
+
+    def static_shapes(self) -> List[Tuple[int, ...]]:
+        """The input shapes compiled so far in static form."""
+        return list(self._static)
+
+    def _request_for(self, shape: Tuple[int, ...]):
+        if -1 not in self.input_shape or shape in self._static:
+            return self._static.get(shape, self._dynamic)
+        if len(self._static) >= self.STATIC_SHAPES:
+            return self._dynamic
+        self._static[shape] = self._core.compile_model(with_input_shape(self._model, shape), 'CPU',
+                                                       self._config).create_infer_request()
+        return self._static[shape]
 
     def __call__(self, batch: np.ndarray) -> Outputs:
-        results = self.request.infer([np.ascontiguousarray(batch, dtype=np.float32)])
-        return one_or_all([results[output] for output in self.outputs])
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        results = self._request_for(batch.shape).infer([batch])
+        return one_or_all([results[i] for i in range(self._outputs)])
 
 
 Engine = Union[PaddleModel, OnnxModel, OpenVinoModel]
