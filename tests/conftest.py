@@ -22,8 +22,6 @@ def load_example(name):
     return module
 
 
-@pytest.fixture(autouse=True)
-
 def run_main(main, argv, capsys):
     """(exit status, stdout, stderr) of a command's main() run in this process."""
     capsys.readouterr()
@@ -41,6 +39,8 @@ def one_error_line(err):
     assert 'Traceback' not in err and len(lines) == 1 and lines[0].startswith('error: '), err
     return lines[0]
 
+
+@pytest.fixture(autouse=True)
 def _seeded():
     paddle.seed(0)
     np.random.seed(0)

@@ -385,11 +385,14 @@ def test_a_multi_card_launch_into_the_folder_of_a_running_run_ends_every_rank(tm
     assert len(errors) == 1 and not re.search('^Traceback', rank0, re.M), rank0[-2000:]
     refusal = errors[0]
     assert_refused(refusal, out, first, started)
-    # rank 1 ends at once with rank 0's error, as it does for any failing rank
+    # rank 1 ends at once, as for any failing rank: with rank 0's error when its watcher sees it
+    # first, or stopped by the launcher's SIGTERM (then possibly before it printed anything)
     rank1 = open(log_dir / 'workerlog.1').read()
-    assert 'Traceback' not in rank1
-    assert rank1.strip().splitlines()[-1] == (f'error: rank 0: OSError: {refusal[len("error: "):]} (this rank '
-                                              "stopped because of it; see that rank's workerlog)"), rank1[-2000:]
+    assert not re.search('^Traceback', rank1, re.M), rank1[-2000:]  # Paddle's SIGTERM note is no Python traceback
+    rank0_error = (f'error: rank 0: OSError: {refusal[len("error: "):]} (this rank stopped because of it; see that '
+                   "rank's workerlog)")
+    assert all(line == rank0_error or line.startswith('error: stopped by SIGTERM')
+               for line in rank1.splitlines() if line.startswith('error: ')), rank1[-2000:]
 
 
 HELD_EXPORT = """
