@@ -185,6 +185,9 @@ def refused(tmp_path, capsys, *args, opts=()):
     return lines[0]
 
 
+SMALL_MF = SMALL_MODEL['MODEL']['MF']
+
+
 def write_yaml(path, data):
     path.write_text(json.dumps({'_BASE_': DIGITS, **SMALL_MODEL, **data}))
     return str(path)
@@ -224,10 +227,20 @@ def test_onnx_files_that_are_not_classifiers_are_refused(tmp_path, capsys):
 
 
 def test_weights_that_do_not_fit_the_teacher_yaml_are_refused(small_teacher, tmp_path, capsys):
-    other = write_yaml(tmp_path / 'other.yaml', {'MODEL': {'MF': {'TOKEN_DIM': 48}}})
-    line = refused(tmp_path, capsys, '-teacher', other, str(small_teacher / 'teacher.pdparams'))
-    # checkpoint.fit_state's sentence (it names a wrong-shaped tensor as a class-count problem today)
-    assert str(small_teacher / 'teacher.pdparams') in line
+    weights = str(small_teacher / 'teacher.pdparams')
+    other = write_yaml(tmp_path / 'other.yaml', {'MODEL': {'MF': {**SMALL_MF, 'TOKEN_DIM': 48}}})
+    line = refused(tmp_path, capsys, '-teacher', other, weights)
+    assert line.startswith(f"error: '{weights}' does not fit the model: ")
+    assert line.endswith(f"check that the teacher config '{other}' matches the checkpoint")
+    # a classifier as wide as another head (same class count) is a mismatch, not a class count
+    wider = write_yaml(tmp_path / 'wider.yaml', {'MODEL': {'MF': {**SMALL_MF, 'HEAD_HIDDEN': 96}}})
+    line = refused(tmp_path, capsys, '-teacher', wider, weights)
+    assert 'head.classifier.weight: [64, 10] vs model [96, 10]' in line and 'classes' not in line
+    # a teacher config of another class count than its weights: fixed in that YAML, not with -opts
+    seven = write_yaml(tmp_path / 'seven.yaml', {'MODEL': {'MF': SMALL_MF, 'NUM_CLASSES': 7}})
+    line = refused(tmp_path, capsys, '-teacher', seven, weights)
+    assert line == (f"error: '{weights}' was trained for 10 classes but MODEL.NUM_CLASSES is 7; pass "
+                    f"MODEL.NUM_CLASSES: 10 in '{seven}' or a matching checkpoint")
     line = refused(tmp_path, capsys, '-teacher', str(small_teacher / 'teacher.yaml'))
     assert 'needs its weights' in line
 
