@@ -279,3 +279,14 @@ def test_yaml_onnx_and_export_folder_teachers_answer_alike(small_teacher, tmp_pa
         answers.append(engine.build_teacher(student, log=lambda line: None)(images).numpy())
     for answer in answers[1:]:
         np.testing.assert_allclose(answer, answers[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['resmlp_12_224', 'resmlp_24_224', 'resmlp_36_224', 'resmlp_big_24_224'])
+def test_distilled_resmlp_configs_are_their_model_with_deits_hard_distillation(name):
+    distilled, plain = get_config(os.path.join(CONFIGS, 'distilled', f'{name}.yaml')), get_config(os.path.join(CONFIGS, f'{name}.yaml'))
+    assert distilled.MODEL.MIXER == plain.MODEL.MIXER and distilled.MODEL.TYPE == plain.MODEL.TYPE == 'resmlp'
+    assert (distilled.DATA.MEAN, distilled.DATA.CROP_PCT) == (plain.DATA.MEAN, plain.DATA.CROP_PCT)
+    distill = distilled.TRAIN.DISTILL
+    assert (distill.TEACHER, distill.KIND, distill.ALPHA) == ('', 'hard', 0.5)  # the teacher is the user's
+    # the teacher sees DeiT's Mixup 0.8 / CutMix 1.0 batches, the ground truth is smoothed by 0.1
+    assert (distilled.AUG.MIXUP_ALPHA, distilled.AUG.CUTMIX_ALPHA, distilled.AUG.LABEL_SMOOTHING) == (0.8, 1.0, 0.1)
