@@ -88,8 +88,7 @@ def describe_log(config, teacher: Optional[engine.Teacher]) -> str:
     if teacher is not None:
         distill = config.TRAIN.DISTILL
         parts.append(f'{distill.KIND} distillation, alpha {distill.ALPHA:g}' +
-                     (f', tau {distill.TAU:g}' if distill.KIND != 'hard' else '') +
-                     (f', beta {distill.BETA:g}' if distill.KIND == 'dkd' else ''))
+                     (f', tau {distill.TAU:g}' if distill.KIND == 'soft' else ''))
     k = engine.top_k(config.MODEL.NUM_CLASSES)
     teacher_keys = ('; teacher_loss: the teacher term alone, agreement: the share of samples whose top-1 is '
                     "the teacher's" if teacher is not None else '')

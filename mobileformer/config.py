@@ -112,10 +112,8 @@ _C.TRAIN.LOG_FREQ = 10  # progress-bar update every N iterations
 _C.TRAIN.DISTILL = CN()
 _C.TRAIN.DISTILL.TEACHER = ''  # a teacher YAML (with WEIGHTS), an export.py folder or an .onnx classifier
 _C.TRAIN.DISTILL.WEIGHTS = ''  # the .pdparams of a YAML teacher
-_C.TRAIN.DISTILL.KIND = 'soft'  # soft: KL at temperature TAU (x TAU^2); hard: cross-entropy with its argmax;
-# dkd: decoupled KD, (target-class KL + BETA x non-target KL) at TAU (x TAU^2)
-_C.TRAIN.DISTILL.TAU = 1.0  # temperature of the soft and dkd kinds
-_C.TRAIN.DISTILL.BETA = 8.0  # dkd: weight of the non-target classes' KL
+_C.TRAIN.DISTILL.KIND = 'soft'  # soft: KL at temperature TAU (x TAU^2); hard: cross-entropy with its argmax
+_C.TRAIN.DISTILL.TAU = 1.0  # temperature of the soft kind
 _C.TRAIN.DISTILL.ALPHA = 0.5  # weight of the teacher term; 1 - ALPHA weighs the ground-truth loss
 # normalisation of an export / ONNX teacher's input ([]: what an export folder's config.yaml records,
 # else the student's DATA.MEAN/STD); a YAML teacher has its own DATA.MEAN/STD
@@ -410,12 +408,10 @@ def _value(config: CN, key: str) -> Any:
 
 
 def _check_distill(distill: CN, remedy: str) -> None:
-    if distill.KIND not in ('soft', 'hard', 'dkd'):
-        raise ConfigError(f"TRAIN.DISTILL.KIND must be 'soft', 'hard' or 'dkd', got {distill.KIND!r}; {remedy}")
+    if distill.KIND not in ('soft', 'hard'):
+        raise ConfigError(f"TRAIN.DISTILL.KIND must be 'soft' or 'hard', got {distill.KIND!r}; {remedy}")
     if not (math.isfinite(distill.TAU) and distill.TAU > 0):
         raise ConfigError(f'TRAIN.DISTILL.TAU must be > 0, got {distill.TAU!r}; {remedy}')
-    if not (math.isfinite(distill.BETA) and distill.BETA >= 0):
-        raise ConfigError(f'TRAIN.DISTILL.BETA must be >= 0, got {distill.BETA!r}; {remedy}')
     if not 0 <= distill.ALPHA <= 1:
         raise ConfigError(f'TRAIN.DISTILL.ALPHA must be in [0, 1], got {distill.ALPHA!r}; {remedy}')
     if distill.WEIGHTS and not distill.TEACHER:

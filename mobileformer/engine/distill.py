@@ -9,10 +9,7 @@ the batch is un-normalised, converted, resized and normalised again for it.
 Losses (`DistillationLoss`): (1 - alpha) x the ground-truth loss (label smoothing / Mixup targets as
 without a teacher) + alpha x the teacher term:
 - soft: KL(teacher || student) of the softmaxes at temperature tau, times tau^2 (Hinton et al.);
-- hard: cross-entropy with the teacher's argmax (DeiT's hard distillation);
-- dkd: decoupled KD (Zhao et al., CVPR 2022): at temperature tau, KL of the binary (target class,
-  the rest) probabilities plus beta x KL of the distributions over the non-target classes, times
-  tau^2. The target class is the label's (the largest share of a Mixup / CutMix target).
+- hard: cross-entropy with the teacher's argmax (DeiT's hard distillation).
 """
 from __future__ import annotations
 
@@ -27,61 +24,29 @@ from yacs.config import CfgNode
 
 from mobileformer.engine.step import MeanCrossEntropy
 
-KINDS = ('soft', 'hard', 'dkd')
+KINDS = ('soft', 'hard')
 # grey from RGB (ITU-R BT.601 luma), for a one-channel teacher of an RGB student
 LUMA = (0.299, 0.587, 0.114)
 
 
-def teacher_term(logits: paddle.Tensor, teacher_logits: paddle.Tensor, kind: str, tau: float,
-                 target: Optional[paddle.Tensor] = None, beta: float = 1.0) -> paddle.Tensor:
-    """The teacher part of the loss per sample, shape [N]; `target` (the labels or Mixup targets)
-    and `beta` are read by the dkd kind only."""
+def teacher_term(logits: paddle.Tensor, teacher_logits: paddle.Tensor, kind: str, tau: float) -> paddle.Tensor:
+    """The teacher part of the loss per sample, shape [N]."""
     if kind == 'hard':
         return F.cross_entropy(logits, teacher_logits.argmax(axis=-1, keepdim=True), reduction='none').reshape([-1])
-    if kind == 'dkd':
-        return decoupled_term(logits, teacher_logits, target_class(target), tau, beta)
     log_teacher = F.log_softmax(teacher_logits / tau, axis=-1)
     log_student = F.log_softmax(logits / tau, axis=-1)
     return (log_teacher.exp() * (log_teacher - log_student)).sum(axis=-1) * tau * tau
 
 
-def target_class(target: paddle.Tensor) -> paddle.Tensor:
-    """The class index per sample of labels ([N] or [N, 1]) or of soft targets ([N, classes])."""
-    if target.ndim == 2 and target.shape[-1] > 1:
-        return target.argmax(axis=-1)
-    return target.reshape([-1])
-
-
-def decoupled_term(logits: paddle.Tensor, teacher_logits: paddle.Tensor, classes: paddle.Tensor,
-                   tau: float, beta: float) -> paddle.Tensor:
-    """Decoupled KD per sample: (TCKD + beta x NCKD) x tau^2, in log space (no log of 1 - p)."""
-    is_target = F.one_hot(classes, logits.shape[-1]).astype(logits.dtype)
-
-    def split(values: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
-        """log of (p_target, 1 - p_target), and the log-softmax over the non-target classes."""
-        scaled = values / tau
-        log_all = paddle.logsumexp(scaled, axis=-1)
-        log_target = (scaled * is_target).sum(axis=-1) - log_all
-        rest = scaled - 1e4 * is_target  # the target class out of the softmax over the others
-        log_rest = paddle.logsumexp(rest, axis=-1) - log_all
-        return paddle.stack([log_target, log_rest], axis=-1), F.log_softmax(rest, axis=-1)
-
-    log_binary_t, log_others_t = split(teacher_logits)
-    log_binary_s, log_others_s = split(logits)
-    tckd = (log_binary_t.exp() * (log_binary_t - log_binary_s)).sum(axis=-1)
-    nckd = (log_others_t.exp() * (log_others_t - log_others_s) * (1 - is_target)).sum(axis=-1)
-    return (tckd + beta * nckd) * tau * tau
-
-
 class DistillationLoss(nn.Layer):
     """(1 - alpha) x `base(logits, target)` + alpha x the mean teacher term (see the module docstring)."""
 
-    def __init__(self, base: nn.Layer, kind: str, tau: float, alpha: float, beta: float = 1.0) -> None:
+    def __init__(self, base: nn.Layer, kind: str, tau: float, alpha: float) -> None:
         super().__init__()
-        self.base, self.kind, self.tau, self.alpha, self.beta = base, kind, tau, alpha, beta
+        self.base, self.kind, self.tau, self.alpha = base, kind, tau, alpha
 
     def forward(self, logits: paddle.Tensor, target: paddle.Tensor, teacher_logits: paddle.Tensor) -> paddle.Tensor:
-        distilled = teacher_term(logits, teacher_logits, self.kind, self.tau, target, self.beta).mean()
+        distilled = teacher_term(logits, teacher_logits, self.kind, self.tau).mean()
         if self.alpha == 1.0:  # teacher only: the labels are not read
             return distilled
         return (1 - self.alpha) * self.base(logits, target) + self.alpha * distilled
@@ -91,14 +56,14 @@ class MeanTeacherLoss(MeanCrossEntropy):
     """The teacher term (`teacher_term`) averaged over the epoch's training samples (`teacher_loss`);
     evaluation batches carry no teacher answers and add nothing."""
 
-    def __init__(self, kind: str, tau: float, beta: float = 1.0) -> None:
+    def __init__(self, kind: str, tau: float) -> None:
         super().__init__('teacher_loss')
-        self.kind, self.tau, self.beta = kind, tau, beta
+        self.kind, self.tau = kind, tau
 
     def compute(self, logits: paddle.Tensor, label: paddle.Tensor, *teacher: paddle.Tensor) -> paddle.Tensor:
         if not teacher:
             return paddle.zeros([0])
-        return teacher_term(logits, teacher[0], self.kind, self.tau, label, self.beta)
+        return teacher_term(logits, teacher[0], self.kind, self.tau)
 
 
 class TeacherAgreement(MeanCrossEntropy):
@@ -116,8 +81,8 @@ class TeacherAgreement(MeanCrossEntropy):
 def build_distillation(config: CfgNode, criterion: nn.Layer) -> Tuple[nn.Layer, list]:
     """The training criterion with the teacher term, and the metrics that log the teacher."""
     distill = config.TRAIN.DISTILL
-    return (DistillationLoss(criterion, distill.KIND, distill.TAU, distill.ALPHA, distill.BETA),
-            [MeanTeacherLoss(distill.KIND, distill.TAU, distill.BETA), TeacherAgreement()])
+    return (DistillationLoss(criterion, distill.KIND, distill.TAU, distill.ALPHA),
+            [MeanTeacherLoss(distill.KIND, distill.TAU), TeacherAgreement()])
 
 
 class TeacherInput:
