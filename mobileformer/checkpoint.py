@@ -100,10 +100,13 @@ def classifier_to_drop(state: Mapping[str, np.ndarray], model: nn.Layer) -> Tupl
     """The classifier entries of `state` trained for another class count than `model` has, and
     that class count; ([], None) when the classifier fits."""
     expected = state_shapes(model)
-    keys = [k for k in classifier_keys(model) if k in state and tuple(np.shape(state[k])) != expected[k]]
+    # a Paddle Linear: weight [in, classes], bias [classes]; a classifier of the same class count
+    # whose input width differs is a model that does not fit (check_state names it), not this
+    keys = [k for k in classifier_keys(model)
+            if k in state and np.ndim(state[k]) == len(expected[k]) and np.shape(state[k])[-1] != expected[k][-1]]
     if not keys:
         return [], None
-    return keys, int(np.shape(state[keys[0]])[-1])  # a Paddle Linear: weight [in, classes], bias [classes]
+    return keys, int(np.shape(state[keys[0]])[-1])
 
 
 def check_state(state: Mapping[str, np.ndarray], model: nn.Layer, what: str, allow_missing: Iterable[str] = (),

@@ -92,3 +92,24 @@ def test_paired_comparison_reports_a_ratio_per_batch(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit):
         paired.main(['-cfg', cfg, '-compare', str(tmp_path / 'missing.onnx')])
     assert "-compare '" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(200)
+def test_teacher_cost_smoke(tmp_path):
+    """benchmarks/teacher_cost.py with the tiny model as student, a YAML teacher and its ONNX export."""
+    import paddle
+    import benchmarks.teacher_cost as teacher_cost
+    from mobileformer import build_model
+    tiny = os.path.join(FIXTURES, 'tiny_mobileformer.yaml')
+    teacher_yaml = tmp_path / 'teacher.yaml'
+    teacher_yaml.write_text(json.dumps({'_BASE_': tiny, 'DATA': {'IMAGE_SIZE': 12}}))
+    config = get_config(str(teacher_yaml))
+    network = build_model(config)
+    paddle.save(network.state_dict(), str(tmp_path / 'teacher.pdparams'))
+    onnx_file = export_onnx(build_for_inference(config, str(tmp_path / 'teacher.pdparams')), config,
+                            str(tmp_path / 'teacher.onnx'))
+    results = teacher_cost.main(['-cfg', tiny, '-teacher', str(teacher_yaml), str(tmp_path / 'teacher.pdparams'),
+                                 '-teacher', onnx_file, '-blocks', '4', '-steps', '1'])
+    assert list(results) == ['no teacher', f"{teacher_yaml} {tmp_path / 'teacher.pdparams'}", onnx_file]
+    assert results['no teacher']['ratio'] == results['no teacher']['fastest_ratio'] == 1.0
+    assert all(r['step_s'] > 0 and r['fastest_s'] > 0 for r in results.values())

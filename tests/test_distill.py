@@ -152,6 +152,9 @@ def refused(tmp_path, capsys, *args, opts=()):
     return lines[0]
 
 
+SMALL_MF = SMALL_MODEL['MODEL']['MF']
+
+
 def write_yaml(path, data):
     path.write_text(json.dumps({'_BASE_': DIGITS, **SMALL_MODEL, **data}))
     return str(path)
@@ -191,10 +194,20 @@ def test_onnx_files_that_are_not_classifiers_are_refused(tmp_path, capsys):
 
 
 def test_weights_that_do_not_fit_the_teacher_yaml_are_refused(small_teacher, tmp_path, capsys):
-    other = write_yaml(tmp_path / 'other.yaml', {'MODEL': {'MF': {'TOKEN_DIM': 48}}})
-    line = refused(tmp_path, capsys, '-teacher', other, str(small_teacher / 'teacher.pdparams'))
-    # checkpoint.fit_state's sentence (it names a wrong-shaped tensor as a class-count problem today)
-    assert str(small_teacher / 'teacher.pdparams') in line
+    weights = str(small_teacher / 'teacher.pdparams')
+    other = write_yaml(tmp_path / 'other.yaml', {'MODEL': {'MF': {**SMALL_MF, 'TOKEN_DIM': 48}}})
+    line = refused(tmp_path, capsys, '-teacher', other, weights)
+    assert line.startswith(f"error: '{weights}' does not fit the model: ")
+    assert line.endswith(f"check that the teacher config '{other}' matches the checkpoint")
+    # a classifier as wide as another head (same class count) is a mismatch, not a class count
+    wider = write_yaml(tmp_path / 'wider.yaml', {'MODEL': {'MF': {**SMALL_MF, 'HEAD_HIDDEN': 96}}})
+    line = refused(tmp_path, capsys, '-teacher', wider, weights)
+    assert 'head.classifier.weight: [64, 10] vs model [96, 10]' in line and 'classes' not in line
+    # a teacher config of another class count than its weights: fixed in that YAML, not with -opts
+    seven = write_yaml(tmp_path / 'seven.yaml', {'MODEL': {'MF': SMALL_MF, 'NUM_CLASSES': 7}})
+    line = refused(tmp_path, capsys, '-teacher', seven, weights)
+    assert line == (f"error: '{weights}' was trained for 10 classes but MODEL.NUM_CLASSES is 7; pass "
+                    f"MODEL.NUM_CLASSES: 10 in '{seven}' or a matching checkpoint")
     line = refused(tmp_path, capsys, '-teacher', str(small_teacher / 'teacher.yaml'))
     assert 'needs its weights' in line
 
@@ -233,3 +246,14 @@ def test_yaml_onnx_and_export_folder_teachers_answer_alike(small_teacher, tmp_pa
         answers.append(engine.build_teacher(student, log=lambda line: None)(images).numpy())
     for answer in answers[1:]:
         np.testing.assert_allclose(answer, answers[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['resmlp_12_224', 'resmlp_24_224', 'resmlp_36_224', 'resmlp_big_24_224'])
+def test_distilled_resmlp_configs_are_their_model_with_deits_hard_distillation(name):
+    distilled, plain = get_config(os.path.join(CONFIGS, 'distilled', f'{name}.yaml')), get_config(os.path.join(CONFIGS, f'{name}.yaml'))
+    assert distilled.MODEL.MIXER == plain.MODEL.MIXER and distilled.MODEL.TYPE == plain.MODEL.TYPE == 'resmlp'
+    assert (distilled.DATA.MEAN, distilled.DATA.CROP_PCT) == (plain.DATA.MEAN, plain.DATA.CROP_PCT)
+    distill = distilled.TRAIN.DISTILL
+    assert (distill.TEACHER, distill.KIND, distill.ALPHA) == ('', 'hard', 0.5)  # the teacher is the user's
+    # the teacher sees DeiT's Mixup 0.8 / CutMix 1.0 batches, the ground truth is smoothed by 0.1
+    assert (distilled.AUG.MIXUP_ALPHA, distilled.AUG.CUTMIX_ALPHA, distilled.AUG.LABEL_SMOOTHING) == (0.8, 1.0, 0.1)

@@ -209,12 +209,29 @@ def test_eval_on_other_class_count_is_one_clear_sentence(tmp_path):
     assert result.returncode != 0 and 'Traceback' not in result.stderr and 'does not exist' in result.stderr
 
 
+def small_teacher(folder, classes, channels):
+    """A small Mobile-Former of `classes` classes at 12 px (the batch is resized for it), its YAML and
+    random weights: -teacher arguments."""
+    config_file = folder / 'teacher.yaml'
+    config_file.write_text(json.dumps({'_BASE_': os.path.join(CONFIGS, 'mobileformer_26m.yaml'),
+                                       'MODEL': {'NUM_CLASSES': classes},
+                                       'DATA': {'IN_CHANNELS': channels, 'MEAN': [0.5] * channels,
+                                                'STD': [0.25] * channels}}))
+    config = get_config(str(config_file), SMALL_MODEL + ['DATA.IMAGE_SIZE', '12'])
+    config_file.write_text(config.dump())
+    paddle.seed(11)
+    paddle.save(build_model(config).state_dict(), str(folder / 'teacher.pdparams'))
+    return ['-teacher', str(config_file), str(folder / 'teacher.pdparams')]
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.slow
-def test_two_processes_equal_one_process_on_the_union_batch(tmp_path):
+@pytest.mark.parametrize('teacher', [False, True])
+def test_two_processes_equal_one_process_on_the_union_batch(tmp_path, teacher):
     # one SGD step (momentum buffer starts empty, so the update is lr x mean gradient) on 16 images:
     # 2 ranks x 8 vs one process that accumulates the same two micro-batches of 8 (the per-replica
-    # BatchNorm statistics are then the same, as in the 2-rank run)
+    # BatchNorm statistics are then the same, as in the 2-rank run). With a teacher (on every rank,
+    # soft kind at tau 2), the teacher term is part of that mean gradient.
     data = tmp_path / 'images'
     rng = np.random.RandomState(0)
     from PIL import Image
@@ -224,8 +241,10 @@ def test_two_processes_equal_one_process_on_the_union_batch(tmp_path):
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.randint(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f'{index}.png')
     script, env = os.path.join(ROOT, 'tests', 'train_with_hooks.py'), dict(os.environ, PYTHONPATH=ROOT)
+    teacher_args = small_teacher(tmp_path, 2, 3) if teacher else []
+    distill_opts = ['TRAIN.DISTILL.TAU', '2.0'] if teacher else []
     common = ['-cfg', os.path.join(CONFIGS, 'mobileformer_26m.yaml'), '-dataset', 'folder', '-data_path', str(data),
-              '-batch_size', '8', '-epochs', '1', '-opts', *SMALL_MODEL, *DETERMINISTIC,
+              '-batch_size', '8', '-epochs', '1', *teacher_args, '-opts', *SMALL_MODEL, *DETERMINISTIC, *distill_opts,
               'MODEL.NUM_CLASSES', '2', 'AUG.MIXUP_ALPHA', '0.0', 'AUG.RAND_AUGMENT_N', '0', 'AUG.HFLIP', '0.0',
               'TRAIN.OPTIMIZER', 'momentum', 'TRAIN.WEIGHT_DECAY', '0.0', 'TRAIN.BASE_LR', '0.5',
               'TRAIN.END_LR', '0.5', 'TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.COOLDOWN_EPOCHS', '0',
@@ -240,6 +259,8 @@ def test_two_processes_equal_one_process_on_the_union_batch(tmp_path):
     result = subprocess.run(single, cwd=ROOT, capture_output=True, text=True, timeout=200, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
+    if teacher:  # it was consulted: the epoch's record has the student's agreement with it
+        assert 'train_agreement' in json.load(open(tmp_path / 'dp' / 'last.json'))['history'][0]
     rank0, rank1 = load(tmp_path / 'dp' / 'rank0.pdparams'), load(tmp_path / 'dp' / 'rank1.pdparams')
     one = load(tmp_path / 'one' / 'rank0.pdparams')
     initial_config = get_config(common[1], SMALL_MODEL + ['MODEL.NUM_CLASSES', '2'])

@@ -217,6 +217,55 @@ def test_the_quickstart_stopped_mid_epoch_resumes_to_bit_identical_weights(tmp_p
     assert_same_weights(out / 'last.pdparams', tmp_path / 'uninterrupted' / 'last.pdparams')
 
 
+# The tiny model with random crops, RandAugment, dropout and Mixup/CutMix in one loader worker, on the
+# first 256 digits at batch 32 (8 batches an epoch), distilled from a teacher that takes 12 px images.
+RANDOM_TINY = ['AUG.RRC_SCALE', '[0.7, 1.0]', 'AUG.RRC_RATIO', '[0.9, 1.1]', 'AUG.RAND_AUGMENT_N', '1',
+               'MODEL.DROPOUT', '0.1', 'AUG.MIXUP_ALPHA', '0.8', 'AUG.CUTMIX_ALPHA', '1.0', 'DATA.NUM_WORKERS', '1',
+               'DATA.BATCH_SIZE', '32', 'TRAIN.DISTILL.TAU', '2.0']
+
+
+def tiny_teacher(folder):
+    """-teacher arguments: a YAML of the tiny model at 12 px and random weights for it."""
+    config_file = folder / 'teacher.yaml'
+    config_file.write_text(json.dumps({'_BASE_': TINY, 'DATA': {'IMAGE_SIZE': 12}}))
+    paddle.seed(12)
+    paddle.save(build_model(get_config(str(config_file))).state_dict(), str(folder / 'teacher.pdparams'))
+    return ['-teacher', str(config_file), str(folder / 'teacher.pdparams')]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+def test_a_run_with_a_teacher_stopped_mid_epoch_resumes_to_bit_identical_weights(tmp_path):
+    """The teacher's answers follow the resumed batches: the same mixed images reach it again."""
+    arguments = ['-cfg', TINY, *tiny_teacher(tmp_path), '-opts', *RANDOM_TINY]
+
+    def run(output, *hooks, resume=()):
+        command = [sys.executable, LAUNCHER, 'digits_subset=256', *hooks, '--', '-output', str(output), *resume,
+                   *arguments]
+        return subprocess.Popen(command, cwd=ROOT, env=LAUNCHER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+
+    reference = run(tmp_path / 'uninterrupted')
+    _, err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, err[-3000:]
+    out, reached = tmp_path / 'run', tmp_path / 'reached'
+    process = run(out, f'hold=2:3:{reached}')
+    try:
+        wait_for_file(reached, process, timeout=240)
+        os.killpg(process.pid, signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert (json.load(open(out / 'last.json'))['epoch'], json.load(open(out / 'last.json'))['step']) == (1, 3)
+    resumed = run(out, resume=['-resume', 'auto'])
+    _, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err[-3000:]
+    history = json.load(open(out / 'last.json'))['history']
+    assert len(history) == 2 and 'train_agreement' in history[-1]  # the teacher was there after the resume
+    assert_same_weights(out / 'last.pdparams', tmp_path / 'uninterrupted' / 'last.pdparams')
+
+
 def run_processes(root_pid):
     """{pid: start time} of `root_pid` and every process below it, read from /proc."""
     stats = {}

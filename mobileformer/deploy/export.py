@@ -23,6 +23,7 @@ from paddle.static import InputSpec
 from yacs.config import CfgNode
 
 from mobileformer.checkpoint import load_weights
+from mobileformer.config import COMMAND_LINE, Overrides
 from mobileformer.cpu_ops import output_to, tracing_for_onnx
 from mobileformer.models.model_utils import re_parameterize_model
 from mobileformer.registry import build_model
@@ -78,11 +79,12 @@ def write_precision(model_dir: str, precision: str, runtimes: List[str], details
     os.replace(temporary, path)
 
 
-def build_for_inference(config: CfgNode, weights: Optional[str] = None) -> nn.Layer:
-    """The model of `config` with `weights` loaded, re-parameterised, in eval mode."""
+def build_for_inference(config: CfgNode, weights: Optional[str] = None, overrides: Overrides = COMMAND_LINE) -> nn.Layer:
+    """The model of `config` with `weights` loaded, re-parameterised, in eval mode. `overrides` says
+    how the user changes the config when the weights do not fit it."""
     model = build_model(config)
     if weights:
-        load_weights(model, weights)
+        load_weights(model, weights, overrides=overrides)
     return re_parameterize_model(model)
 
 

@@ -142,7 +142,7 @@ def _export_runner(engine: Callable[[np.ndarray], object]) -> Callable[[paddle.T
 
 
 def _yaml_teacher(config: CfgNode, path: str) -> Tuple[Callable, TeacherInput]:
-    from mobileformer.config import get_config
+    from mobileformer.config import Overrides, get_config
     from mobileformer.deploy.export import build_for_inference
     distill = config.TRAIN.DISTILL
     if not distill.WEIGHTS:
@@ -154,7 +154,10 @@ def _yaml_teacher(config: CfgNode, path: str) -> Tuple[Callable, TeacherInput]:
     teacher_config = get_config(path)
     if teacher_config.MODEL.OUT_INDICES:
         raise _not_a_classifier(path, f'feature maps {list(teacher_config.MODEL.OUT_INDICES)} (MODEL.OUT_INDICES)')
-    network = build_for_inference(teacher_config, distill.WEIGHTS)
+    # the teacher's YAML, not -cfg / -opts, is what a user fixes when its weights do not fit
+    in_teacher_yaml = Overrides(f"the teacher config '{path}'", f"fix it in '{path}'",
+                                lambda key, value: f"{key}: {value} in '{path}'", f"the teacher config '{path}'")
+    network = build_for_inference(teacher_config, distill.WEIGHTS, in_teacher_yaml)
     data = teacher_config.DATA
     adapt = TeacherInput(config.DATA.MEAN, config.DATA.STD, data.IN_CHANNELS,
                          (data.IMAGE_SIZE, data.IMAGE_SIZE), data.MEAN, data.STD)
