@@ -186,10 +186,34 @@ def test_a_signal_to_the_process_group_saves_a_mid_epoch_checkpoint_that_resumes
 QUICKSTART_SMALL = ['-epochs', '2', '-batch_size', '32']
 
 
-def run_quickstart(output, *hooks):
-    command = [sys.executable, LAUNCHER, 'digits_subset=256', *hooks, '--', '-output', str(output), *QUICKSTART_SMALL]
-    return subprocess.Popen(command, cwd=ROOT, env=LAUNCHER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def stopped_mid_epoch_and_resumed(folder, arguments, signum, timeout=300):
+    """The output folder of a digits_subset=256 run of train.py `arguments` (its own process group)
+    stopped by `signum` at epoch 2 step 3 and resumed with -resume auto, after checking that its
+    last.pdparams equals that of the same run uninterrupted."""
+    def run(output, *hooks, resume=()):
+        command = [sys.executable, LAUNCHER, 'digits_subset=256', *hooks, '--', '-output', str(output), *resume,
+                   *arguments]
+        return subprocess.Popen(command, cwd=ROOT, env=LAUNCHER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+
+    reference = run(folder / 'uninterrupted')
+    _, err = reference.communicate(timeout=timeout)
+    assert reference.returncode == 0, err[-3000:]
+    out, reached = folder / 'run', folder / 'reached'
+    process = run(out, f'hold=2:3:{reached}')
+    try:
+        wait_for_file(reached, process, timeout=timeout)
+        os.killpg(process.pid, signum)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signum, err[-3000:]
+    assert (json.load(open(out / 'last.json'))['epoch'], json.load(open(out / 'last.json'))['step']) == (1, 3)
+    resumed = run(out, resume=['-resume', 'auto'])
+    _, err = resumed.communicate(timeout=timeout)
+    assert resumed.returncode == 0, err[-3000:]
+    assert_same_weights(out / 'last.pdparams', folder / 'uninterrupted' / 'last.pdparams')
+    return out
 
 
 @pytest.mark.timeout(400)
@@ -197,24 +221,7 @@ def run_quickstart(output, *hooks):
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_the_quickstart_stopped_mid_epoch_resumes_to_bit_identical_weights(tmp_path, signum):
     """Augmentation in the loader workers and the dropout masks continue where they stopped."""
-    reference = run_quickstart(tmp_path / 'uninterrupted')
-    _, err = reference.communicate(timeout=300)
-    assert reference.returncode == 0, err[-3000:]
-    out, reached = tmp_path / 'run', tmp_path / 'reached'
-    process = run_quickstart(out, f'hold=2:3:{reached}')
-    try:
-        wait_for_file(reached, process, timeout=300)
-        os.killpg(process.pid, signum)
-        _, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 128 + signum, err[-3000:]
-    assert (json.load(open(out / 'last.json'))['epoch'], json.load(open(out / 'last.json'))['step']) == (1, 3)
-    resumed = subprocess.run([sys.executable, LAUNCHER, 'digits_subset=256', '--', '-output', str(out),
-                              '-resume', 'auto', *QUICKSTART_SMALL], cwd=ROOT, env=LAUNCHER_ENV, capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_weights(out / 'last.pdparams', tmp_path / 'uninterrupted' / 'last.pdparams')
+    stopped_mid_epoch_and_resumed(tmp_path, QUICKSTART_SMALL, signum)
 
 
 # The tiny model with random crops, RandAugment, dropout and Mixup/CutMix in one loader worker, on the
@@ -238,32 +245,9 @@ def tiny_teacher(folder):
 def test_a_run_with_a_teacher_stopped_mid_epoch_resumes_to_bit_identical_weights(tmp_path):
     """The teacher's answers follow the resumed batches: the same mixed images reach it again."""
     arguments = ['-cfg', TINY, *tiny_teacher(tmp_path), '-opts', *RANDOM_TINY]
-
-    def run(output, *hooks, resume=()):
-        command = [sys.executable, LAUNCHER, 'digits_subset=256', *hooks, '--', '-output', str(output), *resume,
-                   *arguments]
-        return subprocess.Popen(command, cwd=ROOT, env=LAUNCHER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
-
-    reference = run(tmp_path / 'uninterrupted')
-    _, err = reference.communicate(timeout=240)
-    assert reference.returncode == 0, err[-3000:]
-    out, reached = tmp_path / 'run', tmp_path / 'reached'
-    process = run(out, f'hold=2:3:{reached}')
-    try:
-        wait_for_file(reached, process, timeout=240)
-        os.killpg(process.pid, signal.SIGTERM)
-        _, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert (json.load(open(out / 'last.json'))['epoch'], json.load(open(out / 'last.json'))['step']) == (1, 3)
-    resumed = run(out, resume=['-resume', 'auto'])
-    _, err = resumed.communicate(timeout=240)
-    assert resumed.returncode == 0, err[-3000:]
+    out = stopped_mid_epoch_and_resumed(tmp_path, arguments, signal.SIGTERM, timeout=240)
     history = json.load(open(out / 'last.json'))['history']
     assert len(history) == 2 and 'train_agreement' in history[-1]  # the teacher was there after the resume
-    assert_same_weights(out / 'last.pdparams', tmp_path / 'uninterrupted' / 'last.pdparams')
 
 
 def run_processes(root_pid):
