@@ -245,7 +245,8 @@ def test_toolkit_step_benchmark_times_plain_seg_and_det_steps(capsys):
     assert [r['variant'] for r in results] == ['plain', 'features', 'seg', 'det']
     for result in results:
         assert len(result['seconds_per_block']) == 1 and result['seconds_per_step'] > 0
-    assert results[0]['ratio'] == 1.0 and results[3]['ratio'] == results[3]['seconds_per_step'] / results[0]['seconds_per_step']
+    plain, det = results[0], results[3]
+    assert plain['ratio'] == 1.0 and det['ratio'] == det['seconds_per_step'] / plain['seconds_per_step']
     table = capsys.readouterr().out
     assert f'CPU: {machine["cpu"]}, 1 threads' in table and '| det |' in table
 
