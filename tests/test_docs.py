@@ -22,7 +22,7 @@ PAGES = ['README.md'] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.pa
 # `python <script>` and `python -m <module>` as the documents write them
 SCRIPTS = {'train.py', 'eval.py', 'predict.py', 'export.py', 'benchmarks/bench.py', 'benchmarks/paired.py',
            'benchmarks/profile_ops.py', 'benchmarks/readme_figures.py', 'benchmarks/teacher_cost.py',
-           'examples/segment_digits.py'}
+           'benchmarks/toolkit_step.py', 'examples/segment_digits.py'}
 MODULES = {'mobileformer.convert', 'mobileformer.reparam', 'mobileformer.flops'}
 
 

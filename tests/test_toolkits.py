@@ -231,3 +231,28 @@ def test_paddledetection_creates_trains_and_runs_retinanet_on_det_backbone(tmp_p
     assert np.isfinite(history).all()
     assert last[0] < 0.4 * first[0] and last[1] < first[1] and last[2] < first[2]
     assert found_after >= 0.75 and found_after > found_before + 0.5
+
+
+@pytest.mark.timeout(120)
+def test_toolkit_step_benchmark_times_plain_seg_and_det_steps(capsys):
+    """benchmarks/toolkit_step.py for one tiny block: a record per variant, the CPU named; timings never asserted."""
+    _toolkit('paddleseg'), _toolkit('ppdet')
+    import benchmarks.toolkit_step as toolkit_step
+    machine, *results = toolkit_step.main(['-cfg', os.path.join(CONFIGS, 'mobileformer_26m.yaml'), '-batch', '2',
+                                           '-image_size', '64', '-classes', '3', '-blocks', '1', '-steps', '1',
+                                           '-threads', '1'])
+    assert machine['cpu'].endswith(')') and machine['threads'] == 1 and machine['batch'] == 2
+    assert [r['variant'] for r in results] == ['plain', 'features', 'seg', 'det']
+    for result in results:
+        assert len(result['seconds_per_block']) == 1 and result['seconds_per_step'] > 0
+    plain, det = results[0], results[3]
+    assert plain['ratio'] == 1.0 and det['ratio'] == det['seconds_per_step'] / plain['seconds_per_step']
+    table = capsys.readouterr().out
+    assert f'CPU: {machine["cpu"]}, 1 threads' in table and '| det |' in table
+
+
+def test_toolkit_step_benchmark_rejects_an_image_size_off_the_stride(capsys):
+    import benchmarks.toolkit_step as toolkit_step
+    with pytest.raises(SystemExit):
+        toolkit_step.main(['-image_size', '100'])
+    assert '-image_size must be a multiple of 32 (the backbone\'s deepest stride), got 100' in capsys.readouterr().err
