@@ -106,26 +106,27 @@ def seg_step(cfg: str, images: np.ndarray, classes: int, rng: np.random.Generato
     return _adamw_step(model, lambda: sum(loss_computation(model(x), masks, None, losses)))
 
 
-def retinanet_yaml(cfg: str, classes: int) -> dict:
-    """A PaddleDetection RetinaNet (as in its configs/retinanet, narrower: FPN and head 64 wide, two
-    head convs) on `DetBackbone(cfg)`'s maps at strides 8, 16, 32."""
+def retinanet_yaml(cfg: str, classes: int, width: int = 64, head_convs: int = 2, keep_top_k: int = 100,
+                   score_threshold: float = 0.05) -> dict:
+    """A PaddleDetection RetinaNet (as in its configs/retinanet, narrower: FPN and head `width` wide,
+    `head_convs` head convs) on `DetBackbone(cfg)`'s maps at strides 8, 16, 32."""
     return {
         'architecture': 'RetinaNet',
         'num_classes': classes,
         'RetinaNet': {'backbone': 'DetBackbone', 'neck': 'FPN', 'head': 'RetinaHead'},
         'DetBackbone': {'config': cfg, 'out_indices': [1, 2, 3]},
-        'FPN': {'out_channel': 64, 'extra_stage': 2, 'has_extra_convs': True, 'use_c5': False},
+        'FPN': {'out_channel': width, 'extra_stage': 2, 'has_extra_convs': True, 'use_c5': False},
         'RetinaHead': {
-            'conv_feat': {'name': 'RetinaFeat', 'feat_in': 64, 'feat_out': 64, 'num_convs': 2, 'norm_type': None,
-                          'use_dcn': False},
+            'conv_feat': {'name': 'RetinaFeat', 'feat_in': width, 'feat_out': width, 'num_convs': head_convs,
+                          'norm_type': None, 'use_dcn': False},
             'anchor_generator': {'name': 'RetinaAnchorGenerator', 'octave_base_scale': 4, 'scales_per_octave': 3,
                                  'aspect_ratios': [0.5, 1.0, 2.0], 'strides': [8.0, 16.0, 32.0, 64.0, 128.0]},
             'bbox_assigner': {'name': 'MaxIoUAssigner', 'positive_overlap': 0.5, 'negative_overlap': 0.4,
                               'allow_low_quality': True},
             'loss_class': {'name': 'FocalLoss', 'gamma': 2.0, 'alpha': 0.25, 'loss_weight': 1.0},
             'loss_bbox': {'name': 'SmoothL1Loss', 'beta': 0.0, 'loss_weight': 1.0},
-            'nms': {'name': 'MultiClassNMS', 'nms_top_k': 1000, 'keep_top_k': 100, 'score_threshold': 0.05,
-                    'nms_threshold': 0.5},
+            'nms': {'name': 'MultiClassNMS', 'nms_top_k': 1000, 'keep_top_k': keep_top_k,
+                    'score_threshold': score_threshold, 'nms_threshold': 0.5},
         },
     }
 

@@ -12,6 +12,8 @@ import numpy as np
 import paddle
 import pytest
 import yaml
+
+import benchmarks.toolkit_step as toolkit_step
 from conftest import CONFIGS, FIXTURES, load_example
 
 from mobileformer import ConfigError
@@ -175,28 +177,10 @@ def test_paddledetection_creates_trains_and_runs_retinanet_on_det_backbone(tmp_p
     from mobileformer.toolkits import DetBackbone, register_paddledet
     register_paddledet()
 
-    # a RetinaNet as in PaddleDetection's configs/retinanet (FPN with two extra levels, focal loss,
-    # max-IoU assignment, NMS), narrower, for one class: the digit on a 64 px canvas
-    config = {
-        'architecture': 'RetinaNet',
-        'num_classes': 1,
-        'RetinaNet': {'backbone': 'DetBackbone', 'neck': 'FPN', 'head': 'RetinaHead'},
-        'DetBackbone': {'config': os.path.join(CONFIGS, 'mobileformer_26m.yaml'), 'out_indices': [1, 2, 3]},
-        'FPN': {'out_channel': 32, 'extra_stage': 2, 'has_extra_convs': True, 'use_c5': False},
-        'RetinaHead': {
-            'conv_feat': {'name': 'RetinaFeat', 'feat_in': 32, 'feat_out': 32, 'num_convs': 1, 'norm_type': None,
-                          'use_dcn': False},
-            'anchor_generator': {'name': 'RetinaAnchorGenerator', 'octave_base_scale': 4, 'scales_per_octave': 3,
-                                 'aspect_ratios': [0.5, 1.0, 2.0], 'strides': [8.0, 16.0, 32.0, 64.0, 128.0]},
-            'bbox_assigner': {'name': 'MaxIoUAssigner', 'positive_overlap': 0.5, 'negative_overlap': 0.4,
-                              'allow_low_quality': True},
-            'loss_class': {'name': 'FocalLoss', 'gamma': 2.0, 'alpha': 0.25, 'loss_weight': 1.0},
-            'loss_bbox': {'name': 'SmoothL1Loss', 'beta': 0.0, 'loss_weight': 1.0},
-            # a score threshold below the prior probability (0.01): the untrained detector outputs boxes too
-            'nms': {'name': 'MultiClassNMS', 'nms_top_k': 1000, 'keep_top_k': 10, 'score_threshold': 0.005,
-                    'nms_threshold': 0.5},
-        },
-    }
+    # the benchmark's RetinaNet, narrower still, for one class: the digit on a 64 px canvas; a score
+    # threshold below the prior probability (0.01): the untrained detector outputs boxes too
+    config = toolkit_step.retinanet_yaml(os.path.join(CONFIGS, 'mobileformer_26m.yaml'), 1, width=32, head_convs=1,
+                                         keep_top_k=10, score_threshold=0.005)
     path = tmp_path / 'retinanet_mobileformer_26m.yml'
     path.write_text(yaml.safe_dump(config))
     cfg = load_config(str(path))
@@ -237,7 +221,6 @@ def test_paddledetection_creates_trains_and_runs_retinanet_on_det_backbone(tmp_p
 def test_toolkit_step_benchmark_times_plain_seg_and_det_steps(capsys):
     """benchmarks/toolkit_step.py for one tiny block: a record per variant, the CPU named; timings never asserted."""
     _toolkit('paddleseg'), _toolkit('ppdet')
-    import benchmarks.toolkit_step as toolkit_step
     machine, *results = toolkit_step.main(['-cfg', os.path.join(CONFIGS, 'mobileformer_26m.yaml'), '-batch', '2',
                                            '-image_size', '64', '-classes', '3', '-blocks', '1', '-steps', '1',
                                            '-threads', '1'])
@@ -252,7 +235,6 @@ def test_toolkit_step_benchmark_times_plain_seg_and_det_steps(capsys):
 
 
 def test_toolkit_step_benchmark_rejects_an_image_size_off_the_stride(capsys):
-    import benchmarks.toolkit_step as toolkit_step
     with pytest.raises(SystemExit):
         toolkit_step.main(['-image_size', '100'])
     assert '-image_size must be a multiple of 32 (the backbone\'s deepest stride), got 100' in capsys.readouterr().err
