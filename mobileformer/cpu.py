@@ -7,13 +7,16 @@ Process-wide, each with its opt-out (a user setting always wins over these defau
   among the ranks `paddle.distributed.launch` started on this machine (`use_cpu_threads`).
   Opt-out: OMP_NUM_THREADS=n, or `paddle.base.core.set_num_threads(n)` after the import. The
   OMP_NUM_THREADS=1 that importing Paddle sets is removed again (`forget_paddles_omp_default`).
-- glibc keeps freed buffers of up to 32 MiB and never trims its heap (`keep_freed_memory`).
-  Paddle's CPU allocator, whatever FLAGS_allocator_strategy / FLAGS_use_system_allocator /
-  FLAGS_auto_growth_chunk_size_in_mb say, hands every tensor's buffer to malloc and frees it at
-  once; when a forward frees more than glibc's trim threshold (twice its adaptive mmap threshold)
-  glibc returns the heap top to the OS, and the next forward page-faults it in again: ResMLP-12,
-  batch 32: 520,000 minor faults (2 GB) per forward, 0 with this. Opt-out:
-  MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ set (glibc then applies the user's values).
+- glibc keeps every freed buffer for reuse: it never trims its heap and serves no block by mmap
+  (`keep_freed_memory`). Paddle's CPU allocator, whatever FLAGS_allocator_strategy /
+  FLAGS_use_system_allocator / FLAGS_auto_growth_chunk_size_in_mb say, hands every tensor's
+  buffer to malloc and frees it at once. glibc serves blocks above its mmap threshold (adaptive,
+  at most 32 MiB) by mmap and unmaps them when freed, and returns the heap top to the OS when a
+  forward frees more than its trim threshold, so the next forward page-faults the same memory in
+  again: ResMLP-12, batch 32: 520,000 minor faults (2 GB) per forward; Mixer-B/16, batch 32, whose
+  hidden activations are 77 MB each: 300,000-430,000; 0 with this. Opt-out:
+  MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or MALLOC_MMAP_MAX_ set (glibc then applies the
+  user's values).
 - MKL_DEBUG_CPU_TYPE=5 on AMD CPUs with AVX2 (`prefer_mkl_avx2_on_amd`). Opt-out:
   MKL_DEBUG_CPU_TYPE set.
 - oneDNN capped at AVX2 on AMD AVX-512 CPUs, by `deploy.runtimes.PaddleModel` before its first
@@ -174,19 +177,22 @@ def cap_onednn_isa_on_amd_avx512(environ: Mapping[str, str] = os.environ, cpuinf
 
 
 # glibc mallopt parameters
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for it
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_MALLOC_SETTINGS = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_MMAP_MAX_')
 
 
 def keep_freed_memory(environ: Mapping[str, str] = os.environ, libc_name: str = 'libc.so.6') -> bool:
-    """Lets glibc keep freed buffers of up to 32 MiB for reuse instead of unmapping them (and never
-    trim the heap), unless MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set; True if applied.
+    """Lets glibc keep every freed buffer for reuse: no block is served by mmap (which unmaps it when
+    freed) and the heap is never trimmed, unless MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ /
+    MALLOC_MMAP_MAX_ are set; True if applied.
 
-    Paddle's CPU allocator frees every intermediate tensor back to malloc, and glibc returns
-    blocks above its adaptive mmap threshold to the OS, so the next forward page-faults them in
-    again. Measured: exported Mobile-Former-26M, batch 32, 0.14-0.19 -> 0.12-0.13 s; a `scale` on
-    14 MB 9.2 -> 0.8 ms. The cost is a process that keeps its peak heap."""
-    if 'MALLOC_MMAP_THRESHOLD_' in environ or 'MALLOC_TRIM_THRESHOLD_' in environ:
+    Paddle's CPU allocator frees every intermediate tensor back to malloc, so each forward would
+    page-fault its buffers in again. mmap's threshold cannot be raised above 32 MiB, below
+    Mixer-B/16's 77 MB activations at batch 32; with mmap off glibc takes every block from its heap
+    (and still maps memory itself where the heap cannot grow). Measured: exported Mobile-Former-26M,
+    batch 32, 0.14-0.19 -> 0.12-0.13 s; Mixer-B/16 dygraph, batch 32, 2.4-2.6 -> 2.1 s. The cost is
+    a process that keeps its peak heap."""
+    if any(name in environ for name in _MALLOC_SETTINGS):
         return False
     try:
         libc = ctypes.CDLL(libc_name)
@@ -194,7 +200,7 @@ def keep_freed_memory(environ: Mapping[str, str] = os.environ, libc_name: str = 
     except (OSError, AttributeError):  # not glibc: nothing to tune
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 # the copies of glog that Paddle's libraries link statically (each has its own level)

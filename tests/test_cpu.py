@@ -58,6 +58,7 @@ def test_keep_freed_memory_applies_through_glibc_unless_the_user_tuned_malloc():
     assert keep_freed_memory({})  # glibc accepted both mallopt settings
     assert not keep_freed_memory({'MALLOC_MMAP_THRESHOLD_': '0'})
     assert not keep_freed_memory({'MALLOC_TRIM_THRESHOLD_': '0'})
+    assert not keep_freed_memory({'MALLOC_MMAP_MAX_': '65536'})
     assert not keep_freed_memory({}, libc_name='libdoes-not-exist.so')
 
 
@@ -121,7 +122,7 @@ def test_onednn_isa_cap_applies_before_the_first_kernel_only(tmp_path):
 
 
 def _run_script(code: str, env_changes: dict, drop=('OMP_NUM_THREADS', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_MMAP_THRESHOLD_',
-                                                    'GLOG_minloglevel')):
+                                                    'MALLOC_MMAP_MAX_', 'GLOG_minloglevel')):
     """`code` run as a user's own script: a fresh interpreter, the user's environment plus `env_changes`."""
     import subprocess
     import sys
@@ -135,35 +136,41 @@ def _run_script(code: str, env_changes: dict, drop=('OMP_NUM_THREADS', 'MALLOC_T
 
 
 # Paddle's threads (from its OpenMP runtime) and the minor page faults of the last of five rounds
-# of two element-wise ops on an 8 MB tensor: each frees 16 MB at once, which glibc's default trim
-# threshold gives back to the OS (4096 pages faulted in again per round).
+# of two element-wise ops on an 8 MB and on a 64 MB tensor: the 8 MB rounds free 16 MB at once,
+# which glibc's default trim threshold gives back to the OS (4096 pages faulted in again per
+# round); the 64 MB ones are above the highest mmap threshold glibc takes (32 MiB), so by default
+# each result is a fresh mapping (32768 pages per round).
 _THREADS_AND_FAULTS = '''
 import ctypes, os, resource
 import paddle
 import mobileformer
 omp = ctypes.CDLL(os.path.join(os.path.dirname(paddle.__file__), 'libs', 'libiomp5.so'))
-x = paddle.ones([2 << 20])
-for _ in range(5):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    y = x * 2
-    z = y + 1
-    del y, z
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(omp.omp_get_max_threads(), faults)
+faults = []
+for x in (paddle.ones([2 << 20]), paddle.ones([16 << 20])):
+    for _ in range(5):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        y = x * 2
+        z = y + 1
+        del y, z
+        last = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faults.append(last)
+print(omp.omp_get_max_threads(), *faults)
 '''
 
 
 def test_a_plain_script_runs_on_every_cpu_and_reuses_freed_buffers():
-    threads, faults = map(int, _run_script(_THREADS_AND_FAULTS, {}).stdout.split()[-2:])
+    threads, small, large = map(int, _run_script(_THREADS_AND_FAULTS, {}).stdout.split()[-3:])
     assert threads == len(os.sched_getaffinity(0))
-    assert faults < 64  # was 4096: 16 MB paged in again
+    assert small < 64  # was 4096: 16 MB paged in again
+    assert large < 64  # was 32768: two fresh 64 MB mappings
 
 
 def test_the_users_threads_and_malloc_settings_win_in_a_script():
     out = _run_script(_THREADS_AND_FAULTS, {'OMP_NUM_THREADS': '1', 'MALLOC_TRIM_THRESHOLD_': '0'}).stdout
-    threads, faults = map(int, out.split()[-2:])
+    threads, small, large = map(int, out.split()[-3:])
     assert threads == 1
-    assert faults >= 4096  # glibc trims as the user asked: both 8 MB buffers fault in again
+    assert small >= 4096  # glibc trims as the user asked: both 8 MB buffers fault in again
+    assert large >= 32768  # and maps the 64 MB ones afresh
 
 
 _EXPORT = '''
