@@ -279,6 +279,16 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor
     return F.linear(x, weight, bias)
 
 
+def token_linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
+    """`linear(x^T, weight, bias)^T` over the token axis: x [B, K, C], weight [K, N], bias [N];
+    -> [B, N, C]. The compiled kernel multiplies each sample from the left, with no transposed copies."""
+    if x.ndim == 3 and _eligible(x, weight, bias):
+        library = _kernels()
+        if library is not None:
+            return library.mf_token_linear(x, weight, bias)
+    return F.linear(x.transpose([0, 2, 1]), weight, bias).transpose([0, 2, 1])
+
+
 def gelu(x: paddle.Tensor) -> paddle.Tensor:
     """`F.gelu(x)` (the exact, erf form)."""
     if _eligible(x):

@@ -166,6 +166,26 @@ def test_linear_over_a_transposed_view_and_an_empty_batch(kernels):
     assert kernels.calls == 2
 
 
+@pytest.mark.parametrize('x_shape, n', [((2, 6, 5), 4), ((3, 9, 33), 9), ((1, 4, 1), 7)])
+def test_token_linear_matches_a_linear_over_the_transposed_tokens(kernels, x_shape, n):
+    x = np.random.randn(*x_shape).astype('float32')
+    weight = np.random.randn(x_shape[1], n).astype('float32')
+    bias = np.random.randn(n).astype('float32')
+
+    def reference(a, w, b):
+        return F.linear(a.transpose([0, 2, 1]), w, b).transpose([0, 2, 1])
+    _assert_matches(cpu_ops.token_linear, reference, [x, weight, bias], (x_shape[0], n, x_shape[2]))
+    assert kernels.calls == 1
+
+
+def test_token_linear_over_an_empty_batch(kernels):
+    x, w, b = _leaf(np.zeros((0, 6, 5), 'float32')), _leaf(np.ones((6, 4), 'float32')), _leaf(np.ones(4, 'float32'))
+    out = cpu_ops.token_linear(x, w, b)
+    out.sum().backward()
+    assert out.shape == [0, 4, 5] and not w.grad.numpy().any() and not b.grad.numpy().any()
+    assert kernels.calls == 1
+
+
 def test_linear_without_bias_uses_paddles(kernels):
     x, weight = paddle.randn([3, 4]), paddle.randn([4, 2])
     np.testing.assert_allclose(cpu_ops.linear(x, weight, None).numpy(), F.linear(x, weight).numpy(), **TOL)

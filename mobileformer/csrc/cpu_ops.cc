@@ -416,6 +416,77 @@ std::vector<std::vector<int64_t>> LinearInferShape(const std::vector<int64_t>& x
   return {out};
 }
 
+// ---- token linear: y[b] = W^T x[b] + b 1^T, x [B, K, C] -> y [B, N, C] ----
+// The token-mixing layers of the MLP models apply a Linear along the token axis. Written as
+// linear(x^T)^T it costs a copy of x into the transposed layout and leaves a strided result that
+// the next op copies again (forward and backward); as a left multiplication per sample it needs
+// neither.
+
+void check_token_linear_args(const paddle::Tensor& x, const paddle::Tensor& w, const paddle::Tensor& b) {
+  PD_CHECK(x.is_cpu() && w.is_cpu() && b.is_cpu(), "token_linear: tensors must be on the CPU.");
+  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && w.dtype() == paddle::DataType::FLOAT32 &&
+               b.dtype() == paddle::DataType::FLOAT32,
+           "token_linear: tensors must be float32.");
+  PD_CHECK(x.shape().size() == 3 && w.shape().size() == 2 && x.shape()[1] == w.shape()[0] &&
+               b.shape() == std::vector<int64_t>({w.shape()[1]}),
+           "token_linear: x must be [B, K, C], the weight [K, N] and the bias [N].");
+}
+
+std::vector<paddle::Tensor> TokenLinearForward(const paddle::Tensor& x_in, const paddle::Tensor& w_in,
+                                               const paddle::Tensor& b_in) {
+  check_token_linear_args(x_in, w_in, b_in);
+  const paddle::Tensor x = x_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
+  const int64_t batch = x.shape()[0], k = x.shape()[1], c = x.shape()[2], n = w.shape()[1];
+  auto y = paddle::empty({batch, n, c}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *xp = x.data<float>(), *wp = w.data<float>(), *bp = b.data<float>();
+  float* yp = y.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < batch * n; ++row) std::fill(yp + row * c, yp + (row + 1) * c, bp[row % n]);
+  if (k > 0 && c > 0)
+    for (int64_t s = 0; s < batch; ++s) gemm(true, false, n, c, k, wp, xp + s * k * c, 1.f, yp + s * n * c);
+  return {y};
+}
+
+// dx[b] = W dy[b]; dW = sum over b of x[b] dy[b]^T (in batch order); db[t] = the sum of dy[:, t, :].
+std::vector<paddle::Tensor> TokenLinearBackward(const paddle::Tensor& x_in, const paddle::Tensor& w_in,
+                                                const paddle::Tensor& b_in, const paddle::Tensor& dy_in) {
+  const paddle::Tensor x = x_in.contiguous(), w = w_in.contiguous(), dy = dy_in.contiguous();
+  const int64_t batch = x.shape()[0], k = x.shape()[1], c = x.shape()[2], n = w.shape()[1];
+  auto dx = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto dw = paddle::empty(w.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto db = paddle::empty(b_in.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *xp = x.data<float>(), *wp = w.data<float>(), *gp = dy.data<float>();
+  float *dxp = dx.data<float>(), *dwp = dw.data<float>(), *dbp = db.data<float>();
+  if (batch > 0 && c > 0 && n > 0 && k > 0) {
+    for (int64_t s = 0; s < batch; ++s) {
+      gemm(false, false, k, c, n, wp, gp + s * n * c, 0.f, dxp + s * k * c);
+      gemm(false, true, k, n, c, xp + s * k * c, gp + s * n * c, s == 0 ? 0.f : 1.f, dwp);
+    }
+  } else {  // an empty product: zero gradients
+    std::fill(dxp, dxp + dx.numel(), 0.f);
+    std::fill(dwp, dwp + dw.numel(), 0.f);
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < n; ++t) {
+    double sum = 0.0;
+    for (int64_t s = 0; s < batch; ++s) {
+      const float* row = gp + (s * n + t) * c;
+      float partial = 0.f;
+#pragma omp simd reduction(+ : partial)
+      for (int64_t i = 0; i < c; ++i) partial += row[i];
+      sum += partial;
+    }
+    dbp[t] = static_cast<float>(sum);
+  }
+  return {dx, dw, db};
+}
+
+std::vector<std::vector<int64_t>> TokenLinearInferShape(const std::vector<int64_t>& x,
+                                                        const std::vector<int64_t>& w,
+                                                        const std::vector<int64_t>&) {
+  return {{x[0], w[1], x[2]}};
+}
+
 // ---- exact GELU: y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) ----
 // Paddle's CPU kernel runs one thread and a scalar erf; these loops use every thread and, where
 // glibc's vector math library is linked (MF_LIBMVEC, see cpu_ops.py), its vector erf and exp.
@@ -716,6 +787,18 @@ PD_BUILD_GRAD_OP(mf_linear)
     .Inputs({"X", "W", "B", paddle::Grad("Out")})
     .Outputs({paddle::Grad("X"), paddle::Grad("W"), paddle::Grad("B")})
     .SetKernelFn(PD_KERNEL(LinearBackward));
+
+PD_BUILD_OP(mf_token_linear)
+    .Inputs({"X", "W", "B"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(TokenLinearForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(TokenLinearInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));
+
+PD_BUILD_GRAD_OP(mf_token_linear)
+    .Inputs({"X", "W", "B", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("W"), paddle::Grad("B")})
+    .SetKernelFn(PD_KERNEL(TokenLinearBackward));
 
 PD_BUILD_OP(mf_gelu)
     .Inputs({"X"})

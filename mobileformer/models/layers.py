@@ -1,13 +1,13 @@
 """Layers shared by more than one model family (helpers that act on a whole model: model_utils)."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Type
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 
-from mobileformer.cpu_ops import depthwise_conv2d, gelu, layer_norm, linear
+from mobileformer.cpu_ops import depthwise_conv2d, gelu, layer_norm, linear, token_linear
 
 
 def drop_path_rates(max_rate: float, num_blocks: int) -> List[float]:
@@ -63,6 +63,15 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class TokenLinear(Linear):
+    """A Linear along axis 1 of x [B, N, C] (token mixing): [B, in, C] -> [B, out, C]; the compiled
+    kernel multiplies each sample from the left instead of transposing x and the result. Same
+    parameters and state-dict names as nn.Linear."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return token_linear(x, self.weight, self.bias)
+
+
 class GELU(nn.GELU):
     """Exact (erf) GELU run by `cpu_ops.gelu`: the compiled multi-threaded kernel in dygraph on the
     CPU, `F.gelu` elsewhere."""
@@ -87,13 +96,14 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Mlp(nn.Layer):
-    """Linear -> exact GELU -> Linear (timm `Mlp`)."""
+    """Linear -> exact GELU -> Linear (timm `Mlp`); over the last axis, or over the tokens of
+    [B, N, C] with `linear=TokenLinear`."""
 
-    def __init__(self, in_features: int, hidden_features: int):
+    def __init__(self, in_features: int, hidden_features: int, linear: Type[Linear] = Linear):
         super().__init__()
-        self.fc1 = Linear(in_features, hidden_features)
+        self.fc1 = linear(in_features, hidden_features)
         self.act = GELU()  # erf form, as the references
-        self.fc2 = Linear(hidden_features, in_features)
+        self.fc2 = linear(hidden_features, in_features)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.fc2(self.act(self.fc1(x)))

@@ -24,16 +24,11 @@ from yacs.config import CfgNode
 from mobileformer.models.backbone import TokenBackbone
 from mobileformer.config import ConfigError, check_patch_grid
 from mobileformer.cpu_ops import channel_scale
-from mobileformer.models.layers import GELU, DropPath, LayerNorm, Linear, Mlp, PatchEmbed, drop_path_rates
+from mobileformer.models.layers import GELU, DropPath, LayerNorm, Linear, Mlp, PatchEmbed, TokenLinear, drop_path_rates
 from mobileformer.registry import register_converter, register_model
 from mobileformer.torch_io import to_paddle_layout
 
 I = nn.initializer
-
-
-def _over_tokens(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
-    """Applies `layer` (a map on the last axis) along the token axis of x [B, N, C]."""
-    return layer(x.transpose([0, 2, 1])).transpose([0, 2, 1])
 
 
 class MixerBlock(nn.Layer):
@@ -43,13 +38,13 @@ class MixerBlock(nn.Layer):
                  drop_path: float = 0.0):
         super().__init__()
         self.norm1 = LayerNorm(dim, epsilon=1e-6)
-        self.mlp_tokens = Mlp(num_tokens, token_hidden)
+        self.mlp_tokens = Mlp(num_tokens, token_hidden, linear=TokenLinear)
         self.norm2 = LayerNorm(dim, epsilon=1e-6)
         self.mlp_channels = Mlp(dim, channel_hidden)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = x + self.drop_path(_over_tokens(self.mlp_tokens, self.norm1(x)))
+        x = x + self.drop_path(self.mlp_tokens(self.norm1(x)))
         return x + self.drop_path(self.mlp_channels(self.norm2(x)))
 
 
@@ -59,7 +54,7 @@ class SpatialGatingUnit(nn.Layer):
     def __init__(self, hidden: int, num_tokens: int):
         super().__init__()
         self.norm = LayerNorm(hidden // 2, epsilon=1e-5)  # PyTorch default, unlike the blocks
-        self.proj = Linear(num_tokens, num_tokens)
+        self.proj = TokenLinear(num_tokens, num_tokens)
 
     def init_weights(self) -> None:
         # Near-zero weight and unit bias: the gate starts as identity (u * 1).
@@ -68,7 +63,7 @@ class SpatialGatingUnit(nn.Layer):
 
     def forward(self, z: paddle.Tensor) -> paddle.Tensor:
         u, v = paddle.split(z, 2, axis=-1)
-        return u * _over_tokens(self.proj, self.norm(v))
+        return u * self.proj(self.norm(v))
 
 
 class GatedMlp(nn.Layer):
@@ -119,7 +114,7 @@ class ResBlock(nn.Layer):
                  drop_path: float = 0.0):
         super().__init__()
         self.norm1 = Affine(dim)
-        self.linear_tokens = Linear(num_tokens, num_tokens)
+        self.linear_tokens = TokenLinear(num_tokens, num_tokens)
         self.norm2 = Affine(dim)
         self.mlp_channels = Mlp(dim, hidden)
         self.ls1 = self.create_parameter([dim], default_initializer=I.Constant(layerscale_init))
@@ -127,7 +122,7 @@ class ResBlock(nn.Layer):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = x + self.drop_path(channel_scale(_over_tokens(self.linear_tokens, self.norm1(x)), self.ls1))
+        x = x + self.drop_path(channel_scale(self.linear_tokens(self.norm1(x)), self.ls1))
         return x + self.drop_path(channel_scale(self.mlp_channels(self.norm2(x)), self.ls2))
 
 
