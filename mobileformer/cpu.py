@@ -155,7 +155,7 @@ def cap_onednn_isa_on_amd_avx512(environ: Mapping[str, str] = os.environ, cpuinf
     """Limits Paddle's oneDNN to its AVX2 kernels on an AMD CPU with AVX-512, unless the user set
     ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA; True if applied.
 
-    On such CPUs (measured: AMD EPYC, Zen 4) paddle.inference runs exported Mobile-Former-26M
+    On such CPUs (measured: AMD EPYC) paddle.inference runs exported Mobile-Former-26M
     2-3x slower with AVX-512: oneDNN's AVX-512 grouped 1x1 convolution writes a 4-channel blocked
     layout for which the following per-sample channel multiply (the dynamic ReLU) only has a
     reference kernel (0.30 of 0.50 s at batch 32). oneDNN fixes its ISA at its first kernel, so
@@ -261,7 +261,7 @@ def other_threads_cpu_seconds() -> float:
 def wait_for_idle_threads(timeout_s: float = 1.0) -> bool:
     """Waits until the other threads of this process stop using CPU (at most `timeout_s`); True if
     they did. A runtime's thread pool keeps spinning after its run so that the next run starts at
-    once: measured after a batch of exported Mobile-Former-26M (2 threads, AMD EPYC Zen 4), Paddle's
+    once: measured after a batch of exported Mobile-Former-26M (2 threads, AMD EPYC), Paddle's
     OpenMP threads (KMP_BLOCKTIME, 200 ms) and onnxruntime's each burnt 10-40 ms of CPU in the next
     300 ms, OpenVINO's about 1 ms, which took the two cores from whatever ran next."""
     start = perf_counter()

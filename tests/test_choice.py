@@ -108,7 +108,7 @@ def test_a_pool_spinning_after_its_run_no_longer_slows_the_next_runtimes_timing(
     machine = machine_factory()
     if not disturbance_waited_out:  # the choice as it was: no wait for the pools to go idle
         monkeypatch.setattr(choice, 'wait_for_idle_threads', lambda: True)
-    # seconds per image alone, as exported Mobile-Former-26M ran at batch 32 (2 threads, AMD EPYC Zen 4)
+    # seconds per image alone, as exported Mobile-Former-26M ran at batch 32 (2 threads, AMD EPYC)
     spinning = FakeRuntime(machine, 'paddle', 0.0028, spin_s=0.2)
     quiet = FakeRuntime(machine, 'onnxruntime', 0.0015)
     timing = time_runtimes([spinning, quiet], SHAPE)

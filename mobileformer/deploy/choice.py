@@ -24,7 +24,7 @@ from mobileformer.deploy.runtimes import AUTO, Engine, Outputs, default_threads,
 LATENCY_BATCH = 1
 THROUGHPUT_BATCH = 32  # the batch the throughput choice is timed at, unless one run of it would take
 # longer than this: then the largest power of two that does not (the large MLPs). Rankings change with
-# the batch (2 threads, AMD EPYC Zen 4, ms per image, onnxruntime / OpenVINO): MF-294M 9.2-10.8 /
+# the batch (2 threads, AMD EPYC, ms per image, onnxruntime / OpenVINO): MF-294M 9.2-10.8 /
 # 7.9-9.4 at batch 16 but 10.0-11.8 / 8.2-9.7 at 32; gMLP-S/16 57 / 60 at batch 4 but 68-71 / 60-64
 # at 8-32. So the bound is as large as a one-time measurement of a few seconds allows.
 THROUGHPUT_RUN_S = 1.0

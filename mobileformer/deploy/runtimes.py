@@ -145,7 +145,7 @@ _GC_FLAG = 'FLAGS_eager_delete_tensor_gb'  # < 0: the executor frees no intermed
 def _executor_keeps_intermediates(keep: bool) -> Iterator[None]:
     """On CPU, Paddle's executor hands every tensor it frees to a garbage-collector thread, which costs
     a thread hand-off per op: with ~900 ops per image that is 40% of Mobile-Former-26M's batch-1 time
-    (27 -> 17 ms, 2 threads, AMD EPYC Zen 4). The flag is read at each run and is process-wide, so it
+    (27 -> 17 ms, 2 threads, AMD EPYC). The flag is read at each run and is process-wide, so it
     is set for this run only."""
     if not keep:
         yield
