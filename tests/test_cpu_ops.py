@@ -178,6 +178,17 @@ def test_token_linear_matches_a_linear_over_the_transposed_tokens(kernels, x_sha
     assert kernels.calls == 1
 
 
+def test_token_linear_in_standard_ops_is_the_same_linear(monkeypatch):
+    """The form exports trace (and GPUs run): one matmul from the left, no transposes of x."""
+    monkeypatch.setattr(cpu_ops, '_eligible', lambda *tensors: False)
+    x = np.random.randn(3, 9, 5).astype('float32')
+    weight, bias = np.random.randn(9, 4).astype('float32'), np.random.randn(4).astype('float32')
+
+    def reference(a, w, b):
+        return F.linear(a.transpose([0, 2, 1]), w, b).transpose([0, 2, 1])
+    _assert_matches(cpu_ops.token_linear, reference, [x, weight, bias], (3, 4, 5))
+
+
 def test_token_linear_over_an_empty_batch(kernels):
     x, w, b = _leaf(np.zeros((0, 6, 5), 'float32')), _leaf(np.ones((6, 4), 'float32')), _leaf(np.ones(4, 'float32'))
     out = cpu_ops.token_linear(x, w, b)
