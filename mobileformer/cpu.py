@@ -147,6 +147,20 @@ def use_cpu_threads() -> int:
     return threads
 
 
+def _paddle_library(name: str) -> str:
+    import paddle
+    return os.path.join(os.path.dirname(paddle.__file__), 'libs', name)
+
+
+def paddle_math_threads() -> Optional[int]:
+    """The threads Paddle's CPU math (its OpenMP runtime, libiomp5) runs on in the calling thread;
+    None where Paddle links OpenMP another way."""
+    try:
+        return ctypes.CDLL(_paddle_library('libiomp5.so')).omp_get_max_threads()
+    except (OSError, AttributeError):
+        return None
+
+
 _DNNL_CPU_ISA_AVX2 = 0x7  # dnnl_cpu_isa_avx2 of oneDNN 3's dnnl_cpu_isa_t
 
 
@@ -167,8 +181,7 @@ def cap_onednn_isa_on_amd_avx512(environ: Mapping[str, str] = os.environ, cpuinf
     if cpu is None or cpu[0] != 'AuthenticAMD' or 'avx512f' not in cpu[1]:
         return False
     if library is None:
-        import paddle
-        library = os.path.join(os.path.dirname(paddle.__file__), 'libs', 'libdnnl.so.3')
+        library = _paddle_library('libdnnl.so.3')
     try:
         set_max_cpu_isa = ctypes.CDLL(library).dnnl_set_max_cpu_isa  # the copy Paddle already loaded
     except (OSError, AttributeError):  # oneDNN linked another way: leave it at its default

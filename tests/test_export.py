@@ -290,6 +290,23 @@ def test_a_runtime_that_fails_to_load_falls_back_with_a_notice(mixer_export):
 
 
 @pytest.mark.timeout(120)
+def test_paddle_runtime_leaves_dygraphs_threads_as_they_were(mixer_export):
+    """paddle.inference sets the calling thread's math to one thread after each run; dygraph in the
+    same process must keep the threads it had."""
+    from mobileformer.cpu import paddle_math_threads
+
+    folder, model = mixer_export
+    engine = load_runtime('paddle', folder)
+    paddle.base.core.set_num_threads(2)
+    try:
+        for batch in (1, 4):
+            engine(np.zeros([batch, 3, 32, 32], np.float32))
+            assert paddle_math_threads() == 2
+    finally:
+        paddle.base.core.set_num_threads(deploy.default_threads())
+
+
+@pytest.mark.timeout(120)
 def test_paddle_keeps_intermediates_for_single_images_only_and_for_that_run_only(mixer_export):
     """The executor's garbage collection is off while a single image runs (latency), on for
     batches (memory), and the process-wide flag is back as it was after every run, failed or not."""

@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import paddle
 
-from mobileformer.cpu import cap_onednn_isa_on_amd_avx512, cpu_threads, keep_freed_memory, users_environ
+from mobileformer.cpu import cap_onednn_isa_on_amd_avx512, cpu_threads, keep_freed_memory, paddle_math_threads, users_environ
 from mobileformer.cpu_ops import output_to
 from mobileformer.deploy.export import (INFERENCE_PREFIX, INT8_ONNX_FILE, ONNX_FILE, paddle_files,
                                         read_precision_record)
@@ -194,8 +194,14 @@ class PaddleModel:
         handle = self.predictor.get_input_handle(name)
         handle.reshape(list(batch.shape))
         handle.copy_from_cpu(np.ascontiguousarray(batch, dtype=np.float32))
+        threads = paddle_math_threads()
         with _executor_keeps_intermediates(len(batch) <= KEEP_INTERMEDIATES_UP_TO):
             self.predictor.run()
+        if threads is not None and paddle_math_threads() != threads:
+            # paddle.inference leaves the calling thread's math at 1 thread after each run: dygraph
+            # in the same process (a script that also trains, the runtime choice's neighbours) ran
+            # on one thread afterwards (ResMLP-12, batch 32: 0.54 -> 1.02 s per forward)
+            paddle.base.core.set_num_threads(threads)
         return one_or_all([self.predictor.get_output_handle(name).copy_to_cpu()
                            for name in self.predictor.get_output_names()])
 
