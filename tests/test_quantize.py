@@ -101,6 +101,13 @@ def test_int8_export_round_trip(tmp_path, weights, cache, capsys):
     graph = onnx.load(str(folder / INT8_ONNX_FILE)).graph
     assert {'QuantizeLinear', 'DequantizeLinear'} <= {node.op_type for node in graph.node}
     assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2 for t in graph.initializer)
+    # the token-mixing weights (a MatMul's first input, W^T x) have one scale per row: per output token
+    initializers = {t.name: t for t in graph.initializer}
+    producer = {output: node for node in graph.node for output in node.output}
+    left = [producer[node.input[0]] for node in graph.node if node.op_type == 'MatMul'
+            and node.input[0] in producer and producer[node.input[0]].op_type == 'DequantizeLinear']
+    left = [dq for dq in left if dq.input[0] in initializers]
+    assert left and all(list(initializers[dq.input[1]].dims) == list(initializers[dq.input[0]].dims[:1]) for dq in left)
 
     # every runtime that runs it runs int8: close to fp32, not equal to it, same classes
     images, labels = validation_batch()

@@ -163,6 +163,16 @@ def fp32_layers(model) -> Dict[str, List[str]]:
     return {'grouped': grouped, 'edges': [name for name in edge_layers(model) if name not in grouped]}
 
 
+def left_weight_axes(graph) -> Dict[str, list]:
+    """Per-channel axis 0 for the weights a MatMul takes as its first input (the token-mixing
+    Linears, W^T x): their output channels are rows. onnxruntime's default axis for a MatMul weight
+    is the last, which for these is the summed one (an untrained tiny Mixer's INT8 top-1 agreement
+    with fp32: 96.4-96.9% with it, as against 98.9% with the Linear transposed)."""
+    weights = {initializer.name for initializer in graph.graph.initializer}
+    return {node.input[0]: [{'axis': 0}] for node in graph.graph.node
+            if node.op_type == 'MatMul' and node.input[0] in weights}
+
+
 def quantize_int8(model_dir: str, images: np.ndarray, log: Callable[[str], None] = print) -> str:
     """Writes `inference.int8.onnx` next to the fp32 `inference.onnx` of `model_dir`, calibrated on
     `images`, and returns its path. It is written only once it loads and gives finite outputs; any
@@ -196,6 +206,7 @@ def quantize_int8(model_dir: str, images: np.ndarray, log: Callable[[str], None]
                             op_types_to_quantize=list(QUANTIZED_OPS),
                             nodes_to_exclude=kept['grouped'] + kept['edges'],
                             per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            extra_options={'TensorQuantOverrides': left_weight_axes(graph)},
                             # the calibration graph reduces each tensor to its min and max per batch,
                             # so memory does not grow with the number of images
                             calibrate_method=CalibrationMethod.MinMax)
