@@ -31,10 +31,11 @@ its AVX2 kernels: measured on a 2-vCPU AMD EPYC, a 2048^3 fp32 GEMM in dygraph w
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from time import perf_counter, sleep
-from typing import Dict, Mapping, MutableMapping, Optional
+from typing import Callable, Dict, Mapping, MutableMapping, Optional
 
 CPUINFO = '/proc/cpuinfo'
 
@@ -152,13 +153,19 @@ def _paddle_library(name: str) -> str:
     return os.path.join(os.path.dirname(paddle.__file__), 'libs', name)
 
 
-def paddle_math_threads() -> Optional[int]:
-    """The threads Paddle's CPU math (its OpenMP runtime, libiomp5) runs on in the calling thread;
-    None where Paddle links OpenMP another way."""
+@functools.lru_cache(maxsize=None)
+def _omp_get_max_threads() -> Optional[Callable[[], int]]:
     try:
-        return ctypes.CDLL(_paddle_library('libiomp5.so')).omp_get_max_threads()
+        return ctypes.CDLL(_paddle_library('libiomp5.so')).omp_get_max_threads
     except (OSError, AttributeError):
         return None
+
+
+def paddle_math_threads() -> Optional[int]:
+    """The threads Paddle's CPU math (its OpenMP runtime, libiomp5) runs on in the calling thread;
+    None where Paddle links OpenMP another way. Looked up once: `PaddleModel` asks at every run."""
+    get = _omp_get_max_threads()
+    return None if get is None else get()
 
 
 _DNNL_CPU_ISA_AVX2 = 0x7  # dnnl_cpu_isa_avx2 of oneDNN 3's dnnl_cpu_isa_t
