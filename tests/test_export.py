@@ -84,14 +84,20 @@ def test_openvino_compiles_the_first_shapes_static_and_runs_the_rest_dynamic(tmp
     config = get_config(os.path.join(FIXTURES, f'{tag}.yaml'))
     model = build_for_inference(config, converted[tag])
     path = export_onnx(model, config, str(tmp_path / deploy.ONNX_FILE))
-    monkeypatch.setattr(deploy.OpenVinoModel, 'STATIC_SHAPES', 2)
-    engine = deploy.OpenVinoModel(path, threads=1)
+    monkeypatch.setattr(deploy.OpenVinoModel, 'STATIC_SHAPES', 3)
+    engine = deploy.OpenVinoModel(path, threads=2)
     size = config.DATA.IMAGE_SIZE
-    for batch in (1, 3, 1, 2):  # batch 2 comes third: it runs on the dynamic compilation
+    # batch 4 runs as two halves side by side, batch 3 cannot be halved, batch 6 comes fourth: it
+    # runs on the dynamic compilation, whole
+    for batch in (1, 4, 3, 1, 4, 6):
         images = np.random.randn(batch, 3, size, size).astype(np.float32)
         close(engine(images), dygraph_outputs(model, images))
-    assert engine.static_shapes() == [(1, 3, size, size), (3, 3, size, size)]
+    assert engine.static_shapes() == {(1, 3, size, size): 1, (4, 3, size, size): 2, (3, 3, size, size): 1}
     assert engine.input_shape == (-1, 3, size, size)
+    single = deploy.OpenVinoModel(path, threads=1)  # one thread: no halves
+    images = np.random.randn(4, 3, size, size).astype(np.float32)
+    close(single(images), dygraph_outputs(model, images))
+    assert single.static_shapes() == {(4, 3, size, size): 1}
 
 
 def test_dead_nodes_are_dropped_from_the_onnx_graph():
