@@ -28,7 +28,7 @@ import os
 import sys
 import warnings
 from types import ModuleType
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import paddle
 import paddle.nn.functional as F
@@ -277,6 +277,21 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor
         if library is not None:
             return library.mf_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def linear_halves(x: paddle.Tensor, weight: paddle.Tensor,
+                  bias: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    """`paddle.split(linear(x, weight, bias), 2, axis=-1)`: x [..., K], weight [K, 2H], bias [2H];
+    -> two [..., H]. With the compiled kernel each half is its own GEMM on half of the weight, so
+    the output is never copied into its halves nor their gradients joined again (gMLP's gate
+    input, [B, N, H] per block)."""
+    if weight.shape[1] % 2 == 0 and _eligible(x, weight, bias):
+        library = _kernels()
+        if library is not None:
+            weights, biases = paddle.split(weight, 2, axis=1), paddle.split(bias, 2)
+            return library.mf_linear(x, weights[0], biases[0]), library.mf_linear(x, weights[1], biases[1])
+    u, v = paddle.split(linear(x, weight, bias), 2, axis=-1)
+    return u, v
 
 
 def token_linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:

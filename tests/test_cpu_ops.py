@@ -197,6 +197,19 @@ def test_token_linear_over_an_empty_batch(kernels):
     assert kernels.calls == 1
 
 
+@pytest.mark.parametrize('x_shape, n', [((2, 6, 5), 8), ((3, 4), 2)])
+def test_linear_halves_are_the_halves_of_the_linear(kernels, x_shape, n):
+    x = np.random.randn(*x_shape).astype('float32')
+    weight, bias = np.random.randn(x_shape[-1], n).astype('float32'), np.random.randn(n).astype('float32')
+
+    def joined(a, w, b):
+        u, v = cpu_ops.linear_halves(a, w, b)
+        assert u.shape == v.shape == [*x_shape[:-1], n // 2]
+        return paddle.concat([u, v], axis=-1)
+    _assert_matches(joined, F.linear, [x, weight, bias], (*x_shape[:-1], n))
+    assert kernels.calls == 2  # one GEMM per half
+
+
 def test_linear_without_bias_uses_paddles(kernels):
     x, weight = paddle.randn([3, 4]), paddle.randn([4, 2])
     np.testing.assert_allclose(cpu_ops.linear(x, weight, None).numpy(), F.linear(x, weight).numpy(), **TOL)

@@ -1,13 +1,14 @@
 """Layers shared by more than one model family (helpers that act on a whole model: model_utils)."""
 from __future__ import annotations
 
-from typing import List, Type
+from typing import List, Tuple, Type
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 
-from mobileformer.cpu_ops import depthwise_conv2d, gelu, layer_norm, linear, token_linear
+from mobileformer.cpu_ops import depthwise_conv2d, gelu, layer_norm, linear, linear_halves, token_linear
+from mobileformer.registry import register_madds
 
 
 def drop_path_rates(max_rate: float, num_blocks: int) -> List[float]:
@@ -61,6 +62,21 @@ class Linear(nn.Linear):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class HalvedLinear(Linear):
+    """A Linear whose output is used as two halves: x [..., K] -> ([..., H], [..., H]) for
+    out_features 2H, as `paddle.split(linear(x), 2, axis=-1)` but computed half by half where the
+    compiled kernel runs (`cpu_ops.linear_halves`). Same parameters and state-dict names as
+    nn.Linear."""
+
+    def forward(self, x: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        return linear_halves(x, self.weight, self.bias)
+
+
+@register_madds(HalvedLinear)
+def _halved_linear_madds(layer: HalvedLinear, inputs: tuple, output: tuple) -> int:
+    return sum(int(np.prod([int(s) for s in half.shape])) for half in output) * int(layer.weight.shape[0])
 
 
 class TokenLinear(Linear):

@@ -24,7 +24,8 @@ from yacs.config import CfgNode
 from mobileformer.models.backbone import TokenBackbone
 from mobileformer.config import ConfigError, check_patch_grid
 from mobileformer.cpu_ops import channel_scale
-from mobileformer.models.layers import GELU, DropPath, LayerNorm, Linear, Mlp, PatchEmbed, TokenLinear, drop_path_rates
+from mobileformer.models.layers import (GELU, DropPath, HalvedLinear, LayerNorm, Linear, Mlp, PatchEmbed, TokenLinear,
+                                       drop_path_rates)
 from mobileformer.registry import register_converter, register_model
 from mobileformer.torch_io import to_paddle_layout
 
@@ -49,7 +50,7 @@ class MixerBlock(nn.Layer):
 
 
 class SpatialGatingUnit(nn.Layer):
-    """gMLP's gate: u, v = halves of z; return u * Linear_NxN(LN(v) over tokens)."""
+    """gMLP's gate: u * Linear_NxN(LN(v) over tokens) for the halves u, v of its input."""
 
     def __init__(self, hidden: int, num_tokens: int):
         super().__init__()
@@ -61,8 +62,7 @@ class SpatialGatingUnit(nn.Layer):
         I.Normal(0.0, 1e-6)(self.proj.weight)
         I.Constant(1.0)(self.proj.bias)
 
-    def forward(self, z: paddle.Tensor) -> paddle.Tensor:
-        u, v = paddle.split(z, 2, axis=-1)
+    def forward(self, u: paddle.Tensor, v: paddle.Tensor) -> paddle.Tensor:
         return u * self.proj(self.norm(v))
 
 
@@ -71,13 +71,14 @@ class GatedMlp(nn.Layer):
 
     def __init__(self, dim: int, hidden: int, num_tokens: int):
         super().__init__()
-        self.fc1 = Linear(dim, hidden)
+        self.fc1 = HalvedLinear(dim, hidden)  # the gate's two inputs
         self.act = GELU()
         self.gate = SpatialGatingUnit(hidden, num_tokens)
         self.fc2 = Linear(hidden // 2, dim)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.fc2(self.gate(self.act(self.fc1(x))))
+        u, v = self.fc1(x)
+        return self.fc2(self.gate(self.act(u), self.act(v)))
 
 
 class SpatialGatingBlock(nn.Layer):
