@@ -16,7 +16,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from mobileformer.registry import MADDS_RULES, register_madds
+from mobileformer.registry import MADDS_RULES, MaddsRule, register_madds
 
 if TYPE_CHECKING:
     from mobileformer.cli import CommandParser
@@ -53,15 +53,20 @@ def _matmul_madds(x: paddle.Tensor, y: paddle.Tensor, transpose_x: bool = False,
 
 
 @contextlib.contextmanager
-def _counting_matmuls(total: List[int]) -> Iterator[None]:
+def _counting_matmuls(total: List[int], inside_rules: List[int]) -> Iterator[None]:
+    """Adds the MAdds of every paddle.matmul / paddle.bmm to `total`, except while a layer with a
+    rule of its own runs (`inside_rules[0] > 0`): its rule counts its matmuls (a TokenLinear runs
+    one where its compiled kernel does not, e.g. on a GPU)."""
     matmul, bmm = paddle.matmul, paddle.bmm
 
     def counted_matmul(x, y, transpose_x=False, transpose_y=False, name=None):
-        total[0] += _matmul_madds(x, y, transpose_x, transpose_y)
+        if not inside_rules[0]:
+            total[0] += _matmul_madds(x, y, transpose_x, transpose_y)
         return matmul(x, y, transpose_x, transpose_y, name)
 
     def counted_bmm(x, y, name=None):
-        total[0] += _matmul_madds(x, y)
+        if not inside_rules[0]:
+            total[0] += _matmul_madds(x, y)
         return bmm(x, y, name)
 
     paddle.matmul, paddle.bmm = counted_matmul, counted_bmm
@@ -73,19 +78,28 @@ def _counting_matmuls(total: List[int]) -> Iterator[None]:
 
 def count_madds(model: nn.Layer, input_shape: Sequence[int]) -> int:
     """Multiply-adds of one eval-mode forward of `model` on a zero tensor of `input_shape`."""
-    total = [0]
+    total, inside_rules = [0], [0]
     hooks = []
+
+    def enter(layer: nn.Layer, inputs: tuple) -> None:
+        inside_rules[0] += 1
+
+    def leave(layer: nn.Layer, inputs: tuple, output, rule: MaddsRule) -> None:
+        inside_rules[0] -= 1
+        total[0] += rule(layer, inputs, output)
+
     for layer in model.sublayers(include_self=True):
         # the most derived registered type: a subclass that computes the same (e.g. a Conv2D with a
         # faster kernel) inherits its parent's rule, one that computes more registers its own
         rule = next((MADDS_RULES[t] for t in type(layer).__mro__ if t in MADDS_RULES), None)
         if rule is not None:
+            hooks.append(layer.register_forward_pre_hook(enter))
             hooks.append(layer.register_forward_post_hook(
-                lambda lyr, inputs, output, rule=rule: total.__setitem__(0, total[0] + rule(lyr, inputs, output))))
+                lambda lyr, inputs, output, rule=rule: leave(lyr, inputs, output, rule)))
     was_training = model.training
     model.eval()
     try:
-        with paddle.no_grad(), _counting_matmuls(total):
+        with paddle.no_grad(), _counting_matmuls(total, inside_rules):
             model(paddle.zeros(list(input_shape), dtype='float32'))
     finally:
         for hook in hooks:

@@ -38,3 +38,16 @@ def test_registered_rule_and_matmul_is_restored():
     register_madds(Scale)(lambda layer, inputs, output: int(output.size))
     assert count_madds(Scale(), [3, 4]) == 12
     assert paddle.matmul is original
+
+
+def test_token_mixing_is_counted_once_where_its_kernel_does_not_run(monkeypatch):
+    """Without the compiled kernels (a GPU, MOBILEFORMER_CPU_OPS=0) a TokenLinear runs a matmul,
+    which its Linear rule already counts."""
+    from mobileformer import cpu_ops
+    from mobileformer.models.layers import TokenLinear
+
+    layer = TokenLinear(6, 4)
+    expected = 2 * 4 * 5 * 6  # [2, 6, 5] -> [2, 4, 5], 6 inputs per output
+    assert count_madds(layer, [2, 6, 5]) == expected
+    monkeypatch.setattr(cpu_ops, '_eligible', lambda *tensors: False)
+    assert count_madds(layer, [2, 6, 5]) == expected
