@@ -4,7 +4,8 @@ in alternation so that a shared machine's changing speed hits both alike.
     python benchmarks/paired.py -cfg configs/mobileformer_26m.yaml -compare official_mobile_former_26m.onnx
 
 Each block times ours (`InferenceModel`, the runtime it picks per batch size, or `-runtime`) and then
-the other model in each installed ONNX runtime (its best counts), about BLOCK_S each; the ratio
+the other model in each installed ONNX runtime (its best counts; through the same runtime wrappers as
+ours unless `-other_as_exported`, which runs it as a plain script runs its file), about BLOCK_S each; the ratio
 ours / other's best is taken per block, and its median and interquartile range over `-blocks`
 blocks are printed, one line per batch size. `bench.py -compare` reports each figure's median
 instead, measured minutes apart: on a shared VM its rounds differed by up to 2x, the ratios of
@@ -64,6 +65,10 @@ def build_parser() -> CommandParser:
     parser.add_argument('-pretrained', help='weights for -cfg')
     parser.add_argument('-compare', required=True, metavar='FILE.onnx', help='the other model')
     parser.add_argument('-runtime', default=AUTO, choices=(AUTO,) + RUNTIMES, help='ours runs in this runtime')
+    parser.add_argument('-other_as_exported', action='store_true',
+                        help="run the other model as a plain script runs its file (OpenVINO compiled for the file's "
+                             'own input shape, every batch whole) instead of through the wrappers ours runs in '
+                             '(OpenVINO compiled per input shape, even batches in two streams)')
     parser.add_argument('-batches', type=int, nargs='+', default=[1, 32])
     parser.add_argument('-blocks', type=int, default=20)
     parser.add_argument('-threads', type=int, default=None, help='default: every CPU unless OMP_NUM_THREADS, as importing mobileformer sets')
@@ -85,10 +90,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     threads = args.threads or default_threads()
     config = get_config(args.cfg)
     size, channels = config.DATA.IMAGE_SIZE, config.DATA.IN_CHANNELS
-    others = {runtime: (OnnxModel if runtime == 'onnxruntime' else OpenVinoModel)(args.compare, threads)
-              for runtime in ('onnxruntime', 'openvino') if runtime in installed_runtimes()}
-    print(f'CPU: {cpu_description()}, {threads} threads; ratio = ours / the other model in its fastest runtime, '
-          f'per block of about {BLOCK_S} s each')
+    others = {}
+    if 'onnxruntime' in installed_runtimes():
+        others['onnxruntime'] = OnnxModel(args.compare, threads)
+    if 'openvino' in installed_runtimes():
+        others['openvino'] = OpenVinoModel(args.compare, threads, static_shapes=0 if args.other_as_exported else None)
+    form = 'as exported' if args.other_as_exported else 'through our runtime wrappers'
+    print(f'CPU: {cpu_description()}, {threads} threads; ratio = ours / the other model ({form}) in its fastest '
+          f'runtime, per block of about {BLOCK_S} s each')
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         model = build_for_inference(config, args.pretrained)

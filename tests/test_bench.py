@@ -89,6 +89,10 @@ def test_paired_comparison_reports_a_ratio_per_batch(tmp_path, monkeypatch, caps
         assert r['ours_s'] > 0 and r['other_best_s'] > 0 and 0 < r['ratio_iqr'][0] <= r['ratio'] <= r['ratio_iqr'][1]
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith('CPU: ') and [line.split(':')[0] for line in lines[1:]] == ['batch 1', 'batch 3']
+    results = paired.main(['-cfg', cfg, '-compare', other, '-batches', '2', '-blocks', '4', '-threads', '2',
+                           '-other_as_exported'])
+    assert [r['batch'] for r in results] == [2] and results[0]['ratio'] > 0
+    assert '(as exported)' in capsys.readouterr().out
     with pytest.raises(SystemExit):
         paired.main(['-cfg', cfg, '-compare', str(tmp_path / 'missing.onnx')])
     assert "-compare '" in capsys.readouterr().err

@@ -98,6 +98,9 @@ def test_openvino_compiles_the_first_shapes_static_and_runs_the_rest_dynamic(tmp
     images = np.random.randn(4, 3, size, size).astype(np.float32)
     close(single(images), dygraph_outputs(model, images))
     assert single.static_shapes() == {(4, 3, size, size): 1}
+    plain = deploy.OpenVinoModel(path, threads=2, static_shapes=0)  # the file as read, every batch whole
+    close(plain(images), dygraph_outputs(model, images))
+    assert plain.static_shapes() == {}
 
 
 def test_dead_nodes_are_dropped_from_the_onnx_graph():

@@ -284,7 +284,8 @@ class OpenVinoModel:
     layers taking up to 0.9 ms each at batch 1; static / dynamic time, alternating blocks, MF-294M
     0.65 at batch 1 and 0.86 at 32, MF-26M 0.56 and 0.76). Each such shape costs one compilation
     on its first call and a compiled copy of the model in memory; further shapes run the dynamic
-    compilation, so a caller feeding ever new shapes never compiles more than STATIC_SHAPES times.
+    compilation, so a caller feeding ever new shapes never compiles more than STATIC_SHAPES times
+    (`static_shapes` replaces that number).
 
     An even batch of a static shape runs as two halves side by side, in two OpenVINO streams that
     share the threads, when there are at least two: each node then runs on fewer threads, with less
@@ -294,11 +295,14 @@ class OpenVinoModel:
     STATIC_SHAPES = 4
     STREAMS = 2
 
-    def __init__(self, path: str, threads: Optional[int] = None, precision: str = OPENVINO_PRECISION):
+    def __init__(self, path: str, threads: Optional[int] = None, precision: str = OPENVINO_PRECISION,
+                 static_shapes: Optional[int] = None):
         try:
             import openvino
         except ImportError:
             raise _not_installed('openvino') from None
+        # 0: every batch runs on the compilation as read, whole, as a plain script would run the file
+        self._static_limit = self.STATIC_SHAPES if static_shapes is None else static_shapes
         self._core = openvino.Core()
         self._model = self._core.read_model(path)
         self._threads = threads or default_threads()
@@ -332,7 +336,7 @@ class OpenVinoModel:
 
     def _runner_for(self, shape: Tuple[int, ...]):
         if shape not in self._static:
-            if len(self._static) >= self.STATIC_SHAPES:
+            if len(self._static) >= self._static_limit:
                 return self._as_read
             self._static[shape] = self._static_runner(shape)
         return self._static[shape]
