@@ -38,8 +38,10 @@ def _conv1d_madds(layer: nn.Conv1D, inputs: tuple, output: paddle.Tensor) -> int
 
 
 @register_madds(nn.Linear)
-def _linear_madds(layer: nn.Linear, inputs: tuple, output: paddle.Tensor) -> int:
-    return _numel(output.shape) * int(layer.weight.shape[0])
+def _linear_madds(layer: nn.Linear, inputs: tuple, output) -> int:
+    # a Linear's output, or the parts it returns it in (layers.HalvedLinear)
+    parts = output if isinstance(output, tuple) else (output,)
+    return sum(_numel(part.shape) for part in parts) * int(layer.weight.shape[0])
 
 
 def _matmul_madds(x: paddle.Tensor, y: paddle.Tensor, transpose_x: bool = False,

@@ -312,24 +312,22 @@ class OpenVinoModel:
         self.input_shape = tuple(d.get_length() if d.is_static else -1
                                  for d in self._model.input(0).get_partial_shape())
         self._outputs = len(self._model.outputs)
-        # input shape -> an infer request or _Streams (`infer([batch]) -> outputs`), and its parts
+        # input shape -> an infer request or _Streams (`infer([batch]) -> outputs`)
         self._static: Dict[Tuple[int, ...], object] = {}
-        self._parts: Dict[Tuple[int, ...], int] = {}
 
     def static_shapes(self) -> Dict[Tuple[int, ...], int]:
         """The input shapes compiled so far in static form, each with the number of parts its
         batches run in side by side."""
-        return dict(self._parts)
+        return {shape: len(runner.requests) if isinstance(runner, _Streams) else 1
+                for shape, runner in self._static.items()}
 
     def _compile_for(self, model, streams: int = 1):
         return self._core.compile_model(model, 'CPU', openvino_config(self._threads, self._precision, streams))
 
     def _static_runner(self, shape: Tuple[int, ...]):
-        parts = self.STREAMS if self._threads >= self.STREAMS and shape[0] % self.STREAMS == 0 else 1
-        self._parts[shape] = parts
-        if parts > 1:
-            part_shape = (shape[0] // parts,) + tuple(shape[1:])
-            return _Streams(self._compile_for(with_input_shape(self._model, part_shape), parts), parts)
+        if self._threads >= self.STREAMS and shape[0] % self.STREAMS == 0:
+            part_shape = (shape[0] // self.STREAMS,) + tuple(shape[1:])
+            return _Streams(self._compile_for(with_input_shape(self._model, part_shape), self.STREAMS), self.STREAMS)
         if -1 in self.input_shape:
             return self._compile_for(with_input_shape(self._model, shape)).create_infer_request()
         return self._as_read

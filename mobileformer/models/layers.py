@@ -8,7 +8,6 @@ import paddle
 import paddle.nn as nn
 
 from mobileformer.cpu_ops import depthwise_conv2d, gelu, layer_norm, linear, linear_halves, token_linear
-from mobileformer.registry import register_madds
 
 
 def drop_path_rates(max_rate: float, num_blocks: int) -> List[float]:
@@ -73,10 +72,6 @@ class HalvedLinear(Linear):
     def forward(self, x: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
         return linear_halves(x, self.weight, self.bias)
 
-
-@register_madds(HalvedLinear)
-def _halved_linear_madds(layer: HalvedLinear, inputs: tuple, output: tuple) -> int:
-    return sum(int(np.prod([int(s) for s in half.shape])) for half in output) * int(layer.weight.shape[0])
 
 
 class TokenLinear(Linear):
